@@ -1,0 +1,421 @@
+"""Fixtures for tests, benchmarks and users' own tests: tiny random models saved in the layout of a real
+diffusers repository, the full-size SD1.5 / SDXL configs (for random-weight GPU benchmarks), and a writer
+of Pick-a-Pic v2 parquet shards with the public dataset's schema.
+
+Nothing here downloads anything. The tokenizer is a byte-level CLIP BPE with no merges: its vocabulary is
+the 256 byte symbols, the same 256 with ``</w>``, and the two specials (514 tokens), so it encodes any
+text (lowercased, as CLIP does) exactly the way loaders will meet a real ``tokenizer/`` folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+CLIP_MAX_LENGTH = 77
+BOS_ID, EOS_ID = 512, 513  # <|startoftext|>, <|endoftext|> (also the pad token, as in CLIP)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode map (the 256 base symbols of byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def byte_level_clip_tokenizer():
+    """A ``CLIPTokenizer`` of 514 tokens (256 bytes, 256 bytes + ``</w>``, 2 specials) and no merges.
+
+    ``model_max_length=77`` is required: without it diffusers pipelines pad to an unbounded length.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = [c for _, c in sorted(_bytes_to_unicode().items())]
+    vocab = {c: i for i, c in enumerate(symbols)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(symbols)})
+    vocab["<|startoftext|>"] = BOS_ID
+    vocab["<|endoftext|>"] = EOS_ID
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model configs: tiny (CPU tests) and full size (GPU benchmarks, built with random weights)
+# --------------------------------------------------------------------------------------------------
+
+TINY_HIDDEN = 32  # text encoder width; the SDXL-style UNet cross-attends to 2 * TINY_HIDDEN
+
+_TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    norm_num_groups=32,
+)
+TINY_UNET_CONFIGS = {
+    "sd15": dict(
+        _TINY_UNET,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_HIDDEN,
+        attention_head_dim=8,
+    ),
+    "sdxl": dict(
+        _TINY_UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TINY_HIDDEN,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # 6 time ids (original size, crop offset, target size) * 8 + pooled text embedding (32)
+        projection_class_embeddings_input_dim=6 * 8 + TINY_HIDDEN,
+    ),
+}
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)  # downsamples by 2: 32px images -> 16x16 latents
+TINY_TEXT_CONFIG = dict(
+    vocab_size=514,
+    hidden_size=TINY_HIDDEN,
+    intermediate_size=37,
+    num_hidden_layers=2,  # SDXL reads the penultimate hidden state: at least 2 layers
+    num_attention_heads=4,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    projection_dim=TINY_HIDDEN,
+    hidden_act="gelu",
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=EOS_ID,
+)
+
+# Full-size configs, values from the public model configs (runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-xl-base-1.0). UNets: 0.860 B (SD1.5) and 2.567 B (SDXL) parameters.
+FULL_UNET_CONFIGS = {
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    ),
+}
+_FULL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+FULL_VAE_CONFIGS = {
+    "sd15": dict(_FULL_VAE, sample_size=512, scaling_factor=0.18215),
+    "sdxl": dict(_FULL_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+}
+CLIP_L_TEXT = dict(  # openai/clip-vit-large-patch14 text tower (SD1.5, SDXL's first encoder)
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+CLIP_BIGG_TEXT = dict(  # laion CLIP ViT-bigG/14 text tower (SDXL's second encoder, with projection)
+    CLIP_L_TEXT,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+FULL_TEXT_CONFIGS = {"sd15": [CLIP_L_TEXT], "sdxl": [CLIP_L_TEXT, CLIP_BIGG_TEXT]}
+FULL_UNET_PARAMS = {"sd15": 859_520_964, "sdxl": 2_567_463_684}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("sd15", "sdxl"):
+        raise ValueError(f"kind must be 'sd15' or 'sdxl', got {kind!r}")
+
+
+def build_unet(kind: str, *, full: bool = False, device: str | torch.device = "cpu", seed: int = 0):
+    """A random-weight ``UNet2DConditionModel``: tiny (tests) or full size (``full=True``, benchmarks).
+
+    ``device="meta"`` builds it without allocating (parameter counting, shape checks).
+    """
+    from diffusers import UNet2DConditionModel
+
+    _check_kind(kind)
+    config = (FULL_UNET_CONFIGS if full else TINY_UNET_CONFIGS)[kind]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**config)
+
+
+def build_vae(kind: str = "sd15", *, full: bool = False, device: str | torch.device = "cpu", seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    _check_kind(kind)
+    config = FULL_VAE_CONFIGS[kind] if full else TINY_VAE_CONFIG
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoencoderKL(**config)
+
+
+def build_text_encoders(kind: str, *, full: bool = False, device: str | torch.device = "cpu", seed: int = 0):
+    """``[CLIPTextModel]`` for SD1.5; ``[CLIPTextModel, CLIPTextModelWithProjection]`` for SDXL."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _check_kind(kind)
+    configs = FULL_TEXT_CONFIGS[kind] if full else [TINY_TEXT_CONFIG] * (1 if kind == "sd15" else 2)
+    classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(configs)]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return [cls(CLIPTextConfig(**cfg)).eval() for cls, cfg in zip(classes, configs)]
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
+    """The SD training scheduler: DDPM, scaled-linear betas 0.00085..0.012 over 1000 steps."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def tiny_pipeline(kind: str = "sd15", *, seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny random ``StableDiffusionPipeline`` (``kind="sd15"``) or ``StableDiffusionXLPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    _check_kind(kind)
+    parts = dict(
+        unet=build_unet(kind, seed=seed),
+        vae=build_vae(kind, seed=seed + 1),
+        scheduler=build_scheduler(prediction_type),
+    )
+    encoders = build_text_encoders(kind, seed=seed + 2)
+    if kind == "sd15":
+        return StableDiffusionPipeline(
+            **parts,
+            text_encoder=encoders[0],
+            tokenizer=byte_level_clip_tokenizer(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        **parts,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=byte_level_clip_tokenizer(),
+        tokenizer_2=byte_level_clip_tokenizer(),
+    )
+
+
+def save_tiny_pipeline(
+    path: str | Path, kind: str = "sd15", *, seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
+    """Write a tiny random pipeline with ``save_pretrained``: ``model_index.json``, ``unet/``, ``vae/``,
+    ``text_encoder/`` (+ ``_2``), ``tokenizer/`` (+ ``_2``), ``scheduler/``, as a real repository has."""
+    path = Path(path)
+    tiny_pipeline(kind, seed=seed, prediction_type=prediction_type).save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Pick-a-Pic v2 parquet shards
+# --------------------------------------------------------------------------------------------------
+
+PICKAPIC_COLUMNS = (
+    ("caption", "string"),
+    ("jpg_0", "binary"),
+    ("jpg_1", "binary"),
+    ("label_0", "float64"),
+    ("label_1", "float64"),
+    ("has_label", "bool"),
+    ("are_different", "bool"),
+    ("best_image_uid", "string"),
+    ("model_0", "string"),
+    ("model_1", "string"),
+    ("ranking_id", "int64"),
+    ("user_id", "int64"),
+    ("created_at", "timestamp[ns]"),
+    ("image_0_uid", "string"),
+    ("image_1_uid", "string"),
+    ("image_0_url", "string"),
+    ("image_1_url", "string"),
+    ("num_example_per_prompt", "int64"),
+)
+
+
+def pickapic_schema():
+    import pyarrow as pa
+
+    types = {
+        "string": pa.string(),
+        "binary": pa.binary(),
+        "float64": pa.float64(),
+        "bool": pa.bool_(),
+        "int64": pa.int64(),
+        "timestamp[ns]": pa.timestamp("ns"),
+    }
+    return pa.schema([(name, types[t]) for name, t in PICKAPIC_COLUMNS])
+
+
+def encode_image(image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=95) if fmt == "JPEG" else image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def random_image(rng: np.random.Generator, size: int | tuple[int, int] = 32):
+    """A smooth random RGB image (a colour gradient plus noise), ``size`` = side or (width, height)."""
+    from PIL import Image
+
+    w, h = (size, size) if isinstance(size, int) else size
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    ramp = np.linspace(0, 1, w)[None, :, None]
+    arr = c0 * (1 - ramp) + c1 * ramp + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def pickapic_rows(
+    n: int,
+    *,
+    seed: int = 0,
+    size: int | tuple[int, int] = 32,
+    tie_every: int = 4,
+    corrupt: tuple[int, ...] = (),
+    captions: list[str] | None = None,
+) -> list[dict]:
+    """``n`` synthetic rows with the Pick-a-Pic v2 columns. Every ``tie_every``-th row is a tie (0.5/0.5);
+    the others alternate between image 0 and image 1 as the winner. Rows listed in ``corrupt`` get
+    undecodable bytes in ``jpg_1``."""
+    rng = np.random.default_rng(seed)
+    t0 = _dt.datetime(2023, 4, 1)
+    rows = []
+    for i in range(n):
+        uid0, uid1 = f"img-{seed}-{i}-0", f"img-{seed}-{i}-1"
+        if tie_every and i % tie_every == tie_every - 1:
+            labels, best = (0.5, 0.5), ""
+        elif i % 2 == 0:
+            labels, best = (1.0, 0.0), uid0
+        else:
+            labels, best = (0.0, 1.0), uid1
+        jpg1 = b"\xff\xd8 not a jpeg" if i in corrupt else encode_image(random_image(rng, size))
+        rows.append(
+            dict(
+                caption=captions[i % len(captions)] if captions else f"a picture number {i} of seed {seed}",
+                jpg_0=encode_image(random_image(rng, size)),
+                jpg_1=jpg1,
+                label_0=labels[0],
+                label_1=labels[1],
+                has_label=True,
+                are_different=True,
+                best_image_uid=best,
+                model_0="sdxl",
+                model_1="sd15",
+                ranking_id=seed * 1_000_000 + i,
+                user_id=int(rng.integers(1, 10_000)),
+                created_at=t0 + _dt.timedelta(minutes=i),
+                image_0_uid=uid0,
+                image_1_uid=uid1,
+                image_0_url=f"https://example.invalid/{uid0}.png",
+                image_1_url=f"https://example.invalid/{uid1}.png",
+                num_example_per_prompt=1,
+            )
+        )
+    return rows
+
+
+def write_pickapic_shard(path: str | Path, rows: list[dict], *, drop_columns: tuple[str, ...] = ()) -> Path:
+    """Write ``rows`` as one parquet shard with the Pick-a-Pic v2 schema (``drop_columns`` lets a test
+    write a shard that lacks a column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pickapic_schema()
+    keep = [f for f in schema if f.name not in drop_columns]
+    table = pa.table({f.name: pa.array([r[f.name] for r in rows], type=f.type) for f in keep})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def write_pairs_jsonl(folder: str | Path, n: int, *, seed: int = 0, size: int = 32) -> Path:
+    """The "own data" format: ``pairs.jsonl`` with ``caption``, ``winner``, ``loser`` image paths
+    relative to the file, and the PNG files beside it."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        names = []
+        for side in ("w", "l"):
+            name = f"images/{i:05d}_{side}.png"
+            random_image(rng, size).save(folder / name)
+            names.append(name)
+        lines.append(json.dumps({"caption": f"own pair {i}", "winner": names[0], "loser": names[1]}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
