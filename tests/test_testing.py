@@ -96,8 +96,9 @@ def test_full_size_configs_have_published_parameter_counts(kind):
 
 
 def test_pickapic_shard_reads_back_with_the_public_schema(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     rows = T.pickapic_rows(9, seed=3, tie_every=3, corrupt=(4,))
     path = T.write_pickapic_shard(tmp_path / "train-00000-of-00001.parquet", rows)
@@ -108,12 +109,11 @@ def test_pickapic_shard_reads_back_with_the_public_schema(tmp_path):
     labels = list(zip(table["label_0"].to_pylist(), table["label_1"].to_pylist()))
     assert labels.count((0.5, 0.5)) == 3  # ties included
     best = table["best_image_uid"].to_pylist()
-    for (l0, _), uid0, uid1, b in zip(labels, table["image_0_uid"].to_pylist(),
-                                      table["image_1_uid"].to_pylist(), best):
+    for (l0, _), uid0, uid1, b in zip(labels, table["image_0_uid"].to_pylist(), table["image_1_uid"].to_pylist(), best):
         assert b == (uid0 if l0 == 1.0 else uid1 if l0 == 0.0 else "")
     img = Image.open(io.BytesIO(table["jpg_0"][0].as_py()))
     assert img.format == "JPEG" and img.size == (32, 32)
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         Image.open(io.BytesIO(table["jpg_1"][4].as_py())).load()
 
 

@@ -1,0 +1,314 @@
+"""The preference objectives in plain PyTorch: the reference every other backend is tested against.
+
+Written from ``shared/reference/objectives.md``; each function's docstring carries its formula.
+
+Shared notation (spec section 0). A batch holds B pairs; ``model_pred`` and ``ref_pred`` are (2B, C, H, W)
+with winners first, then losers (one concatenated UNet forward per model). ``target`` is (2B, C, H, W), or
+(B, C, H, W) shared by winner and loser (right for epsilon-prediction only: a v-prediction target depends on
+x_0, which differs between winner and loser). With N = C*H*W and fp32 accumulation whatever the input dtype:
+
+    m_k     = mean_N (p_k - t_k)^2                      policy error of sample k
+    r_k     = mean_N (q_k - t_k)^2                      reference error (q = ref_pred)
+    delta_k = mean_N (p_k - q_k) * (p_k + q_k - 2 t_k)  = m_k - r_k, from one expression per element
+    h_k     = -(beta / 2) * delta_k                     implicit reward of image k
+    u_i     = h^w_i - h^l_i                             pair logit (Salesforce DiffusionDPO beta convention)
+
+Every objective uses delta where it needs m - r: with beta in the thousands, subtracting two nearly equal
+fp32 means loses digits. Gradients flow to ``model_pred`` only.
+
+This module imports neither triton nor any engine; float64 inputs are computed in float64 (for checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+OBJECTIVES = ("dpo", "sft", "rpo", "dspo", "dense-dpo", "cal-dpo")
+PAIR_METRICS = (
+    "loss",
+    "implicit_acc",
+    "reward_margin",
+    "reward_w",
+    "reward_l",
+    "mse_w",
+    "mse_l",
+    "ref_mse_w",
+    "ref_mse_l",
+)
+
+
+class SampleErrors(NamedTuple):
+    """Per-sample errors, each (R,) in fp32 (float64 for float64 inputs). ``r`` and ``delta`` are None
+    when no reference prediction was given."""
+
+    m: Tensor
+    r: Tensor | None
+    delta: Tensor | None
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the scalar to backpropagate. ``metrics``: detached scalar tensors (names in the README)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def _acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.reshape(x.shape[0], -1).to(dtype)  # (R, N)
+
+
+def _expand_target(t: Tensor, rows: int) -> Tensor:
+    """A target of B rows shared by winner i and loser i becomes (2B, N): [t; t]."""
+    return t if t.shape[0] == rows else torch.cat([t, t], dim=0)
+
+
+def per_sample_errors(model_pred: Tensor, target: Tensor, ref_pred: Tensor | None = None) -> SampleErrors:
+    """Per-sample mean squared errors, accumulated in fp32 whatever the input dtype.
+
+        m_k     = mean_N (p_k - t_k)^2
+        r_k     = mean_N (q_k - t_k)^2
+        delta_k = mean_N (p_k - q_k)(p_k + q_k - 2 t_k)        (= m_k - r_k, without the cancellation)
+
+    Args:
+        model_pred: (R, C, H, W) policy prediction p.
+        target: (R, C, H, W), or (R/2, C, H, W) shared by the winner and loser of each pair.
+        ref_pred: (R, C, H, W) reference prediction q, or None.
+    Returns:
+        ``SampleErrors(m, r, delta)``, each (R,); ``r`` and ``delta`` are None without ``ref_pred``.
+    """
+    dtype = _acc_dtype(model_pred, target, ref_pred)
+    p = _rows(model_pred, dtype)
+    t = _expand_target(_rows(target, dtype).detach(), p.shape[0])
+    m = (p - t).square().mean(1)
+    if ref_pred is None:
+        return SampleErrors(m, None, None)
+    q = _rows(ref_pred, dtype).detach()
+    return SampleErrors(m, (q - t).square().mean(1), ((p - q) * (p + q - 2 * t)).mean(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics shared by the pair objectives
+# --------------------------------------------------------------------------------------------------
+
+
+def implicit_accuracy(u: Tensor) -> Tensor:
+    """mean(u > 0) + 0.5 * mean(u == 0): at step 0 the policy is the reference, every u is 0, and the
+    accuracy reads 0.5 (the diffusers DPO script's tie rule)."""
+    return (u > 0).to(u.dtype).mean() + 0.5 * (u == 0).to(u.dtype).mean()
+
+
+def pair_metrics(loss: Tensor, u: Tensor, h_w: Tensor, h_l: Tensor, err: SampleErrors) -> dict[str, Tensor]:
+    b = u.shape[0]
+    out = dict(
+        loss=loss,
+        implicit_acc=implicit_accuracy(u),
+        reward_margin=u.mean(),
+        reward_w=h_w.mean(),
+        reward_l=h_l.mean(),
+        mse_w=err.m[:b].mean(),
+        mse_l=err.m[b:].mean(),
+        ref_mse_w=err.r[:b].mean(),
+        ref_mse_l=err.r[b:].mean(),
+    )
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The objectives on per-sample scalars (delta split into winners and losers)
+# --------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(err: SampleErrors, *, beta: float, weights: Tensor | None = None) -> LossOutput:
+    """Diffusion-DPO (Wallace et al. 2023; SalesforceAIResearch/DiffusionDPO train.py):
+
+        L = mean_i -log sigmoid(s_i * u_i),    u_i = -(beta / 2) * (delta^w_i - delta^l_i)
+
+    Where:
+        s_i: optional per-pair weight (1 without ``weights``);
+        beta: 2000-5000 in the reference launchers (the diffusers research script's beta_dpo is beta / 2).
+    """
+    b = err.m.shape[0] // 2
+    h_w, h_l = -(beta / 2) * err.delta[:b], -(beta / 2) * err.delta[b:]
+    u = h_w - h_l
+    if weights is not None:
+        u = weights.to(u.dtype) * u
+    loss = -F.logsigmoid(u).mean()
+    return LossOutput(loss, pair_metrics(loss, u, h_w, h_l, err))
+
+
+def sft_loss(err: SampleErrors) -> LossOutput:
+    """Supervised fine-tuning on the winners (the papers' baseline): L = mean_i m^w_i. No reference model;
+    ``model_pred`` and ``target`` hold winners only."""
+    loss = err.m.mean()
+    return LossOutput(loss, {"loss": loss.detach().float(), "mse_w": err.m.mean().detach().float()})
+
+
+def discount_weights(
+    timesteps: Tensor, *, gamma: float, num_inference_steps: int = 50, num_train_timesteps: int = 1000
+) -> Tensor:
+    """Temporal discount of the dense-reward view (Yang, Chen, Zhou 2024), offline form:
+
+        k(t) = ((T - 1 - t) * N) // T     (integer arithmetic; k = 0 is the noisiest step)
+        w(t) = gamma ** k(t)
+
+    Where T = num_train_timesteps, N = num_inference_steps. Returns fp32 weights, shape of ``timesteps``.
+    """
+    k = ((num_train_timesteps - 1 - timesteps.long()) * num_inference_steps) // num_train_timesteps
+    return torch.pow(torch.tensor(gamma, dtype=torch.float64, device=timesteps.device), k).float()
+
+
+def discounted_timestep_probs(
+    *, gamma: float, num_inference_steps: int = 50, num_train_timesteps: int = 1000
+) -> Tensor:
+    """P(t) proportional to w(t) over t = 0..T-1: the alternative to weighting, sampling the emphasised
+    timesteps more often (``torch.multinomial(probs, B, replacement=True)``)."""
+    t = torch.arange(num_train_timesteps)
+    w = discount_weights(
+        t, gamma=gamma, num_inference_steps=num_inference_steps, num_train_timesteps=num_train_timesteps
+    ).double()
+    return w / w.sum()
+
+
+def dense_dpo_loss(
+    err: SampleErrors,
+    timesteps: Tensor,
+    *,
+    beta: float,
+    gamma: float = 0.9,
+    num_inference_steps: int = 50,
+    num_train_timesteps: int = 1000,
+    weights: Tensor | None = None,
+) -> LossOutput:
+    """Dense-reward DPO with temporal discounting, offline form (spec section 5):
+
+        u_i = -(beta / 2) * w(t_i) * (delta^w_i - delta^l_i),   L = mean_i -log sigmoid(s_i * u_i)
+
+    Where w(t) = gamma ** k(t) (``discount_weights``) and s_i is the optional per-pair weight. The
+    reported rewards are the discounted h_k = -(beta / 2) * w(t_i) * delta_k. gamma = 1 gives DPO.
+    """
+    b = err.m.shape[0] // 2
+    wt = discount_weights(
+        timesteps, gamma=gamma, num_inference_steps=num_inference_steps, num_train_timesteps=num_train_timesteps
+    ).to(err.delta.dtype)
+    h_w, h_l = -(beta / 2) * wt * err.delta[:b], -(beta / 2) * wt * err.delta[b:]
+    u = h_w - h_l
+    if weights is not None:
+        u = weights.to(u.dtype) * u
+    loss = -F.logsigmoid(u).mean()
+    return LossOutput(loss, pair_metrics(loss, u, h_w, h_l, err))
+
+
+def cal_dpo_loss(
+    err: SampleErrors, *, beta: float, beta_cal: float = 0.5, lam_cal: float = 0.5, weights: Tensor | None = None
+) -> LossOutput:
+    """Cal-DPO adapted to diffusion (our adaptation of Xiao et al. 2024; spec section 6):
+
+        L = mean_i [ -log sigmoid(s_i * (h^w_i - h^l_i)) + lam_cal * ((h^w_i - c)^2 + (h^l_i + c)^2) ]
+
+    Where h_k = -(beta / 2) * delta_k, c = 1 / (2 beta_cal) (c = 1 by default: a logit-sized target) and
+    s_i the optional per-pair weight (on the -log sigmoid term only). lam_cal = 0 gives DPO.
+    """
+    b = err.m.shape[0] // 2
+    h_w, h_l = -(beta / 2) * err.delta[:b], -(beta / 2) * err.delta[b:]
+    u = h_w - h_l
+    if weights is not None:
+        u = weights.to(u.dtype) * u
+    c = 1.0 / (2.0 * beta_cal)
+    loss = (-F.logsigmoid(u) + lam_cal * ((h_w - c).square() + (h_l + c).square())).mean()
+    return LossOutput(loss, pair_metrics(loss, u, h_w, h_l, err))
+
+
+def rpo_weights(embeds_w: Tensor, embeds_l: Tensor, *, tau: float) -> Tensor:
+    """Row-softmax weights of Diffusion-RPO over cosine distances (B_rows, B_cols), no grad:
+
+    d_ij = 1 - cos(e^w_i, e^l_j),    w_ij = exp(-d_ij / tau) / sum_k exp(-d_ik / tau)
+    """
+    dtype = _acc_dtype(embeds_w, embeds_l)
+    ew = F.normalize(embeds_w.detach().to(dtype), dim=1)
+    el = F.normalize(embeds_l.detach().to(dtype), dim=1)
+    return torch.softmax(-(1.0 - ew @ el.T) / tau, dim=1)
+
+
+def rpo_loss(
+    err: SampleErrors,
+    embeds_w: Tensor,
+    embeds_l: Tensor,
+    *,
+    beta: float,
+    tau: float = 0.5,
+    weighting: str = "inside",
+) -> LossOutput:
+    """Diffusion-RPO (Gu et al. 2024; weighting of yinyueqin/relative-preference-optimization):
+    every winner i contrasted with every loser j of the batch,
+
+        D_ij = -(beta / 2) * (delta^w_i - delta^l_j)              (B x B; D_ii = u_i)
+        w_ij = softmax_j( -(1 - cos(e^w_i, e^l_j)) / tau )        (``rpo_weights``; diagonal kept)
+        "inside"  (default, the authors' RPO code):  L = mean_{i,j} -log sigmoid(w_ij * D_ij)
+        "outside":                                   L = mean_i sum_j w_ij * (-log sigmoid(D_ij))
+
+    Where e^w (B, D) embeds the rows (winners), e^l (B, D) the columns (losers); both are constants.
+    With "inside" each row of w sums to 1, so the effective beta per entry is about beta / B and the
+    gradient scale changes with the number of columns (with the world size in global scope); as
+    tau -> 0 (nearest loser = own loser) L -> L_DPO / B + (B - 1)/B * log 2. "outside" tends to L_DPO.
+    Metrics are those of the diagonal (own pairs), plus ``weight_diag`` = mean_i w_ii.
+    """
+    b = err.m.shape[0] // 2
+    h_w, h_l = -(beta / 2) * err.delta[:b], -(beta / 2) * err.delta[b:]
+    d = h_w[:, None] - h_l[None, :]  # (B, B)
+    w = rpo_weights(embeds_w, embeds_l, tau=tau).to(d.dtype)
+    if weighting == "inside":
+        loss = -F.logsigmoid(w * d).mean()
+    else:
+        loss = (w * -F.logsigmoid(d)).sum(1).mean()
+    u = torch.diagonal(d)
+    metrics = pair_metrics(loss, u, h_w, h_l, err)
+    metrics["weight_diag"] = torch.diagonal(w).mean().detach().float()
+    return LossOutput(loss, metrics)
+
+
+def dspo_loss(
+    model_pred: Tensor,
+    target: Tensor,
+    ref_pred: Tensor,
+    err: SampleErrors,
+    *,
+    form: str,
+    lam_in: float,
+    lam_out: float,
+) -> LossOutput:
+    """DSPO (Zhu, Xiao, Honavar, ICLR 2025; huaishengzhu/DSPO train.py), score-matching form:
+
+        u_i = -lam_in * (delta^w_i - delta^l_i),   s_i = sigmoid(-u_i)
+        "sd15":  L = mean_i mean_N (e^w_i - lam_out * s_i * d^w_i)^2
+        "sdxl":  L = mean_i s_i^2 * mean_N (d^w_i)^2   if mean_i mean_N (d^w_i)^2 >= 0.1
+                 L = mean_i s_i^2                       otherwise
+
+    Where e^w = p^w - t^w, d^w = p^w - q^w (vectors). The reference code uses lam_in = beta/2 and
+    lam_out = beta (the paper one lambda). Gradients flow through u (to winner and loser) and through
+    e^w and d^w. Implicit rewards for the metrics: h_k = -lam_in * delta_k.
+    """
+    b = err.m.shape[0] // 2
+    dtype = err.m.dtype
+    h_w, h_l = -lam_in * err.delta[:b], -lam_in * err.delta[b:]
+    u = h_w - h_l
+    s = torch.sigmoid(-u)
+    p = _rows(model_pred, dtype)[:b]
+    q = _rows(ref_pred, dtype)[:b].detach()
+    t = _rows(target, dtype)[:b].detach()
+    d = p - q
+    if form == "sd15":
+        loss = ((p - t) - lam_out * s[:, None] * d).square().mean(1).mean()
+    else:
+        dd = d.square().mean(1)
+        loss = torch.where(dd.mean() >= 0.1, (s.square() * dd).mean(), s.square().mean())
+    return LossOutput(loss, pair_metrics(loss, u, h_w, h_l, err))
