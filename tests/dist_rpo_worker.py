@@ -8,6 +8,7 @@ the data-parallel averaging that DeepSpeed and DDP do (all-reduce sum / world si
 """
 
 import os
+import socket
 import sys
 
 import torch
@@ -35,9 +36,9 @@ def local_rows(x, rank, b_total):
     return torch.cat([w, l])
 
 
-def run(rank, out, backend, weighting, init_file):
+def run(rank, out, backend, weighting, port):
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     from rpo_fast import PreferenceLoss
 
     x, target, ref, ew, el, theta0 = global_inputs()
@@ -67,10 +68,13 @@ def run(rank, out, backend, weighting, init_file):
             dict(loss=res.loss.detach(), losses=losses, metrics=res.metrics, theta_grad=grad, pred_grads=pred_grads),
             out,
         )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     out, backend, weighting = sys.argv[1], sys.argv[2], sys.argv[3]
-    init_file = out + ".init"
-    mp.spawn(run, args=(out, backend, weighting, init_file), nprocs=WORLD, join=True)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(run, args=(out, backend, weighting, port), nprocs=WORLD, join=True)

@@ -9,6 +9,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rpo_fast import PreferenceLoss
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BETA = 100.0  # with the inputs of make_pairs |u| ~ 1: the sigmoid is neither flat nor saturated
+
 # (dtype, atol, rtol) rows. Loss values are fp32 computations of the same (rounded) inputs, so the dtype
 # of the inputs only matters for the gradient, which is written in model_pred's dtype.
 LOSS_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 1e-5), torch.float16: (1e-6, 1e-5)}
@@ -146,3 +151,45 @@ def ref_loss_and_grad(objective, p, t, q=None, **kw):
     loss = ref_loss(objective, p64, t.double(), None if q is None else q.double(), **kw)
     (g,) = torch.autograd.grad(loss, p64)
     return loss.detach(), g
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every objective and option, as test cases
+# ------------------------------------------------------------------------------------------------------
+
+
+def _cases():
+    # (objective, options, needs)
+    yield "dpo", dict(beta=BETA), ()
+    yield "dpo", dict(beta=BETA), ("weights",)
+    yield "sft", dict(), ()
+    yield "rpo", dict(beta=BETA, tau=0.5, weighting="inside", scope="local"), ("embeds",)
+    yield "rpo", dict(beta=BETA, tau=0.25, weighting="outside", scope="local"), ("embeds",)
+    yield "dspo", dict(form="sd15", beta=BETA, lam_out=1.0), ()
+    yield "dspo", dict(form="sdxl", beta=BETA), ()
+    yield "dense-dpo", dict(beta=BETA, gamma=0.9), ("timesteps",)
+    yield "dense-dpo", dict(beta=BETA, gamma=0.8, num_inference_steps=20), ("timesteps", "weights")
+    yield "cal-dpo", dict(beta=BETA), ()
+    yield "cal-dpo", dict(beta=BETA, beta_cal=0.25, lam_cal=0.3), ("weights",)
+
+
+CASES = list(_cases())
+CASE_IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+
+
+def call_case(objective, opts, needs, b, p, t, q, seed=0, backend="eager"):
+    """Module, call kwargs, reference kwargs and inputs (sft keeps the winners only) of one case."""
+    kw, ref_kw = {}, {}
+    if "embeds" in needs:
+        kw["embeds_w"], kw["embeds_l"] = make_embeds(b, seed=seed)
+        ref_kw["embeds"] = (kw["embeds_w"], kw["embeds_l"])
+    if "weights" in needs:
+        kw["weights"] = ref_kw["weights"] = torch.rand(b, generator=torch.Generator().manual_seed(seed)) + 0.5
+    if "timesteps" in needs:
+        kw["timesteps"] = ref_kw["timesteps"] = torch.randint(
+            0, 1000, (b,), generator=torch.Generator().manual_seed(seed)
+        )
+    loss_fn = PreferenceLoss(objective, backend=backend, **opts)
+    if objective == "sft":
+        p, t, q = p[:b], (t[:b] if t.shape[0] == 2 * b else t), None
+    return loss_fn, kw, ref_kw, p, t, q

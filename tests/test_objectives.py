@@ -6,56 +6,31 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GRAD_TOL, LOSS_TOL, assert_close, make_embeds, make_pairs, ref_errors, ref_loss_and_grad
+from helpers import (
+    BETA,
+    CASE_IDS,
+    CASES,
+    DTYPES,
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
+    call_case,
+    make_embeds,
+    make_pairs,
+    ref_errors,
+    ref_loss_and_grad,
+)
 
 from rpo_fast import PreferenceLoss, per_sample_errors
 from rpo_fast.objectives import discount_weights, discounted_timestep_probs
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BETA = 100.0  # with these inputs |u| ~ 1: the sigmoid is neither flat nor saturated
-
-
-def _cases():
-    # (objective, options, needs)
-    yield "dpo", dict(beta=BETA), ()
-    yield "dpo", dict(beta=BETA), ("weights",)
-    yield "sft", dict(), ()
-    yield "rpo", dict(beta=BETA, tau=0.5, weighting="inside", scope="local"), ("embeds",)
-    yield "rpo", dict(beta=BETA, tau=0.25, weighting="outside", scope="local"), ("embeds",)
-    yield "dspo", dict(form="sd15", beta=BETA, lam_out=1.0), ()
-    yield "dspo", dict(form="sdxl", beta=BETA), ()
-    yield "dense-dpo", dict(beta=BETA, gamma=0.9), ("timesteps",)
-    yield "dense-dpo", dict(beta=BETA, gamma=0.8, num_inference_steps=20), ("timesteps", "weights")
-    yield "cal-dpo", dict(beta=BETA), ()
-    yield "cal-dpo", dict(beta=BETA, beta_cal=0.25, lam_cal=0.3), ("weights",)
-
-
-CASES = list(_cases())
-
-
-def _call(objective, opts, needs, b, p, t, q, seed=0):
-    kw, ref_kw = {}, {}
-    if "embeds" in needs:
-        kw["embeds_w"], kw["embeds_l"] = make_embeds(b, seed=seed)
-        ref_kw["embeds"] = (kw["embeds_w"], kw["embeds_l"])
-    if "weights" in needs:
-        kw["weights"] = ref_kw["weights"] = torch.rand(b, generator=torch.Generator().manual_seed(seed)) + 0.5
-    if "timesteps" in needs:
-        kw["timesteps"] = ref_kw["timesteps"] = torch.randint(
-            0, 1000, (b,), generator=torch.Generator().manual_seed(seed)
-        )
-    loss_fn = PreferenceLoss(objective, backend="eager", **opts)
-    if objective == "sft":
-        p, t, q = p[:b], (t[:b] if t.shape[0] == 2 * b else t), None
-    return loss_fn, kw, ref_kw, p, t, q
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("b,shared", [(1, False), (3, True), (7, False)], ids=["B1", "B3-shared", "B7"])
 def test_value_and_gradient_match_float64(objective, opts, needs, b, shared, dtype):
     p, t, q = make_pairs(b, dtype=dtype, shared_target=shared, seed=b)
-    loss_fn, kw, ref_kw, p, t, q = _call(objective, opts, needs, b, p, t, q, seed=b)
+    loss_fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, seed=b)
     full = loss_fn.options
     p = p.clone().requires_grad_(True)
     out = loss_fn(p, t, q, **kw)
@@ -68,11 +43,11 @@ def test_value_and_gradient_match_float64(objective, opts, needs, b, shared, dty
     assert_close("grad", p.grad, grad_out * ref_grad, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
 
 
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
 def test_gradcheck_float64(objective, opts, needs):
     b = 3
     p, t, q = make_pairs(b, 2, 3, 3, dtype=torch.float64, seed=11)
-    loss_fn, kw, _, p, t, q = _call(objective, opts, needs, b, p, t, q, seed=11)
+    loss_fn, kw, _, p, t, q = call_case(objective, opts, needs, b, p, t, q, seed=11)
     kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
     p = p.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: loss_fn(x, t, q, **kw).loss, (p,), eps=1e-6, atol=1e-6)
@@ -229,11 +204,11 @@ PAIR_KEYS = {
 }
 
 
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
 def test_metric_names_and_values(objective, opts, needs):
     b = 4
     p, t, q = make_pairs(b, seed=13)
-    loss_fn, kw, _, p, t, q = _call(objective, opts, needs, b, p, t, q)
+    loss_fn, kw, _, p, t, q = call_case(objective, opts, needs, b, p, t, q)
     out = loss_fn(p, t, q, **kw)
     expected_keys = (
         {"loss", "mse_w"} if objective == "sft" else PAIR_KEYS | ({"weight_diag"} if objective == "rpo" else set())
