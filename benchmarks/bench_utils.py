@@ -1,0 +1,142 @@
+"""Timing, bandwidth, launch counting and result tables shared by the benchmarks.
+
+Timing: CUDA events around ``iters`` back-to-back calls (one synchronisation before and after, never one
+per call), and separately the replay of a CUDA graph of one call; on CPU, wall time around the same loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parent
+QUICK = not torch.cuda.is_available()  # the CPU quick mode
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_loop(fn, iters: int, warmup: int = 3) -> float:
+    """Mean seconds per call over ``iters`` back-to-back calls between two synchronisations."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def time_graph(fn, iters: int) -> float | None:
+    """Mean seconds per replay of a CUDA graph that captured one call; None where capture fails or on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_loop(graph.replay, iters)
+    except Exception:  # noqa: BLE001 - a provider that cannot be captured is reported as n/a
+        return None
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float | None:
+    """Device-to-device copy rate in bytes/s (read + write counted), measured now on this device."""
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    sec = time_loop(lambda: dst.copy_(src), 20)
+    return nbytes / sec
+
+
+def count_launches(fn) -> int | None:
+    """GPU kernels launched by one call (torch.profiler); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                check=False).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
+    return dict(
+        date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})",
+        mode="quick (CPU, Triton interpreter: not a speed reference)" if QUICK else "full",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        commit=commit,
+    )
+
+
+class ResultTable:
+    """Rows of one benchmark, written as JSON and Markdown. GPU runs go to benchmarks/results/ (committed);
+    the CPU quick mode writes to .benchmarks/ (ignored by git)."""
+
+    def __init__(self, name: str, title: str, columns: list[str], notes: str = ""):
+        self.name, self.title, self.columns, self.notes = name, title, columns, notes
+        self.rows: list[dict] = []
+        self.env = environment()
+
+    def add(self, **row):
+        self.rows.append(row)
+
+    def write(self) -> list[Path]:
+        if not self.rows:
+            return []
+        folder = ROOT.parent / ".benchmarks" if QUICK else ROOT / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}"
+        if not QUICK:
+            stem += "-" + dt.date.today().isoformat()
+        data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=self.rows)
+        (folder / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        lines = [f"# {self.title}", "", *(f"- {k}: {v}" for k, v in self.env.items()), "", self.notes, "",
+                 "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]  # fmt: skip
+        for row in self.rows:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |")
+        (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        return [folder / f"{stem}.json", folder / f"{stem}.md"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
