@@ -282,6 +282,24 @@ def save_tiny_pipeline(
     return path
 
 
+TINY_CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=4)  # fmt: skip
+
+
+def save_tiny_clip(path: str | Path, *, seed: int = 0, projection_dim: int = 16) -> Path:
+    """A tiny random ``CLIPModel`` folder in the layout of openai/clip-vit-large-patch14: ``config.json``,
+    weights, ``preprocessor_config.json`` (32px, center crop) and the byte-level tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=TINY_CLIP_VISION, projection_dim=projection_dim)
+    CLIPModel(config).eval().save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    byte_level_clip_tokenizer().save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # Pick-a-Pic v2 parquet shards
 # --------------------------------------------------------------------------------------------------
