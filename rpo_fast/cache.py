@@ -435,6 +435,8 @@ class CachedPairs:
                              f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})")  # fmt: skip
 
     def ties(self) -> int:
+        if not self.index["keep_ties"]:
+            return 0
         return sum(int(self._handle(s).get_tensor("tie").sum()) for s in range(len(self.shards))
                    if "tie" in self._handle(s).keys())  # fmt: skip
 
@@ -500,6 +502,8 @@ class OnTheFlyPairs:
         return len(self.pairs)
 
     def ties(self) -> int:
+        if not self.index["keep_ties"]:
+            return 0
         return sum(p.tie for p in self.pairs)
 
     def __getitem__(self, i: int) -> dict:

@@ -437,3 +437,34 @@ def write_pairs_jsonl(folder: str | Path, n: int, *, seed: int = 0, size: int = 
         lines.append(json.dumps({"caption": f"own pair {i}", "winner": names[0], "loser": names[1]}))
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "pairs.jsonl"
+
+
+def write_warm_preference_pairs(folder: str | Path, n: int, *, seed: int = 0, size: int = 32) -> Path:
+    """A learnable preference for trainer tests: each pair's winner is a warm-coloured picture (red,
+    orange, yellow hues) and its loser a cool one (blue, green, cyan), with a soft blob and noise; the
+    caption names the object, not the colour. Written as ``pairs.jsonl`` + PNGs (the own-data format)."""
+    import colorsys
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    lines = []
+    for i in range(n):
+        names = []
+        for side, hue_range in (("w", (-0.08, 0.15)), ("l", (0.35, 0.65))):
+            hue = rng.uniform(*hue_range) % 1.0
+            fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1), rng.uniform(0.7, 1))) * 255
+            bg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.2, 0.5), rng.uniform(0.2, 0.5))) * 255
+            cx, cy, r = rng.uniform(0.3, 0.7, 2).tolist() + [rng.uniform(0.15, 0.3)]
+            blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+            arr = bg * (1 - blob) + fg * blob + rng.normal(0, 6, (size, size, 3))
+            name = f"images/{i:05d}_{side}.png"
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / name)
+            names.append(name)
+        caption = f"a {['ball', 'flower', 'lamp', 'kite'][i % 4]} number {i}"
+        lines.append(json.dumps({"caption": caption, "winner": names[0], "loser": names[1]}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
