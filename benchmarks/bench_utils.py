@@ -89,8 +89,9 @@ def count_launches(fn) -> int | None:
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                check=False).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     return dict(
@@ -126,8 +127,16 @@ class ResultTable:
             stem += "-" + dt.date.today().isoformat()
         data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=self.rows)
         (folder / f"{stem}.json").write_text(json.dumps(data, indent=1))
-        lines = [f"# {self.title}", "", *(f"- {k}: {v}" for k, v in self.env.items()), "", self.notes, "",
-                 "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]  # fmt: skip
+        lines = [
+            f"# {self.title}",
+            "",
+            *(f"- {k}: {v}" for k, v in self.env.items()),
+            "",
+            self.notes,
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "---|" * len(self.columns),
+        ]
         for row in self.rows:
             lines.append("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |")
         (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -20,10 +20,25 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = ("triton", "eager", "compile")
 ITERS = 2 if QUICK else 50
 COLUMNS = [
-    "family", "latents", "B", "dtype", "triton_ms", "eager_ms", "compile_ms", "triton_graph_ms", "eager_graph_ms",
-    "compile_graph_ms", "speedup_vs_eager", "speedup_vs_compile", "MB", "triton_GBps", "copy_fraction",
-    "launches_triton", "launches_eager", "launches_compile",
-]  # fmt: skip
+    "family",
+    "latents",
+    "B",
+    "dtype",
+    "triton_ms",
+    "eager_ms",
+    "compile_ms",
+    "triton_graph_ms",
+    "eager_graph_ms",
+    "compile_graph_ms",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "MB",
+    "triton_GBps",
+    "copy_fraction",
+    "launches_triton",
+    "launches_eager",
+    "launches_compile",
+]
 _copy_rate = {}
 
 
@@ -37,8 +52,10 @@ def setup_preference_loss(family: str, shape: str, b: int, dtype: str, provider:
     q = (p.detach() + 0.02 * torch.randn(2 * b, c, h, w, device=DEV, generator=g)).to(dt)
     kw = {}
     if family == "rpo":
-        kw = dict(embeds_w=torch.randn(b, EMBED_DIM, device=DEV, generator=g),
-                  embeds_l=torch.randn(b, EMBED_DIM, device=DEV, generator=g))  # fmt: skip
+        kw = dict(
+            embeds_w=torch.randn(b, EMBED_DIM, device=DEV, generator=g),
+            embeds_l=torch.randn(b, EMBED_DIM, device=DEV, generator=g),
+        )
     opts = dict(scope="local") if family == "rpo" else {}
     loss_fn = PreferenceLoss(family, backend=provider, **opts)
 

@@ -46,8 +46,23 @@ from .embed import Embedder, load_embedder
 
 FORMAT = 1
 STORAGE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SETTINGS = ("format", "model_fingerprint", "kind", "resolution", "crop", "flip", "flip_twin", "keep_ties", "seed",
-            "shard_size", "batch_size", "storage", "world", "embedder", "data")  # fmt: skip
+SETTINGS = (
+    "format",
+    "model_fingerprint",
+    "kind",
+    "resolution",
+    "crop",
+    "flip",
+    "flip_twin",
+    "keep_ties",
+    "seed",
+    "shard_size",
+    "batch_size",
+    "storage",
+    "world",
+    "embedder",
+    "data",
+)
 
 
 class CacheError(ValueError):
@@ -97,8 +112,14 @@ class PairEncoder:
     """The VAE and text encoder(s) of a local diffusers model folder, as the cache and the on-the-fly
     dataset use them."""
 
-    def __init__(self, model: str | Path, *, device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32,
-                 text_dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        vae_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.float32,
+    ):
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -128,8 +149,9 @@ class PairEncoder:
         (n, 77, D1 + D2) and the second encoder's pooled embedding (n, D2)."""
         states, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders):
-            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            ids = tok(
+                captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
             if self.kind == "sd15":
                 states.append(enc(ids)[0])
             else:
@@ -145,8 +167,17 @@ class PairEncoder:
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_pairs(pairs: list[D.RawPair], encoder: PairEncoder, *, resolution: int, crop: str, flip: bool, seed: int,
-                 flip_twin: bool = False, embedder: Embedder | None = None) -> dict:  # fmt: skip
+def encode_pairs(
+    pairs: list[D.RawPair],
+    encoder: PairEncoder,
+    *,
+    resolution: int,
+    crop: str,
+    flip: bool,
+    seed: int,
+    flip_twin: bool = False,
+    embedder: Embedder | None = None,
+) -> dict:
     """Everything the trainer needs of ``pairs``, fp32 on CPU, captions deduplicated."""
     prepared = [D.preprocess_pair(p, resolution, crop=crop, flip=flip, seed=seed, flip_twin=flip_twin) for p in pairs]
     out: dict = {}
@@ -185,8 +216,9 @@ def _concat(batches: list[dict]) -> dict:
     for key in ("prompt_embeds", "pooled_prompt_embeds"):
         if key in batches[0]:
             out[key] = torch.stack([batches[bi][key][j] for bi, j in (first[c] for c in captions)])
-    out["text_index"] = torch.cat([torch.tensor([rows[b["captions"][i]] for i in b["text_index"].tolist()])
-                                   for b in batches])  # fmt: skip
+    out["text_index"] = torch.cat(
+        [torch.tensor([rows[b["captions"][i]] for i in b["text_index"].tolist()]) for b in batches]
+    )
     for key in batches[0]:
         if key not in out and key != "tie":
             out[key] = torch.cat([b[key] for b in batches])
@@ -281,19 +313,32 @@ def build_cache(
     device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     emb = load_embedder(embedder, device=device) if isinstance(embedder, str) else embedder
     settings = dict(
-        format=FORMAT, model_fingerprint=model_fingerprint(model), kind=model_kind(model), resolution=resolution,
-        crop=crop, flip=flip, flip_twin=flip_twin, keep_ties=keep_ties, seed=seed, shard_size=shard_size,
-        batch_size=batch_size, storage=storage, world=world, embedder=getattr(emb, "name", None) if emb else None,
+        format=FORMAT,
+        model_fingerprint=model_fingerprint(model),
+        kind=model_kind(model),
+        resolution=resolution,
+        crop=crop,
+        flip=flip,
+        flip_twin=flip_twin,
+        keep_ties=keep_ties,
+        seed=seed,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        storage=storage,
+        world=world,
+        embedder=getattr(emb, "name", None) if emb else None,
         data=str(data.resolve()),
-    )  # fmt: skip
+    )
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "cache.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
         diff = {k: (old.get(k), settings[k]) for k in SETTINGS if old.get(k) != settings[k]}
         if diff:
-            raise CacheError(f"{out} holds a cache built with other settings {diff} (was, now): "
-                             "use another --out, or the same arguments to resume it")  # fmt: skip
+            raise CacheError(
+                f"{out} holds a cache built with other settings {diff} (was, now): "
+                "use another --out, or the same arguments to resume it"
+            )
     elif rank == 0:
         _write_atomic_json(settings_file, settings)
     if (out / "index.json").exists():
@@ -321,11 +366,17 @@ def build_cache(
     if done:
         print(f"[cache] rank {rank}: resuming after {len(done)} complete shard(s), {pairs} pairs")
     offsets = D.row_offsets(data)
-    bar = tqdm(total=offsets[-1], initial=offsets[cursor[0]] + cursor[1], unit="row", desc="caching",
-               disable=not progress or rank != 0)  # fmt: skip
+    bar = tqdm(
+        total=offsets[-1],
+        initial=offsets[cursor[0]] + cursor[1],
+        unit="row",
+        desc="caching",
+        disable=not progress or rank != 0,
+    )
     t0, written_now = time.perf_counter(), 0
-    stream = D.iter_pairs(data, keep_ties=keep_ties, strict=strict, counts=counts, rank=rank, world=world,
-                          start=cursor, first_index=pairs)  # fmt: skip
+    stream = D.iter_pairs(
+        data, keep_ties=keep_ties, strict=strict, counts=counts, rank=rank, world=world, start=cursor, first_index=pairs
+    )
     k = len(done)
     while not finished and (limit is None or pairs < limit):
         before = Counter(counts)
@@ -335,8 +386,18 @@ def build_cache(
             batch = [p for _, p in zip(range(want), stream)]
             if not batch:
                 break
-            batches.append(encode_pairs(batch, encoder, resolution=resolution, crop=crop, flip=flip, seed=seed,
-                                        flip_twin=flip_twin, embedder=emb))  # fmt: skip
+            batches.append(
+                encode_pairs(
+                    batch,
+                    encoder,
+                    resolution=resolution,
+                    crop=crop,
+                    flip=flip,
+                    seed=seed,
+                    flip_twin=flip_twin,
+                    embedder=emb,
+                )
+            )
             shard_pairs += len(batch)
             last_cursor = batch[-1].cursor
             bar.update(offsets[last_cursor[0]] + last_cursor[1] - bar.n)  # rows read (by all ranks, roughly)
@@ -348,8 +409,12 @@ def build_cache(
             break
         shard = _concat(batches)
         shard_counts = {c: counts[c] - before.get(c, 0) for c in counts if counts[c] - before.get(c, 0)}
-        _save_shard(out / _shard_name(rank, k), shard, STORAGE[storage],
-                    dict(n=shard_pairs, pairs_before=pairs, cursor=list(last_cursor), counts=shard_counts))  # fmt: skip
+        _save_shard(
+            out / _shard_name(rank, k),
+            shard,
+            STORAGE[storage],
+            dict(n=shard_pairs, pairs_before=pairs, cursor=list(last_cursor), counts=shard_counts),
+        )
         pairs += shard_pairs
         written_now += shard_pairs
         k += 1
@@ -371,9 +436,14 @@ def build_cache(
         for r in ranks:
             skipped.update(r["skipped"])
         index = dict(
-            settings, pairs=sum(r["pairs"] for r in ranks), skipped=dict(skipped), shards=shards,
-            versions=_versions(), model=str(model.resolve()), created=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )  # fmt: skip
+            settings,
+            pairs=sum(r["pairs"] for r in ranks),
+            skipped=dict(skipped),
+            shards=shards,
+            versions=_versions(),
+            model=str(model.resolve()),
+            created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
         _write_atomic_json(out / "index.json", index)
         causes = ", ".join(f"{c} {n}" for c, n in sorted(skipped.items())) or "none"
         print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {causes}")
@@ -387,8 +457,12 @@ def _versions() -> dict:
 
     from . import __version__
 
-    return dict(rpo_fast=__version__, torch=torch.__version__, diffusers=diffusers.__version__,
-                transformers=transformers.__version__)  # fmt: skip
+    return dict(
+        rpo_fast=__version__,
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,8 +480,10 @@ class CachedPairs:
         index = self.path / "index.json"
         if not index.exists():
             if (self.path / "cache.json").exists():
-                raise CacheError(f"{self.path}: unfinished cache (index.json missing); rerun python -m rpo_fast.cache "
-                                 "with the same arguments to finish it")  # fmt: skip
+                raise CacheError(
+                    f"{self.path}: unfinished cache (index.json missing); rerun python -m rpo_fast.cache "
+                    "with the same arguments to finish it"
+                )
             raise CacheError(f"{self.path} is not an rpo_fast cache (no index.json)")
         self.index = json.loads(index.read_text())
         self.shards = [self.path / s["name"] for s in self.index["shards"]]
@@ -431,14 +507,19 @@ class CachedPairs:
             raise CacheError(f"{self.path} was cached at resolution {self.resolution}, the run asks for {resolution}")
         fp = model_fingerprint(model)
         if fp != self.index["model_fingerprint"]:
-            raise CacheError(f"{self.path} was cached with another model ({self.index['model']}, fingerprint "
-                             f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})")  # fmt: skip
+            raise CacheError(
+                f"{self.path} was cached with another model ({self.index['model']}, fingerprint "
+                f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})"
+            )
 
     def ties(self) -> int:
         if not self.index["keep_ties"]:
             return 0
-        return sum(int(self._handle(s).get_tensor("tie").sum()) for s in range(len(self.shards))
-                   if "tie" in self._handle(s).keys())  # fmt: skip
+        return sum(
+            int(self._handle(s).get_tensor("tie").sum())
+            for s in range(len(self.shards))
+            if "tie" in self._handle(s).keys()
+        )
 
     def _handle(self, s: int):
         if s not in self._handles:
@@ -479,9 +560,21 @@ class OnTheFlyPairs:
     """The same items as ``CachedPairs``, encoded when asked (for small runs from raw data): pair i gets the
     crop, flip and seeds the cache would give it."""
 
-    def __init__(self, model: str | Path, data: str | Path, *, resolution: int, crop: str = "center",
-                 flip: bool = False, seed: int = 0, keep_ties: bool = False, embedder: Embedder | None = None,
-                 device: str = "cpu", limit: int | None = None, encoder: PairEncoder | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str | Path,
+        data: str | Path,
+        *,
+        resolution: int,
+        crop: str = "center",
+        flip: bool = False,
+        seed: int = 0,
+        keep_ties: bool = False,
+        embedder: Embedder | None = None,
+        device: str = "cpu",
+        limit: int | None = None,
+        encoder: PairEncoder | None = None,
+    ):
         self.counts: Counter = Counter()
         self.pairs = []
         for p in D.iter_pairs(data, keep_ties=keep_ties, counts=self.counts):
@@ -510,10 +603,21 @@ class OnTheFlyPairs:
         return self.get(i)
 
     def get(self, i: int, flip: bool = False) -> dict:
-        enc = encode_pairs([self.pairs[i]], self.encoder, resolution=self.resolution, crop=self.crop, flip=self.flip,
-                           seed=self.seed, embedder=self.embedder)  # fmt: skip
-        item = {"latent_mean": enc["latent_mean"][0], "latent_std": enc["latent_std"][0],
-                "prompt_embeds": enc["prompt_embeds"][0], "caption": self.pairs[i].caption}  # fmt: skip
+        enc = encode_pairs(
+            [self.pairs[i]],
+            self.encoder,
+            resolution=self.resolution,
+            crop=self.crop,
+            flip=self.flip,
+            seed=self.seed,
+            embedder=self.embedder,
+        )
+        item = {
+            "latent_mean": enc["latent_mean"][0],
+            "latent_std": enc["latent_std"][0],
+            "prompt_embeds": enc["prompt_embeds"][0],
+            "caption": self.pairs[i].caption,
+        }
         if "pooled_prompt_embeds" in enc:
             item["pooled_prompt_embeds"] = enc["pooled_prompt_embeds"][0]
             item["time_ids"] = enc["time_ids"][0]
@@ -535,8 +639,11 @@ def collate(items: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rpo_fast.cache", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m rpo_fast.cache",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", required=True, help="local diffusers model folder (SD1.5 or SDXL)")
     ap.add_argument("--data", required=True, help="Pick-a-Pic v2 parquet folder/file, or a pairs .jsonl/.csv")
     ap.add_argument("--out", required=True, help="cache folder (resumed if it holds a partial cache)")
@@ -563,10 +670,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    build_cache(a.model, a.data, a.out, resolution=a.resolution, crop=a.crop, flip=a.flip, flip_twin=a.flip_twin,
-                keep_ties=a.keep_ties, strict=a.strict, embedder=a.embedder, shard_size=a.shard_size,
-                batch_size=a.batch_size, storage=a.storage, vae_dtype=a.vae_dtype, seed=a.seed, device=a.device,
-                limit=a.limit, progress=not a.no_progress)  # fmt: skip
+    build_cache(
+        a.model,
+        a.data,
+        a.out,
+        resolution=a.resolution,
+        crop=a.crop,
+        flip=a.flip,
+        flip_twin=a.flip_twin,
+        keep_ties=a.keep_ties,
+        strict=a.strict,
+        embedder=a.embedder,
+        shard_size=a.shard_size,
+        batch_size=a.batch_size,
+        storage=a.storage,
+        vae_dtype=a.vae_dtype,
+        seed=a.seed,
+        device=a.device,
+        limit=a.limit,
+        progress=not a.no_progress,
+    )
 
 
 if __name__ == "__main__":

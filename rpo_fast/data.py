@@ -213,8 +213,14 @@ class Crop:
         return [*map(float, self.original_size), *map(float, self.top_left), float(resolution), float(resolution)]
 
 
-def preprocess(image: Image.Image, resolution: int, *, crop: str = "center", flip: bool = False,
-               rng: np.random.Generator | None = None) -> tuple[torch.Tensor, Crop]:  # fmt: skip
+def preprocess(
+    image: Image.Image,
+    resolution: int,
+    *,
+    crop: str = "center",
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> tuple[torch.Tensor, Crop]:
     """Resize the shorter side to ``resolution`` (bilinear), crop a square (center, or random with ``rng``),
     flip horizontally if ``flip``, scale to [-1, 1]. Returns (3, res, res) fp32 and the crop record."""
     w, h = image.size
@@ -266,8 +272,9 @@ class PairSampler:
     n // world per epoch, the tail dropped). Stateful: ``state_dict`` (epoch, position) resumes exactly.
     With ``twins`` it also draws, per epoch and pair, which of the cached flip variants to use."""
 
-    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True,
-                 twins: bool = False):  # fmt: skip
+    def __init__(
+        self, n: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, twins: bool = False
+    ):
         if n < world:
             raise ValueError(f"{n} pairs cannot be split across {world} ranks")
         self.n, self.seed, self.rank, self.world, self.shuffle, self.twins = n, seed, rank, world, shuffle, twins
@@ -294,8 +301,12 @@ class PairSampler:
                 self._order = self._epoch_order()
             idx, flips = self._order
             take = min(size - len(out), len(idx) - self.position)
-            out += list(zip(idx[self.position : self.position + take].tolist(),
-                            flips[self.position : self.position + take].tolist()))  # fmt: skip
+            out += list(
+                zip(
+                    idx[self.position : self.position + take].tolist(),
+                    flips[self.position : self.position + take].tolist(),
+                )
+            )
             self.position += take
             if self.position == len(idx):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None

@@ -53,8 +53,14 @@ class CLIPEmbedder:
     text_projection(text_model(ids).pooler_output), as ``CLIPModel.forward`` computes them.
     """
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 64,
+    ):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         path = Path(path)
@@ -70,8 +76,9 @@ class CLIPEmbedder:
     def encode_images(self, images: list) -> Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            px = self.processor(images=[im.convert("RGB") for im in images[i : i + self.batch_size]],
-                                return_tensors="pt").pixel_values  # fmt: skip
+            px = self.processor(
+                images=[im.convert("RGB") for im in images[i : i + self.batch_size]], return_tensors="pt"
+            ).pixel_values
             pooled = self.model.vision_model(pixel_values=px.to(self.device, self.dtype)).pooler_output
             out.append(self.model.visual_projection(pooled).float().cpu())
         return torch.cat(out)
@@ -80,8 +87,13 @@ class CLIPEmbedder:
     def encode_texts(self, captions: list[str]) -> Tensor:
         out = []
         for i in range(0, len(captions), self.batch_size):
-            tok = self.tokenizer(captions[i : i + self.batch_size], padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+            tok = self.tokenizer(
+                captions[i : i + self.batch_size],
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
             pooled = self.model.text_model(
                 input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
             ).pooler_output
@@ -92,8 +104,9 @@ class CLIPEmbedder:
 class OpenCLIPEmbedder:
     """An open_clip model (``pip install rpo_fast[openclip]``), e.g. ``ViT-H-14`` with a local checkpoint."""
 
-    def __init__(self, model_name: str, checkpoint: str | Path, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64):  # fmt: skip
+    def __init__(
+        self, model_name: str, checkpoint: str | Path, *, device: str | torch.device = "cpu", batch_size: int = 64
+    ):
         try:
             import open_clip
         except ImportError as e:  # pragma: no cover - the CPU environment has no open_clip

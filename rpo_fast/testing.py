@@ -240,6 +240,7 @@ def build_scheduler(prediction_type: str = "epsilon"):
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
         clip_sample=False,
+        steps_offset=1,
     )
 
 
@@ -282,8 +283,9 @@ def save_tiny_pipeline(
     return path
 
 
-TINY_CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                        num_attention_heads=4)  # fmt: skip
+TINY_CLIP_VISION = dict(
+    image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+)
 
 
 def save_tiny_clip(path: str | Path, *, seed: int = 0, projection_dim: int = 16) -> Path:

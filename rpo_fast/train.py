@@ -133,9 +133,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def loss_options(cfg: TrainConfig, kind: str) -> dict:
     """The PreferenceLoss options of this run (only those given, and those each objective takes)."""
-    given = dict(beta=cfg.beta, tau=cfg.tau, weighting=cfg.weighting, form=cfg.form, lam_in=cfg.lam_in,
-                 lam_out=cfg.lam_out, gamma=cfg.gamma, num_inference_steps=cfg.num_inference_steps,
-                 beta_cal=cfg.beta_cal, lam_cal=cfg.lam_cal)  # fmt: skip
+    given = dict(
+        beta=cfg.beta,
+        tau=cfg.tau,
+        weighting=cfg.weighting,
+        form=cfg.form,
+        lam_in=cfg.lam_in,
+        lam_out=cfg.lam_out,
+        gamma=cfg.gamma,
+        num_inference_steps=cfg.num_inference_steps,
+        beta_cal=cfg.beta_cal,
+        lam_cal=cfg.lam_cal,
+    )
     takes = OPTIONS.get(cfg.objective, {})
     extra = sorted(k for k, v in given.items() if v is not None and k not in takes)
     if extra:
@@ -187,8 +196,13 @@ def read_ds_config(cfg: TrainConfig, world: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": prec == "fp16"}
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-                "allgather_bucket_size", "sub_group_size"):  # fmt: skip
+    for key in (
+        "reduce_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+        "allgather_bucket_size",
+        "sub_group_size",
+    ):
         if zero.get(key) == "auto":
             raise ValueError(
                 f"--ds_config zero_optimization.{key} is 'auto': give an integer (the UNet has no hidden_size)"
@@ -224,8 +238,9 @@ def open_dataset(cfg: TrainConfig, data: str, resolution_hint: int | None = None
     from rpo_fast.embed import load_embedder
 
     embedder = load_embedder(cfg.clip) if cfg.clip else None
-    return OnTheFlyPairs(cfg.model, path, resolution=cfg.resolution or resolution_hint, embedder=embedder,
-                         seed=cfg.seed, limit=None)  # fmt: skip
+    return OnTheFlyPairs(
+        cfg.model, path, resolution=cfg.resolution or resolution_hint, embedder=embedder, seed=cfg.seed, limit=None
+    )
 
 
 def validate(cfg: TrainConfig, world: int = 1) -> dict:
@@ -251,10 +266,15 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
             raise ValueError(f"{name} must be one of: {allowed}")
     if cfg.timestep_sampling == "discounted" and cfg.objective != "dense-dpo":
         raise ValueError("--timestep-sampling discounted applies to --objective dense-dpo")
-    for name, v in (("--max-steps", cfg.max_steps), ("--micro-batch-size", cfg.micro_batch_size),
-                    ("--grad-accum", cfg.grad_accum), ("--checkpoint-every", cfg.checkpoint_every),
-                    ("--keep-checkpoints", cfg.keep_checkpoints), ("--log-every", cfg.log_every),
-                    ("--eval-repeats", cfg.eval_repeats)):  # fmt: skip
+    for name, v in (
+        ("--max-steps", cfg.max_steps),
+        ("--micro-batch-size", cfg.micro_batch_size),
+        ("--grad-accum", cfg.grad_accum),
+        ("--checkpoint-every", cfg.checkpoint_every),
+        ("--keep-checkpoints", cfg.keep_checkpoints),
+        ("--log-every", cfg.log_every),
+        ("--eval-repeats", cfg.eval_repeats),
+    ):
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
     if not 0 <= cfg.empty_caption_prob <= 1:
@@ -355,8 +375,9 @@ class Trainer:
         self.dataset = open_dataset(cfg, cfg.data)
         check_dataset(cfg, self.dataset, self.world)
         self.resolution = self.dataset.resolution
-        self.sampler = PairSampler(len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world,
-                                   twins=self.dataset.has_twins)  # fmt: skip
+        self.sampler = PairSampler(
+            len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world, twins=self.dataset.has_twins
+        )
         self.eval_set = self._eval_indices()
         self.empty = {k: v.to(self.device) for k, v in self.dataset.empty_prompt.items()}
 
@@ -401,15 +422,19 @@ class Trainer:
         self.timestep_probs = None
         if cfg.timestep_sampling == "discounted":
             self.timestep_probs = discounted_timestep_probs(
-                gamma=self.loss_opts["gamma"], num_inference_steps=self.loss_opts["num_inference_steps"],
+                gamma=self.loss_opts["gamma"],
+                num_inference_steps=self.loss_opts["num_inference_steps"],
                 num_train_timesteps=self.scheduler.config.num_train_timesteps,
-            ).to(self.device)  # fmt: skip
+            ).to(self.device)
 
         # state
         self.step, self.consecutive_skips, self.skipped_total = 0, 0, 0
         # fault injection: "STEP[@RANK],..." makes that step's loss NaN (on one rank only, with @RANK)
-        self.nan_steps = {int(s.split("@")[0]) for s in cfg.debug_nan_steps.split(",")
-                          if s and ("@" not in s or int(s.split("@")[1]) == self.rank)}  # fmt: skip
+        self.nan_steps = {
+            int(s.split("@")[0])
+            for s in cfg.debug_nan_steps.split(",")
+            if s and ("@" not in s or int(s.split("@")[1]) == self.rank)
+        }
         self.logger = RunLogger(self.out, self.rank, cfg.tensorboard) if not cfg.export_only else None
         if cfg.resume and latest_checkpoint(self.out) is not None:
             self.load(latest_checkpoint(self.out))
@@ -550,9 +575,14 @@ class Trainer:
 
         root = self.out / "checkpoints"
         tag = f"step-{self.step}"
-        state = dict(step=self.step, sampler=self.sampler.state_dict(), config=dataclasses.asdict(self.cfg),
-                     skipped_total=self.skipped_total, consecutive_skips=self.consecutive_skips,
-                     torch_rng=torch.get_rng_state())  # fmt: skip
+        state = dict(
+            step=self.step,
+            sampler=self.sampler.state_dict(),
+            config=dataclasses.asdict(self.cfg),
+            skipped_total=self.skipped_total,
+            consecutive_skips=self.consecutive_skips,
+            torch_rng=torch.get_rng_state(),
+        )
         if self.cfg.debug_kill_in_save == self.step:
             _die_during_save(self.engine, root, tag, state)
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
@@ -732,10 +762,17 @@ def _environment(world: int) -> dict:
         kernels_import = f"works ({importlib.util.find_spec('kernels').origin})"
     except ImportError as e:
         kernels_import = f"fails ({type(e).__name__})"
-    return dict(world=world, torch=torch.__version__, deepspeed=deepspeed.__version__, diffusers=diffusers.__version__,
-                transformers=transformers.__version__, cuda=torch.cuda.is_available(),
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                import_kernels=kernels_import, sys_path=sys.path)  # fmt: skip
+    return dict(
+        world=world,
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+        cuda=torch.cuda.is_available(),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        import_kernels=kernels_import,
+        sys_path=sys.path,
+    )
 
 
 def _die_during_save(engine, root: Path, tag: str, state: dict) -> None:

@@ -25,8 +25,9 @@ from rpo_fast.cache import CachedPairs, CacheError, OnTheFlyPairs, PairEncoder, 
 def pickapic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pickapic")
     caps = ["a red circle", "a blue square", "a green star"]  # repeated captions: text encoded once each
-    T.write_pickapic_shard(folder / "train-0.parquet", T.pickapic_rows(13, seed=0, size=(40, 36), captions=caps,
-                                                                      corrupt=(2,)))  # fmt: skip
+    T.write_pickapic_shard(
+        folder / "train-0.parquet", T.pickapic_rows(13, seed=0, size=(40, 36), captions=caps, corrupt=(2,))
+    )
     T.write_pickapic_shard(folder / "train-1.parquet", T.pickapic_rows(11, seed=1, size=(36, 40)))
     return folder
 
@@ -40,8 +41,20 @@ def clip(tmp_path_factory):
 def test_cache_equals_on_the_fly_encoding(tmp_path, pickapic, clip, kind, request):
     model = request.getfixturevalue(f"tiny_{kind}")
     out = tmp_path / "cache"
-    index = build_cache(model, pickapic, out, resolution=32, crop="random", flip=True, embedder=str(clip),
-                        shard_size=4, batch_size=2, progress=False, rank=0, world=1)  # fmt: skip
+    index = build_cache(
+        model,
+        pickapic,
+        out,
+        resolution=32,
+        crop="random",
+        flip=True,
+        embedder=str(clip),
+        shard_size=4,
+        batch_size=2,
+        progress=False,
+        rank=0,
+        world=1,
+    )
     # 24 rows: 3 + 2 ties (every 4th row of each file), 1 corrupt -> 18 pairs in 5 shards
     assert index["pairs"] == 18 and len(index["shards"]) == 5
     assert index["skipped"] == {"tie dropped": 5, "undecodable image": 1}
@@ -77,8 +90,17 @@ def cached_embedder(path):
 
 def test_text_is_encoded_once_per_unique_caption(tmp_path, pickapic, tiny_sd15):
     out = tmp_path / "c"
-    build_cache(tiny_sd15, pickapic / "train-0.parquet", out, resolution=32, shard_size=8, batch_size=4,
-                progress=False, rank=0, world=1)  # fmt: skip
+    build_cache(
+        tiny_sd15,
+        pickapic / "train-0.parquet",
+        out,
+        resolution=32,
+        shard_size=8,
+        batch_size=4,
+        progress=False,
+        rank=0,
+        world=1,
+    )
     from safetensors import safe_open
 
     with safe_open(str(out / "shard-r0-00000.safetensors"), framework="pt") as f:
@@ -87,9 +109,28 @@ def test_text_is_encoded_once_per_unique_caption(tmp_path, pickapic, tiny_sd15):
 
 
 def _cache_cmd(model, data, out):
-    return [sys.executable, "-m", "rpo_fast.cache", "--model", str(model), "--data", str(data), "--out", str(out),
-            "--resolution", "32", "--shard-size", "2", "--batch-size", "1", "--no-progress", "--flip-twin", "--flip",
-            "--crop", "random"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "rpo_fast.cache",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--resolution",
+        "32",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        "--flip-twin",
+        "--flip",
+        "--crop",
+        "random",
+    ]
 
 
 @pytest.mark.slow
@@ -101,8 +142,9 @@ def test_kill_and_resume_gives_byte_identical_shards(tmp_path, tiny_sd15):
     subprocess.run(_cache_cmd(tiny_sd15, data, straight), check=True, env=env, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cache_cmd(tiny_sd15, data, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cache_cmd(tiny_sd15, data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "shard-r0-00003.safetensors").exists():
         assert time.time() < deadline and proc.poll() is None, "the build ended before it could be killed"
@@ -133,10 +175,32 @@ def test_two_ranks_cover_every_pair_once(tmp_path, pickapic, tiny_sd15):
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))  # fmt: skip
-        cmd = [sys.executable, "-m", "rpo_fast.cache", "--model", str(tiny_sd15), "--data", str(pickapic), "--out",
-               str(out), "--resolution", "32", "--shard-size", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "rpo_fast.cache",
+            "--model",
+            str(tiny_sd15),
+            "--data",
+            str(pickapic),
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--shard-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -153,11 +217,29 @@ def test_two_ranks_cover_every_pair_once(tmp_path, pickapic, tiny_sd15):
 
 def test_refusals(tmp_path, pickapic, tiny_sd15, tiny_sdxl):
     out = tmp_path / "cache"
-    build_cache(tiny_sd15, pickapic / "train-1.parquet", out, resolution=32, shard_size=4, batch_size=2,
-                progress=False, rank=0, world=1)  # fmt: skip
+    build_cache(
+        tiny_sd15,
+        pickapic / "train-1.parquet",
+        out,
+        resolution=32,
+        shard_size=4,
+        batch_size=2,
+        progress=False,
+        rank=0,
+        world=1,
+    )
     with pytest.raises(CacheError, match="other settings"):
-        build_cache(tiny_sd15, pickapic / "train-1.parquet", out, resolution=64, shard_size=4, batch_size=2,
-                    progress=False, rank=0, world=1)  # fmt: skip
+        build_cache(
+            tiny_sd15,
+            pickapic / "train-1.parquet",
+            out,
+            resolution=64,
+            shard_size=4,
+            batch_size=2,
+            progress=False,
+            rank=0,
+            world=1,
+        )
     cached = CachedPairs(out)
     cached.check(model=tiny_sd15, resolution=32)
     with pytest.raises(CacheError, match="resolution 32, the run asks for 64"):

@@ -136,8 +136,12 @@ def test_random_crop_is_seeded_per_pair():
     b = D.preprocess_pair(pair, 16, crop="random", flip=True, seed=3)
     assert torch.equal(a[0][0], b[0][0])  # the twin does not change the chosen variant
     assert torch.equal(a[1][0], a[0][0].flip(-1))  # the twin is the mirror
-    offsets = {D.preprocess_pair(D.RawPair(i, "c", img, img, False, (0, 0)), 16, crop="random", flip=False,
-                                 seed=3)[0][1][0].top_left for i in range(20)}  # fmt: skip
+    offsets = {
+        D.preprocess_pair(D.RawPair(i, "c", img, img, False, (0, 0)), 16, crop="random", flip=False, seed=3)[0][1][
+            0
+        ].top_left
+        for i in range(20)
+    }
     assert len(offsets) > 3 and all(0 <= left <= round(50 * 16 / 30) - 16 for _, left in offsets)
 
 

@@ -51,8 +51,9 @@ def test_triton_matches_eager_and_float64(objective, opts, needs, b, shared, dty
     eager_fn = PreferenceLoss(objective, backend="eager", **opts)
     tri, tri_g = _run(tri_fn, p, t, q, kw)
     eag, eag_g = _run(eager_fn, p, t, q, kw)
-    ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw,
-                                   **tri_fn.options)  # fmt: skip
+    ref, ref_g = ref_loss_and_grad(
+        objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **tri_fn.options
+    )
     lt, gt = LOSS_TOL[dtype], GRAD_TOL[dtype]
     assert tri_g.dtype == dtype and tri_g.shape == p.shape
     assert_close("triton loss vs float64", tri.loss, ref, atol=lt[0], rtol=lt[1])
@@ -299,8 +300,7 @@ def test_gpu_sdxl_shape_against_float64(objective, opts, needs, dtype):
     fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, backend="triton")
     kw = {k: v.cuda() for k, v in kw.items()}
     tri, tri_g = _run(fn, p, t, q, kw)
-    ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw,
-                                   **fn.options)  # fmt: skip
+    ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **fn.options)
     assert_close("loss", tri.loss, ref, atol=LOSS_TOL[dtype][0], rtol=1e-4)
     assert_close("grad", tri_g, 1.7 * ref_g, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
     again = _run(fn, p, t, q, kw)
@@ -316,7 +316,12 @@ def test_gpu_rpo_b4096(weighting):
     kw = dict(embeds_w=ew, embeds_l=el)
     opts = dict(beta=BETA, weighting=weighting, scope="local")
     tri = _run(PreferenceLoss("rpo", backend="triton", **opts), p, t, q, kw)
-    eag = _run(PreferenceLoss("rpo", backend="eager", **opts), p.double(), t.double(), q.double(),
-               {k: v.double() for k, v in kw.items()})  # fmt: skip
+    eag = _run(
+        PreferenceLoss("rpo", backend="eager", **opts),
+        p.double(),
+        t.double(),
+        q.double(),
+        {k: v.double() for k, v in kw.items()},
+    )
     assert_close("loss", tri[0].loss, eag[0].loss, atol=1e-6, rtol=1e-4)
     assert_close("grad", tri[1], eag[1], atol=1e-5, rtol=1e-3)

@@ -31,10 +31,29 @@ def runs(tmp_path_factory):
     T.write_warm_preference_pairs(root / "warm", 48, seed=0)
     T.write_warm_preference_pairs(root / "warm_eval", 64, seed=1)
     for kind in ("sd15", "sdxl"):
-        build_cache(d[kind], root / "warm" / "pairs.jsonl", root / f"cache_{kind}", resolution=32,
-                    embedder=str(d["clip"]), shard_size=16, batch_size=16, progress=False, rank=0, world=1)  # fmt: skip
-    build_cache(d["sd15"], root / "warm_eval" / "pairs.jsonl", root / "eval_sd15", resolution=32, shard_size=64,
-                batch_size=16, progress=False, rank=0, world=1)  # fmt: skip
+        build_cache(
+            d[kind],
+            root / "warm" / "pairs.jsonl",
+            root / f"cache_{kind}",
+            resolution=32,
+            embedder=str(d["clip"]),
+            shard_size=16,
+            batch_size=16,
+            progress=False,
+            rank=0,
+            world=1,
+        )
+    build_cache(
+        d["sd15"],
+        root / "warm_eval" / "pairs.jsonl",
+        root / "eval_sd15",
+        resolution=32,
+        shard_size=64,
+        batch_size=16,
+        progress=False,
+        rank=0,
+        world=1,
+    )
     return d
 
 
@@ -63,17 +82,44 @@ def train_rows(out: Path) -> dict[int, dict]:
 
 
 def common(runs, kind, out, *extra):
-    return ["--ds_config", str(ZERO3), "--model", str(runs[kind]), "--data", str(runs["root"] / f"cache_{kind}"),
-            "--output", str(out), "--micro-batch-size", "2", "--log-every", "1", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--ds_config",
+        str(ZERO3),
+        "--model",
+        str(runs[kind]),
+        "--data",
+        str(runs["root"] / f"cache_{kind}"),
+        "--output",
+        str(out),
+        "--micro-batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # 2 ranks, ZeRO-3, 8-bit AdamW: both model kinds, dpo and rpo
 # --------------------------------------------------------------------------------------------------
 
-PAIR_KEYS = {"loss/loss", "reward/implicit_acc", "reward/reward_margin", "reward/reward_w", "reward/reward_l",
-             "loss/mse_w", "loss/mse_l", "loss/ref_mse_w", "loss/ref_mse_l", "train/lr", "train/grad_norm",
-             "time/pairs_per_s", "memory/peak_gb", "train/skipped_steps"}  # fmt: skip
+PAIR_KEYS = {
+    "loss/loss",
+    "reward/implicit_acc",
+    "reward/reward_margin",
+    "reward/reward_w",
+    "reward/reward_l",
+    "loss/mse_w",
+    "loss/mse_l",
+    "loss/ref_mse_w",
+    "loss/ref_mse_l",
+    "train/lr",
+    "train/grad_norm",
+    "time/pairs_per_s",
+    "memory/peak_gb",
+    "train/skipped_steps",
+}
 
 
 @pytest.mark.multiprocess
@@ -83,8 +129,20 @@ def test_two_ranks_train_export_and_log(runs, tmp_path, kind, objective):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "run"
-    res = launch(common(runs, kind, out, "--objective", objective, "--max-steps", "3", "--checkpoint-every", "2",
-                        "--gradient-checkpointing"))  # fmt: skip
+    res = launch(
+        common(
+            runs,
+            kind,
+            out,
+            "--objective",
+            objective,
+            "--max-steps",
+            "3",
+            "--checkpoint-every",
+            "2",
+            "--gradient-checkpointing",
+        )
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 rank(s) x 2 pairs x 1 accumulation = 4 pairs/step" in res.stdout
     rows = train_rows(out)
@@ -112,8 +170,22 @@ def test_two_ranks_train_export_and_log(runs, tmp_path, kind, objective):
 @pytest.mark.slow
 def test_a_nan_on_one_rank_skips_the_step_on_both(runs, tmp_path):
     out = tmp_path / "run"
-    res = launch(common(runs, "sd15", out, "--objective", "dpo", "--max-steps", "4", "--checkpoint-every", "4",
-                        "--debug-nan-steps", "2@1", "--no-export"))  # fmt: skip
+    res = launch(
+        common(
+            runs,
+            "sd15",
+            out,
+            "--objective",
+            "dpo",
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "4",
+            "--debug-nan-steps",
+            "2@1",
+            "--no-export",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]  # no hang: the ranks agreed
     rows = train_rows(out)
     assert math.isnan(rows[2]["loss/loss"]) and rows[2]["train/skipped_steps"] == 1
@@ -122,8 +194,23 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(runs, tmp_path):
 
 def test_too_many_nonfinite_steps_stop_with_an_error(runs, tmp_path):
     out = tmp_path / "run"
-    res = launch(common(runs, "sd15", out, "--objective", "dpo", "--max-steps", "5", "--debug-nan-steps", "1,2,3",
-                        "--max-consecutive-skips", "2", "--no-export"), ranks=1)  # fmt: skip
+    res = launch(
+        common(
+            runs,
+            "sd15",
+            out,
+            "--objective",
+            "dpo",
+            "--max-steps",
+            "5",
+            "--debug-nan-steps",
+            "1,2,3",
+            "--max-consecutive-skips",
+            "2",
+            "--no-export",
+        ),
+        ranks=1,
+    )
     assert res.returncode != 0
     assert "3 optimizer steps in a row had a non-finite loss" in res.stderr
 
@@ -138,12 +225,43 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(runs, tmp_path):
     """Warm-coloured winners, cool-coloured losers; accuracy measured on 64 held-out pairs x 4 fixed noise and
     timestep draws. Measured on this CPU: 0.5 at step 0, 0.81 at step 120 (0.84 at 160)."""
     out = tmp_path / "run"
-    res = launch(["--ds_config", str(ZERO3), "--model", str(runs["sd15"]), "--data", str(runs["root"] / "cache_sd15"),
-                  "--eval-data", str(runs["root"] / "eval_sd15"), "--output", str(out), "--objective", "dpo",
-                  "--beta", "500", "--lr", "1e-3", "--micro-batch-size", "8", "--max-steps", "120",
-                  "--eval-every", "120", "--eval-pairs", "64", "--eval-repeats", "4", "--log-every", "40",
-                  "--checkpoint-every", "120", "--no-progress", "--no-export"],
-                 ranks=1)  # fmt: skip
+    res = launch(
+        [
+            "--ds_config",
+            str(ZERO3),
+            "--model",
+            str(runs["sd15"]),
+            "--data",
+            str(runs["root"] / "cache_sd15"),
+            "--eval-data",
+            str(runs["root"] / "eval_sd15"),
+            "--output",
+            str(out),
+            "--objective",
+            "dpo",
+            "--beta",
+            "500",
+            "--lr",
+            "1e-3",
+            "--micro-batch-size",
+            "8",
+            "--max-steps",
+            "120",
+            "--eval-every",
+            "120",
+            "--eval-pairs",
+            "64",
+            "--eval-repeats",
+            "4",
+            "--log-every",
+            "40",
+            "--checkpoint-every",
+            "120",
+            "--no-progress",
+            "--no-export",
+        ],
+        ranks=1,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     evals = {r["step"]: r["eval/implicit_acc"] for r in metrics(out) if "eval/implicit_acc" in r}
     assert evals[0] == 0.5
@@ -199,8 +317,12 @@ def test_resume_is_exact_and_survives_a_kill_during_save(runs, tmp_path):
 
 
 def _cfg(runs, tmp_path, **kw) -> TrainConfig:
-    base = dict(ds_config=str(ZERO3), model=str(runs["sd15"]), data=str(runs["root"] / "cache_sd15"),
-                output=str(tmp_path / "out"))  # fmt: skip
+    base = dict(
+        ds_config=str(ZERO3),
+        model=str(runs["sd15"]),
+        data=str(runs["root"] / "cache_sd15"),
+        output=str(tmp_path / "out"),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -275,31 +397,105 @@ def test_data_mismatches_are_refused(runs, tmp_path):
         check_dataset(_cfg(runs, tmp_path, objective="dpo", micro_batch_size=40), no_clip, 2)
     rows = T.pickapic_rows(8, tie_every=2)
     T.write_pickapic_shard(tmp_path / "ties" / "a.parquet", rows)
-    build_cache(runs["sd15"], tmp_path / "ties", tmp_path / "tie_cache", resolution=32, keep_ties=True, shard_size=4,
-                batch_size=4, progress=False, rank=0, world=1)  # fmt: skip
+    build_cache(
+        runs["sd15"],
+        tmp_path / "ties",
+        tmp_path / "tie_cache",
+        resolution=32,
+        keep_ties=True,
+        shard_size=4,
+        batch_size=4,
+        progress=False,
+        rank=0,
+        world=1,
+    )
     ties = open_dataset(_cfg(runs, tmp_path), str(tmp_path / "tie_cache"))
     with pytest.raises(ValueError, match="holds 4 tie"):
         check_dataset(_cfg(runs, tmp_path, objective="dpo"), ties, 1)
 
 
 def test_cli_error_is_a_message_before_loading(runs, tmp_path):
-    res = launch(["--ds_config", _ds(tmp_path, optimizer={"type": "Adam"}), "--model", str(runs["sd15"]), "--data",
-                  str(runs["root"] / "cache_sd15"), "--output", str(tmp_path / "o")], ranks=1, timeout=120)  # fmt: skip
+    res = launch(
+        [
+            "--ds_config",
+            _ds(tmp_path, optimizer={"type": "Adam"}),
+            "--model",
+            str(runs["sd15"]),
+            "--data",
+            str(runs["root"] / "cache_sd15"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        ranks=1,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "rpo_fast/train.py: error: --ds_config" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_flags_are_the_contract():
-    cfg = parse_args(["--ds_config", "c.json", "--model", "m", "--data", "d", "--objective", "rpo", "--beta", "2500",
-                      "--tau", "0.25", "--weighting", "outside", "--output", "o", "--max-steps", "7", "--lr", "1e-8",
-                      "--scale-lr", "--warmup-steps", "3", "--seed", "4", "--resume", "--checkpoint-every", "5",
-                      "--keep-checkpoints", "1", "--empty-caption-prob", "0.1", "--resolution", "512",
-                      "--gradient-checkpointing", "--mixed-precision", "fp16", "--ref-placement", "replicated",
-                      "--loss-backend", "eager", "--local_rank=1"])  # fmt: skip
+    cfg = parse_args(
+        [
+            "--ds_config",
+            "c.json",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--objective",
+            "rpo",
+            "--beta",
+            "2500",
+            "--tau",
+            "0.25",
+            "--weighting",
+            "outside",
+            "--output",
+            "o",
+            "--max-steps",
+            "7",
+            "--lr",
+            "1e-8",
+            "--scale-lr",
+            "--warmup-steps",
+            "3",
+            "--seed",
+            "4",
+            "--resume",
+            "--checkpoint-every",
+            "5",
+            "--keep-checkpoints",
+            "1",
+            "--empty-caption-prob",
+            "0.1",
+            "--resolution",
+            "512",
+            "--gradient-checkpointing",
+            "--mixed-precision",
+            "fp16",
+            "--ref-placement",
+            "replicated",
+            "--loss-backend",
+            "eager",
+            "--local_rank=1",
+        ]
+    )
     assert (cfg.beta, cfg.tau, cfg.weighting, cfg.max_steps, cfg.lr, cfg.scale_lr, cfg.warmup_steps) == (
-        2500.0, 0.25, "outside", 7, 1e-8, True, 3)  # fmt: skip
+        2500.0,
+        0.25,
+        "outside",
+        7,
+        1e-8,
+        True,
+        3,
+    )
     assert (cfg.resume, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.empty_caption_prob, cfg.resolution) == (
-        True, 5, 1, 0.1, 512)  # fmt: skip
+        True,
+        5,
+        1,
+        0.1,
+        512,
+    )
     assert cfg.gradient_checkpointing and cfg.mixed_precision == "fp16" and cfg.loss_backend == "eager"
     assert cfg.local_rank == 1 and not parse_args(["--ds_config", "c", "--model", "m", "--data", "d"]).scale_lr

@@ -541,9 +541,20 @@ def errors_fwd(
     if part is None:
         part = torch.empty(rows, chunks, K, dtype=torch.float32, device=p.device)
     _errors_fwd_kernel[(t_rows, chunks)](
-        p, t, p if q is None else q, part, n, chunk, t_rows, chunks,
-        HAS_REF=q is not None, DSPO=dspo, SHARED=t_rows != rows, BLOCK=block, num_warps=4,
-    )  # fmt: skip
+        p,
+        t,
+        p if q is None else q,
+        part,
+        n,
+        chunk,
+        t_rows,
+        chunks,
+        HAS_REF=q is not None,
+        DSPO=dspo,
+        SHARED=t_rows != rows,
+        BLOCK=block,
+        num_warps=4,
+    )
     return part
 
 
@@ -566,9 +577,20 @@ def errors_bwd(
         out = torch.empty_like(p)
     block = min(BLOCK_BWD, triton.next_power_of_2(n))
     _errors_bwd_kernel[(t_rows, triton.cdiv(n, block))](
-        grad_loss, p, t, p if q is None else q, ge, gd, out, n, t_rows,
-        HAS_D=has_d, SHARED=t_rows != rows, BLOCK=block, num_warps=8,
-    )  # fmt: skip
+        grad_loss,
+        p,
+        t,
+        p if q is None else q,
+        ge,
+        gd,
+        out,
+        n,
+        t_rows,
+        HAS_D=has_d,
+        SHARED=t_rows != rows,
+        BLOCK=block,
+        num_warps=8,
+    )
     return out
 
 
@@ -588,8 +610,12 @@ def pair_fwd(
     rows, chunks = part.shape[0], part.shape[1]
     dev = part.device
     if out is None:
-        out = (torch.empty((), dtype=torch.float32, device=dev), torch.empty(len(METRIC_NAMES), device=dev),
-               torch.empty(rows, device=dev), torch.empty(rows, device=dev))  # fmt: skip
+        out = (
+            torch.empty((), dtype=torch.float32, device=dev),
+            torch.empty(len(METRIC_NAMES), device=dev),
+            torch.empty(rows, device=dev),
+            torch.empty(rows, device=dev),
+        )
     loss, met, ge, gd = out
     obj = OBJ_IDS[objective]
     if obj == _RPO:
@@ -617,11 +643,27 @@ def pair_fwd(
     if obj == _DSPO:
         a0, a1 = params[0], params[1]
     _pair_kernel[(1,)](
-        part, ge if weights is None else weights, ge if timesteps is None else timesteps, ge, gd, loss, met,
-        b, n, chunks, a0, a1, a2, nsteps, ttrain,
-        OBJ=obj, HAS_W=weights is not None, SDXL=obj == _DSPO and bool(params[2]),
-        BLOCK_B=min(1024, max(16, triton.next_power_of_2(b))), num_warps=4,
-    )  # fmt: skip
+        part,
+        ge if weights is None else weights,
+        ge if timesteps is None else timesteps,
+        ge,
+        gd,
+        loss,
+        met,
+        b,
+        n,
+        chunks,
+        a0,
+        a1,
+        a2,
+        nsteps,
+        ttrain,
+        OBJ=obj,
+        HAS_W=weights is not None,
+        SDXL=obj == _DSPO and bool(params[2]),
+        BLOCK_B=min(1024, max(16, triton.next_power_of_2(b))),
+        num_warps=4,
+    )
     return out
 
 
@@ -704,15 +746,24 @@ def _all_gather_list(x: Tensor, world: int) -> list[Tensor]:
 def _(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps, objective, params, world):
     rows = model_pred.shape[0]
     new = model_pred.new_empty
-    return (new((), dtype=torch.float32), new(len(METRIC_NAMES), dtype=torch.float32),
-            new(rows, dtype=torch.float32), new(rows, dtype=torch.float32))  # fmt: skip
+    return (
+        new((), dtype=torch.float32),
+        new(len(METRIC_NAMES), dtype=torch.float32),
+        new(rows, dtype=torch.float32),
+        new(rows, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("rpo_fast::preference_loss_backward", mutates_args=())
 def preference_loss_backward_op(
-    grad_loss: Tensor, model_pred: Tensor, target: Tensor, ref_pred: Tensor | None, ge: Tensor, gd: Tensor,
+    grad_loss: Tensor,
+    model_pred: Tensor,
+    target: Tensor,
+    ref_pred: Tensor | None,
+    ge: Tensor,
+    gd: Tensor,
     has_d: bool,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     return errors_bwd(grad_loss, model_pred, target, ref_pred, ge, gd, has_d=has_d)
 
 
@@ -757,9 +808,17 @@ def fused_preference_loss(
     if embeds_w is not None:
         embeds_w, embeds_l = embeds_w.detach(), embeds_l.detach()
     loss, met, _, _ = preference_loss_op(
-        model_pred, target.detach(), None if ref_pred is None else ref_pred.detach(), embeds_w, embeds_l,
-        weights, timesteps, objective, objective_params(objective, opts), world,
-    )  # fmt: skip
+        model_pred,
+        target.detach(),
+        None if ref_pred is None else ref_pred.detach(),
+        embeds_w,
+        embeds_l,
+        weights,
+        timesteps,
+        objective,
+        objective_params(objective, opts),
+        world,
+    )
     names = (
         ("loss", "mse_w") if objective == "sft" else METRIC_NAMES[:9] + (("weight_diag",) if objective == "rpo" else ())
     )

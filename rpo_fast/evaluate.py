@@ -1,0 +1,496 @@
+"""Sample a prompt set from a base and a tuned model with the same seeds, score both with automated preference
+models, and report means, paired win rates and picture grids.
+
+    python -m rpo_fast.evaluate --model BASE_DIR --unet TUNED_UNET_DIR --prompts parti.tsv --out eval/ \\
+        --scorer pickscore=PickScore_v1 --scorer hps=HPS_v2.1_compressed.pt:CLIP-H --scorer clipscore=clip-vit-large
+
+Sampling: SD1.5 and SDXL pipelines from local folders; the papers' settings by default (guidance 7.5 for SD1.5,
+5 for SDXL, 50 steps); image j of prompt i uses seed ``seed + 1000 * i + j`` for both models (paired); batched,
+with a progress bar, resumable (images already written are not redone). Prompt sets: PartiPrompts (TSV/CSV,
+column ``Prompt``), the HPSv2 benchmark (JSON lists, a file or a folder of them), Pick-a-Pic captions (parquet,
+column ``caption``), or text (one prompt a line).
+
+Statistics, per metric: mean and 95% t-interval for base and tuned; the paired win rate of tuned over base
+(ties count half) with its Wilson 95% interval. Written as ``summary.json``, ``summary.csv`` and
+``scores.csv``; ``report.html`` shows the grids and a bar chart of the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Prompt sets
+# --------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts of a PartiPrompts TSV/CSV, HPSv2 JSON file or folder, Pick-a-Pic parquet, or text file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--prompts {path} does not exist")
+    if path.is_dir():
+        files = sorted(path.glob("*.json")) or sorted(path.glob("*.parquet"))
+        if not files:
+            raise ValueError(f"--prompts {path}: a folder must hold HPSv2 .json files or parquet shards")
+        prompts = [p for f in files for p in read_prompts(f)]
+    elif path.suffix in (".tsv", ".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        if not rows or "Prompt" not in rows[0]:
+            raise ValueError(f"{path}: no 'Prompt' column (PartiPrompts format)")
+        prompts = [r["Prompt"] for r in rows]
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):  # {style: [prompts]}
+            data = [p for v in data.values() for p in v]
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise ValueError(f"{path}: expected a JSON list of prompts (HPSv2 benchmark format)")
+        prompts = data
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        prompts = list(dict.fromkeys(pq.read_table(path, columns=["caption"])["caption"].to_pylist()))
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines and sampling
+# --------------------------------------------------------------------------------------------------
+
+PAPER_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    unet: str | Path | None = None,
+    lora: str | Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "auto",
+):
+    """A StableDiffusion(XL)Pipeline from a local folder, with the tuned ``unet`` folder or ``lora`` swapped in."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    from .cache import model_kind
+
+    kind = model_kind(model)
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    extra = {} if kind == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+    if unet is not None:
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    choice = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "pndm": PNDMScheduler}.get(scheduler)
+    if scheduler == "auto" and isinstance(pipe.scheduler, DDPMScheduler):
+        choice = DDIMScheduler  # a training scheduler in the folder: sample with DDIM
+    if choice is not None:
+        pipe.scheduler = choice.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.kind = kind
+    return pipe.to(device)
+
+
+def image_seed(seed: int, prompt_index: int, j: int) -> int:
+    return seed + 1000 * prompt_index + j
+
+
+def sample(
+    pipe,
+    prompts: list[str],
+    folder: Path,
+    *,
+    seed: int = 0,
+    per_prompt: int = 1,
+    steps: int = 50,
+    guidance: float | None = None,
+    batch_size: int = 8,
+    resolution: int | None = None,
+    desc: str = "sampling",
+    progress: bool = True,
+) -> list[Path]:
+    """Images ``folder/{i:05d}_{j}.png`` for every prompt i and draw j, each from its own seeded generator: the
+    same seeds and batch size give the same bits, another batch size at most one 8-bit level here and there
+    (float rounding of batched matmuls). Existing files are kept (resume)."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    guidance = PAPER_GUIDANCE[pipe.kind] if guidance is None else guidance
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
+    paths = [folder / f"{i:05d}_{j}.png" for i, j in jobs]
+    todo = [(job, path) for job, path in zip(jobs, paths) if not path.exists()]
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    device = pipe.device
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="img", desc=desc, disable=not progress) as bar:
+        for k in range(0, len(todo), batch_size):
+            chunk = todo[k : k + batch_size]
+            gens = [torch.Generator(device).manual_seed(image_seed(seed, i, j)) for (i, j), _ in chunk]
+            out = pipe(
+                [prompts[i] for (i, _), _ in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                height=size,
+                width=size,
+                output_type="pil",
+            )
+            for img, (_, path) in zip(out.images, chunk):
+                tmp = path.with_suffix(".tmp.png")
+                img.save(tmp)
+                os.replace(tmp, path)
+            bar.update(len(chunk))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a proportion (successes may be fractional: ties count half)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (centre - half, centre + half)
+
+
+def mean_interval(x: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+@dataclass
+class Comparison:
+    metric: str
+    n: int
+    base_mean: float
+    base_low: float
+    base_high: float
+    tuned_mean: float
+    tuned_low: float
+    tuned_high: float
+    win_rate: float  # tuned over base, ties half
+    win_low: float
+    win_high: float
+
+
+def compare(metric: str, base: np.ndarray, tuned: np.ndarray) -> Comparison:
+    base, tuned = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
+    wins = float((tuned > base).sum() + 0.5 * (tuned == base).sum())
+    lo, hi = wilson_interval(wins, len(base))
+    return Comparison(metric, len(base), *mean_interval(base), *mean_interval(tuned), wins / len(base), lo, hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def image_grid(rows: list[list], labels: list[str] | None = None, scale: int = 1):
+    """Rows of equally sized PIL images into one picture (optional label above each row)."""
+    from PIL import Image, ImageDraw
+
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    pad = 14 if labels else 0
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), (h + pad) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        if labels:
+            draw.text((2, r * (h + pad) + 1), labels[r], fill="black")
+        for c, im in enumerate(row):
+            grid.paste(im.resize((w, h), Image.NEAREST if scale > 1 else Image.BICUBIC), (c * w, r * (h + pad) + pad))
+    return grid
+
+
+def bar_chart(comparisons: list[Comparison], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons), 3), squeeze=False)
+    for ax, c in zip(axes[0], comparisons):
+        means = [c.base_mean, c.tuned_mean]
+        err = [
+            [c.base_mean - c.base_low, c.tuned_mean - c.tuned_low],
+            [c.base_high - c.base_mean, c.tuned_high - c.tuned_mean],
+        ]
+        ax.bar(["base", "tuned"], means, yerr=np.nan_to_num(err), capsize=6, color=["#9aa5b1", "#e4572e"])
+        ax.set_title(f"{c.metric}\nwin rate {c.win_rate:.1%} [{c.win_low:.1%}, {c.win_high:.1%}]", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out: Path,
+    prompts: list[str],
+    base_paths,
+    tuned_paths,
+    comparisons: list[Comparison],
+    unavailable: dict[str, str],
+    *,
+    per_prompt: int,
+    grid_prompts: int = 24,
+    title: str = "Evaluation",
+    extra_images: list[tuple[str, str]] = (),
+) -> Path:
+    """report.html with the metrics table, the bar chart and base-vs-tuned grids (PNG files beside it)."""
+    from PIL import Image
+
+    charts = [bar_chart(comparisons, out / "metrics.png").name] if comparisons else []
+    grids = []
+    for g in range(0, min(grid_prompts, len(prompts)), 8):
+        rows, labels = [], []
+        for i in range(g, min(g + 8, grid_prompts, len(prompts))):
+            ims = [Image.open(p) for p in base_paths[i * per_prompt : (i + 1) * per_prompt]]
+            ims += [Image.open(p) for p in tuned_paths[i * per_prompt : (i + 1) * per_prompt]]
+            rows.append(ims)
+            labels.append(prompts[i][:60])
+        scale = max(1, 128 // rows[0][0].size[0])
+        name = f"grid_{g // 8:03d}.png"
+        image_grid(rows, labels, scale).save(out / name)
+        grids.append(name)
+    esc = html.escape
+    table = "".join(
+        f"<tr><td>{esc(c.metric)}</td><td>{c.n}</td><td>{c.base_mean:.4g} [{c.base_low:.4g}, {c.base_high:.4g}]</td>"
+        f"<td>{c.tuned_mean:.4g} [{c.tuned_low:.4g}, {c.tuned_high:.4g}]</td>"
+        f"<td>{c.win_rate:.1%} [{c.win_low:.1%}, {c.win_high:.1%}]</td></tr>"
+        for c in comparisons
+    )
+    missing = "".join(f"<li><b>{esc(k)}</b>: not computed ({esc(v)})</li>" for k, v in unavailable.items())
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}
+img{{max-width:100%;image-rendering:pixelated}}</style></head>
+<body><h1>{esc(title)}</h1>
+<p>{len(prompts)} prompts x {per_prompt} image(s), the same seeds for base and tuned. Intervals: 95% (means:
+t-interval; win rate of tuned over base, ties counted half: Wilson).</p>
+<table><tr><th>metric</th><th>n</th><th>base mean</th><th>tuned mean</th><th>win rate (tuned)</th></tr>{table}</table>
+{f"<ul>{missing}</ul>" if missing else ""}
+{"".join(f'<p><img src="{esc(c)}" alt="metrics"></p>' for c in charts)}
+{"".join(f'<h2>{esc(t)}</h2><p><img src="{esc(s)}" alt="{esc(t)}"></p>' for t, s in extra_images)}
+<h2>Samples: each row a prompt, base on the left, tuned on the right</h2>
+{"".join(f'<p><img src="{esc(g)}" alt="grid"></p>' for g in grids)}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model,
+    prompts_file,
+    out,
+    *,
+    unet=None,
+    lora=None,
+    scorers=(),
+    seed=0,
+    per_prompt=1,
+    steps=50,
+    guidance=None,
+    batch_size=8,
+    resolution=None,
+    limit=None,
+    device=None,
+    scheduler="auto",
+    progress=True,
+    title="Evaluation",
+) -> dict:
+    """Sample, score, compare and report; returns the summary."""
+    from .scorers import ScorerUnavailable, load_scorer
+
+    if unet is None and lora is None:
+        raise ValueError("give the tuned model: --unet TUNED_UNET_DIR or --lora LORA_DIR")
+    for name, p in (("--model", model), ("--unet", unet), ("--lora", lora)):
+        if p is not None and not Path(p).exists():
+            raise FileNotFoundError(f"{name} {p} does not exist")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = read_prompts(prompts_file, limit)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=0))
+    loaded, unavailable = [], {}
+    for spec in scorers:  # before the slow part: a missing file fails now
+        try:
+            loaded.append(load_scorer(spec, device=device))
+        except ScorerUnavailable as e:
+            unavailable[spec.partition("=")[0]] = str(e)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    paths = {}
+    for name, kw in (("base", {}), ("tuned", dict(unet=unet, lora=lora))):
+        pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, **kw)
+        paths[name] = sample(
+            pipe,
+            prompts,
+            out / "images" / name,
+            seed=seed,
+            per_prompt=per_prompt,
+            steps=steps,
+            guidance=guidance,
+            batch_size=batch_size,
+            resolution=resolution,
+            desc=name,
+            progress=progress,
+        )
+        del pipe
+    from PIL import Image
+
+    prompt_of = [prompts[i] for i in range(len(prompts)) for _ in range(per_prompt)]
+    scores, comparisons = {}, []
+    for scorer in loaded:
+        for name in ("base", "tuned"):
+            vals = []
+            for k in range(0, len(paths[name]), 64):
+                ims = [Image.open(p).convert("RGB") for p in paths[name][k : k + 64]]
+                vals.append(scorer.score(ims, prompt_of[k : k + 64]).double())
+            scores[(scorer.name, name)] = torch.cat(vals).numpy()
+        comparisons.append(compare(scorer.name, scores[(scorer.name, "base")], scores[(scorer.name, "tuned")]))
+    with (out / "scores.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt_index", "draw", "prompt"] + [f"{s.name}_{n}" for s in loaded for n in ("base", "tuned")])
+        for k, prompt in enumerate(prompt_of):
+            w.writerow(
+                [k // per_prompt, k % per_prompt, prompt]
+                + [float(scores[(s.name, n)][k]) for s in loaded for n in ("base", "tuned")]
+            )
+    summary = dict(
+        model=str(model),
+        unet=str(unet) if unet else None,
+        lora=str(lora) if lora else None,
+        prompts=str(prompts_file),
+        n_prompts=len(prompts),
+        per_prompt=per_prompt,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        metrics=[c.__dict__ for c in comparisons],
+        not_computed=unavailable,
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Comparison.__dataclass_fields__))
+        w.writeheader()
+        for c in comparisons:
+            w.writerow(c.__dict__)
+    summary["report"] = str(
+        write_report(
+            out, prompts, paths["base"], paths["tuned"], comparisons, unavailable, per_prompt=per_prompt, title=title
+        )
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m rpo_fast.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    ap.add_argument("--model", required=True, help="the base model folder (SD1.5 or SDXL)")
+    tuned = ap.add_mutually_exclusive_group(required=True)
+    tuned.add_argument("--unet", help="the tuned UNet folder (rpo_fast/train.py's OUTPUT/unet)")
+    tuned.add_argument("--lora", help="a LoRA folder diffusers' load_lora_weights reads")
+    ap.add_argument("--prompts", required=True, help="PartiPrompts .tsv/.csv, HPSv2 .json (or folder), .parquet, .txt")
+    ap.add_argument("--out", required=True, help="output folder (resumed if it holds images)")
+    ap.add_argument(
+        "--scorer",
+        action="append",
+        default=[],
+        help="NAME=PATH (repeat): "
+        + ", ".join(
+            [
+                "pickscore=DIR",
+                "hps=CKPT:TOKENIZER_DIR",
+                "aesthetic=MLP:CLIP_DIR",
+                "clipscore=DIR",
+                "imagereward=CKPT",
+                "warmth",
+            ]
+        ),
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
+    ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    ap.add_argument("--scheduler", choices=["auto", "folder", "ddim", "euler", "pndm"], default="auto")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    s = evaluate(
+        a.model,
+        a.prompts,
+        a.out,
+        unet=a.unet,
+        lora=a.lora,
+        scorers=a.scorer,
+        seed=a.seed,
+        per_prompt=a.per_prompt,
+        steps=a.steps,
+        guidance=a.guidance,
+        batch_size=a.batch_size,
+        resolution=a.resolution,
+        limit=a.limit,
+        device=a.device,
+        scheduler=a.scheduler,
+        progress=not a.no_progress,
+    )
+    for m in s["metrics"]:
+        print(
+            f"[evaluate] {m['metric']}: base {m['base_mean']:.4g}, tuned {m['tuned_mean']:.4g}, win rate "
+            f"{m['win_rate']:.1%} [{m['win_low']:.1%}, {m['win_high']:.1%}] (n={m['n']})"
+        )
+    for k, v in s["not_computed"].items():
+        print(f"[evaluate] {k}: not computed ({v})")
+    print(f"[evaluate] report: {s['report']}")
+
+
+if __name__ == "__main__":
+    main()
