@@ -215,6 +215,114 @@ def compare(metric: str, base: np.ndarray, tuned: np.ndarray) -> Comparison:
 
 
 # --------------------------------------------------------------------------------------------------
+# Style alignment metrics (Diffusion-RPO's task, our construction: see rpo_fast.style_data)
+# --------------------------------------------------------------------------------------------------
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples), the FID formula:
+
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: offset the diagonals (as pytorch-fid does)
+        eye = np.eye(len(s_a)) * 1e-6
+        covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean.real))
+
+
+def bootstrap_interval(stat, *samples: np.ndarray, n: int = 200, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of ``stat(*samples)``, each sample resampled (rows) independently."""
+    rng = np.random.default_rng(seed)
+    values = [stat(*(x[rng.integers(0, len(x), len(x))] for x in samples)) for _ in range(n)]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def read_style_references(path: str | Path) -> list:
+    """The styled images: a style_data output (parquet shards: the winners, jpg_0) or a folder of images."""
+    import io
+
+    from PIL import Image
+
+    path = Path(path)
+    shards = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet"))
+    if shards:
+        import pyarrow.parquet as pq
+
+        return [
+            Image.open(io.BytesIO(b)).convert("RGB")
+            for s in shards
+            for b in pq.read_table(s, columns=["jpg_0"])["jpg_0"].to_pylist()
+        ]
+    files = sorted(p for p in path.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise FileNotFoundError(f"--style-refs {path}: no parquet shards or images")
+    return [Image.open(f).convert("RGB") for f in files]
+
+
+def style_metrics(
+    base_images: list, tuned_images: list, references: list, *, style: str, clip, inception=None, n_boot: int = 200
+) -> dict:
+    """CLIP-FID (Fréchet distance of L2-normalised CLIP image embeddings) of base and tuned samples to the styled
+    references, Inception FID where available, and the CLIP style score 100 * cos(image, style description);
+    each with a 95% bootstrap interval. ``clip`` is a CLIPEmbedder."""
+    import torch.nn.functional as F
+
+    from .style_data import STYLES
+
+    feats = {
+        k: F.normalize(clip.encode_images(v), dim=-1).numpy()
+        for k, v in (("base", base_images), ("tuned", tuned_images), ("refs", references))
+    }
+    text = F.normalize(clip.encode_texts([STYLES[style]["description"]]), dim=-1).numpy()[0]
+    out = {"style": style, "description": STYLES[style]["description"], "references": len(references)}
+    for name in ("base", "tuned"):
+        fid = frechet_distance(feats[name], feats["refs"])
+        lo, hi = bootstrap_interval(frechet_distance, feats[name], feats["refs"], n=n_boot)
+        score = 100 * feats[name] @ text
+        s_lo, s_hi = bootstrap_interval(np.mean, score, n=n_boot)
+        out[name] = {
+            "clip_fid": fid,
+            "clip_fid_low": lo,
+            "clip_fid_high": hi,
+            "style_score": float(score.mean()),
+            "style_score_low": s_lo,
+            "style_score_high": s_hi,
+        }
+    if inception is not None:
+        try:
+            import torchvision  # noqa: F401
+            from pytorch_fid.inception import InceptionV3  # noqa: F401
+        except ImportError as e:
+            out["inception_fid"] = f"not computed: {e.name} is not installed (GPU machine: pytorch-fid + torchvision)"
+        else:
+            out["inception_fid"] = {
+                n: _inception_fid(imgs, references, inception)
+                for n, imgs in (("base", base_images), ("tuned", tuned_images))
+            }
+    return out
+
+
+def _inception_fid(images: list, references: list, weights) -> float:  # pragma: no cover - GPU machine only
+    import torchvision.transforms.functional as TF
+    from pytorch_fid.inception import InceptionV3
+
+    model = InceptionV3([3], use_fid_inception=True, inception_weights_path=str(weights)).eval()
+
+    def feats(ims):
+        with torch.no_grad():
+            x = torch.stack([TF.to_tensor(im.resize((299, 299))) for im in ims])
+            return model(x)[0].squeeze(-1).squeeze(-1).numpy()
+
+    return frechet_distance(feats(images), feats(references))
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -269,6 +377,7 @@ def write_report(
     grid_prompts: int = 24,
     title: str = "Evaluation",
     extra_images: list[tuple[str, str]] = (),
+    style: dict | None = None,
 ) -> Path:
     """report.html with the metrics table, the bar chart and base-vs-tuned grids (PNG files beside it)."""
     from PIL import Image
@@ -294,6 +403,22 @@ def write_report(
         for c in comparisons
     )
     missing = "".join(f"<li><b>{esc(k)}</b>: not computed ({esc(v)})</li>" for k, v in unavailable.items())
+    style_html = ""
+    if style:
+        rows_html = ""
+        for n in ("base", "tuned"):
+            st = style[n]
+            rows_html += (
+                f"<tr><td>{n}</td><td>{st['clip_fid']:.4g} [{st['clip_fid_low']:.4g}, {st['clip_fid_high']:.4g}]</td>"
+                f"<td>{st['style_score']:.4g} [{st['style_score_low']:.4g}, {st['style_score_high']:.4g}]</td></tr>"
+            )
+        incep = style.get("inception_fid")
+        style_html = (
+            f"<h2>Style alignment: {esc(style['style'])} ({style['references']} styled references)</h2>"
+            f"<table><tr><th>model</th><th>CLIP-FID to the styled references (lower is closer)</th>"
+            f"<th>style score: 100 cos(image, '{esc(style['description'])}')</th></tr>{rows_html}</table>"
+            + (f"<p>Inception FID: {esc(json.dumps(incep))}</p>" if incep is not None else "")
+        )
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
@@ -304,6 +429,7 @@ img{{max-width:100%;image-rendering:pixelated}}</style></head>
 t-interval; win rate of tuned over base, ties counted half: Wilson).</p>
 <table><tr><th>metric</th><th>n</th><th>base mean</th><th>tuned mean</th><th>win rate (tuned)</th></tr>{table}</table>
 {f"<ul>{missing}</ul>" if missing else ""}
+{style_html}
 {"".join(f'<p><img src="{esc(c)}" alt="metrics"></p>' for c in charts)}
 {"".join(f'<h2>{esc(t)}</h2><p><img src="{esc(s)}" alt="{esc(t)}"></p>' for t, s in extra_images)}
 <h2>Samples: each row a prompt, base on the left, tuned on the right</h2>
@@ -339,8 +465,13 @@ def evaluate(
     scheduler="auto",
     progress=True,
     title="Evaluation",
+    style=None,
+    style_refs=None,
+    style_clip=None,
+    inception=None,
 ) -> dict:
-    """Sample, score, compare and report; returns the summary."""
+    """Sample, score, compare and report (with the style-alignment metrics when ``style`` is given); returns the
+    summary."""
     from .scorers import ScorerUnavailable, load_scorer
 
     if unet is None and lora is None:
@@ -348,8 +479,11 @@ def evaluate(
     for name, p in (("--model", model), ("--unet", unet), ("--lora", lora)):
         if p is not None and not Path(p).exists():
             raise FileNotFoundError(f"{name} {p} does not exist")
+    if style is not None and (style_refs is None or style_clip is None):
+        raise ValueError("--style needs --style-refs (the styled images) and --style-clip (a CLIP folder)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(prompts_file, limit)
+    references = read_style_references(style_refs) if style is not None else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=0))
@@ -410,6 +544,15 @@ def evaluate(
         metrics=[c.__dict__ for c in comparisons],
         not_computed=unavailable,
     )
+    if style is not None:
+        from .embed import CLIPEmbedder
+
+        base_images = [Image.open(p).convert("RGB") for p in paths["base"]]
+        tuned_images = [Image.open(p).convert("RGB") for p in paths["tuned"]]
+        clip = CLIPEmbedder(style_clip, device=device)
+        summary["style"] = style_metrics(
+            base_images, tuned_images, references, style=style, clip=clip, inception=inception
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(Comparison.__dataclass_fields__))
@@ -418,7 +561,15 @@ def evaluate(
             w.writerow(c.__dict__)
     summary["report"] = str(
         write_report(
-            out, prompts, paths["base"], paths["tuned"], comparisons, unavailable, per_prompt=per_prompt, title=title
+            out,
+            prompts,
+            paths["base"],
+            paths["tuned"],
+            comparisons,
+            unavailable,
+            per_prompt=per_prompt,
+            title=title,
+            style=summary.get("style"),
         )
     )
     return summary
@@ -462,6 +613,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     ap.add_argument("--scheduler", choices=["auto", "folder", "ddim", "euler", "pndm"], default="auto")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--style", default=None, help="style alignment: vangogh | sketch | winter (rpo_fast.style_data)")
+    ap.add_argument("--style-refs", default=None, help="the styled reference images (style_data output or a folder)")
+    ap.add_argument("--style-clip", default=None, help="CLIP folder for CLIP-FID and the style score")
+    ap.add_argument("--inception", default=None, help="pytorch-fid Inception weights file (needs torchvision)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     s = evaluate(
@@ -481,6 +636,10 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device,
         scheduler=a.scheduler,
         progress=not a.no_progress,
+        style=a.style,
+        style_refs=a.style_refs,
+        style_clip=a.style_clip,
+        inception=a.inception,
     )
     for m in s["metrics"]:
         print(
@@ -489,6 +648,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     for k, v in s["not_computed"].items():
         print(f"[evaluate] {k}: not computed ({v})")
+    if "style" in s:
+        for n in ("base", "tuned"):
+            st = s["style"][n]
+            print(
+                f"[evaluate] style {s['style']['style']} {n}: CLIP-FID {st['clip_fid']:.4g} "
+                f"[{st['clip_fid_low']:.4g}, {st['clip_fid_high']:.4g}], style score {st['style_score']:.4g}"
+            )
     print(f"[evaluate] report: {s['report']}")
 
 

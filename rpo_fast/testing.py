@@ -470,3 +470,25 @@ def write_warm_preference_pairs(folder: str | Path, n: int, *, seed: int = 0, si
         lines.append(json.dumps({"caption": caption, "winner": names[0], "loser": names[1]}))
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "pairs.jsonl"
+
+
+def save_tiny_instruct_pix2pix(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random ``StableDiffusionInstructPix2PixPipeline`` folder: the SD1.5-style parts with a UNet of 8
+    input channels (noisy latent + latent of the image being edited), as timbrooks/instruct-pix2pix has."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIGS["sd15"], "in_channels": 8})
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=build_vae("sd15", seed=seed + 1),
+        text_encoder=build_text_encoders("sd15", seed=seed + 2)[0],
+        tokenizer=byte_level_clip_tokenizer(),
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
