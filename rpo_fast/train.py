@@ -59,6 +59,9 @@ class TrainConfig:
     model: str = field(metadata=dict(help="local diffusers model folder (SD1.5 or SDXL, detected)"))
     data: str = field(metadata=dict(help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs"))
     output: str = field(default="runs/rpo_fast", metadata=dict(help="run folder: checkpoints, logs, exported unet"))
+    unet: str | None = field(
+        default=None, metadata=dict(help="start policy and reference from this UNet folder (default: MODEL/unet)")
+    )
     objective: str = field(default="rpo", metadata=dict(help=f"one of {OBJECTIVES}"))
     # loss options (those of PreferenceLoss; None: the objective's default)
     beta: float | None = field(default=None, metadata=dict(help="beta (5000 for dpo/rpo/...; DSPO by --form)"))
@@ -82,7 +85,9 @@ class TrainConfig:
     lr: float = field(default=2.048e-5, metadata=dict(help="learning rate (the recipe's 1e-8 x 2048 pairs)"))
     scale_lr: bool = field(default=False, metadata=dict(help="multiply --lr by the pairs per optimizer step"))
     warmup_steps: int = field(default=0, metadata=dict(help="linear warm-up steps (recipe: 500 SD1.5, 200 SDXL)"))
-    optimizer: str = field(default="adamw8bit", metadata=dict(help="adamw8bit (bitsandbytes) | adamw (torch)"))
+    optimizer: str = field(
+        default="adamw8bit", metadata=dict(help="adamw8bit | lion8bit (bitsandbytes) | adamw (torch) | adafactor")
+    )
     weight_decay: float = field(default=1e-2, metadata=dict(help="AdamW weight decay"))
     adam_beta1: float = field(default=0.9, metadata=dict(help="AdamW beta1"))
     adam_beta2: float = field(default=0.999, metadata=dict(help="AdamW beta2"))
@@ -93,7 +98,19 @@ class TrainConfig:
     # model and precision
     gradient_checkpointing: bool = field(default=False, metadata=dict(help="recompute activations in backward"))
     mixed_precision: str = field(default="bf16", metadata=dict(help="bf16 | fp16 | no"))
-    ref_placement: str = field(default="replicated", metadata=dict(help="replicated: a frozen copy per rank"))
+    ref_placement: str = field(
+        default="replicated", metadata=dict(help="replicated (a bf16 copy per rank) | zero3 (sharded, its own engine)")
+    )
+    lora_rank: int = field(
+        default=0, metadata=dict(help="LoRA rank (0: train the whole UNet); reference = no adapters")
+    )
+    lora_alpha: float | None = field(default=None, metadata=dict(help="LoRA alpha (default: the rank)"))
+    lora_targets: str = field(
+        default="to_q,to_k,to_v,to_out.0", metadata=dict(help="comma-separated module names that get adapters")
+    )
+    compile: bool = field(default=False, metadata=dict(help="torch.compile the UNet forward"))
+    compile_backend: str = field(default="inductor", metadata=dict(help="torch.compile backend (inductor, aot_eager)"))
+    attention: str = field(default="sdpa", metadata=dict(help="sdpa | xformers (when installed)"))
     # checkpoints, logging, evaluation
     resume: bool = field(default=False, metadata=dict(help="continue from the newest complete checkpoint"))
     checkpoint_every: int = field(default=500, metadata=dict(help="steps between checkpoints (and at the end)"))
@@ -214,7 +231,7 @@ def read_ds_config(cfg: TrainConfig, world: int) -> dict:
         raise ValueError(
             f"zero_optimization.sub_group_size {zero['sub_group_size']} must stay under 2^31 (bitsandbytes)"
         )
-    if cfg.optimizer == "adamw8bit" and zero.get("offload_optimizer"):
+    if cfg.optimizer in ("adamw8bit", "lion8bit") and zero.get("offload_optimizer"):
         raise ValueError(
             "a bitsandbytes optimizer cannot step offloaded states: drop offload_optimizer or use --optimizer adamw"
         )
@@ -252,18 +269,34 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
     kind = model_kind(cfg.model)
     if not (Path(cfg.model) / "unet" / "config.json").exists():
         raise FileNotFoundError(f"--model {cfg.model} has no unet/ (config.json missing)")
+    if cfg.unet is not None and not (Path(cfg.unet) / "config.json").exists():
+        raise FileNotFoundError(f"--unet {cfg.unet} is not a UNet folder (config.json missing)")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"--data {cfg.data} does not exist")
     loss_options(cfg, kind)
     for name, ok, allowed in (
-        ("--ref-placement", cfg.ref_placement in ("replicated",), "replicated"),
-        ("--optimizer", cfg.optimizer in ("adamw8bit", "adamw"), "adamw8bit, adamw"),
+        ("--ref-placement", cfg.ref_placement in ("replicated", "zero3"), "replicated, zero3"),
+        (
+            "--optimizer",
+            cfg.optimizer in ("adamw8bit", "lion8bit", "adamw", "adafactor"),
+            "adamw8bit, lion8bit, adamw, adafactor",
+        ),
+        ("--attention", cfg.attention in ("sdpa", "xformers"), "sdpa, xformers"),
         ("--embedding-mode", cfg.embedding_mode in ("text", "image", "multimodal"), "text, image, multimodal"),
         ("--timestep-sampling", cfg.timestep_sampling in ("uniform", "discounted"), "uniform, discounted"),
         ("--loss-backend", cfg.loss_backend in BACKENDS, ", ".join(BACKENDS)),
     ):
         if not ok:
             raise ValueError(f"{name} must be one of: {allowed}")
+    if cfg.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("--attention xformers: xformers is not installed (pip install 'rpo_fast[xformers]')")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.ref_placement != "replicated":
+        raise ValueError("--lora-rank: the reference is the policy without its adapters; drop --ref-placement")
     if cfg.timestep_sampling == "discounted" and cfg.objective != "dense-dpo":
         raise ValueError("--timestep-sampling discounted applies to --objective dense-dpo")
     for name, v in (
@@ -359,6 +392,7 @@ class Trainer:
         self.cfg = cfg
         self.ds_config = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is loaded
         self.rank, self.world, self.local_rank = _init_distributed()
+        _check_fp16(cfg)
         from rpo_fast.cache import model_kind
 
         self.kind = model_kind(cfg.model)
@@ -383,7 +417,6 @@ class Trainer:
 
         # models
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from diffusers.models.attention_processor import AttnProcessor2_0
 
         model = Path(cfg.model)
         self.scheduler = DDPMScheduler.from_config(
@@ -395,26 +428,52 @@ class Trainer:
         vae_cfg = json.loads((model / "vae" / "config.json").read_text())
         self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
         self.shift_factor = vae_cfg.get("shift_factor") or 0.0
-        policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-        policy.set_attn_processor(AttnProcessor2_0())
+        unet_at = (
+            dict(pretrained_model_name_or_path=cfg.unet)
+            if cfg.unet
+            else dict(pretrained_model_name_or_path=model, subfolder="unet")
+        )
+        policy = UNet2DConditionModel.from_pretrained(**unet_at, torch_dtype=torch.float32)
+        _set_attention(policy, cfg.attention)
+        if cfg.lora_rank:  # peft adapters; the base weights stay frozen and serve as the reference
+            from peft import LoraConfig
+
+            policy.requires_grad_(False)
+            targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+            policy.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=targets,
+                )
+            )
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         policy.train()
         self.n_params = sum(p.numel() for p in policy.parameters())
+        self.n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         self.reference = None
-        if cfg.objective != "sft":
-            self.reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype)
-            self.reference.set_attn_processor(AttnProcessor2_0())
-            self.reference.to(self.device).eval().requires_grad_(False)
+        if cfg.objective != "sft" and not cfg.lora_rank:
+            reference = UNet2DConditionModel.from_pretrained(**unet_at, torch_dtype=self.dtype)
+            _set_attention(reference, cfg.attention)
+            reference.eval().requires_grad_(False)
+            if cfg.ref_placement == "zero3":  # sharded like the policy: its own ZeRO-3 inference engine (TRL's pattern)
+                self.reference, *_ = deepspeed.initialize(model=reference, config=_reference_ds_config(self.ds_config))
+                self.reference.eval()
+            else:
+                self.reference = reference.to(self.device)
 
         # optimizer, schedule, engine
         self.pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
         self.lr = cfg.lr * (self.pairs_per_step if cfg.scale_lr else 1)
-        optimizer = _build_optimizer(cfg, policy.parameters(), self.lr)
+        optimizer = _build_optimizer(cfg, policy.parameters(), self.lr)  # the trainable ones (LoRA: the adapters)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, lr=1.0, warmup=cfg.warmup_steps))
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=policy, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
+        if cfg.compile:  # torch.compile of the UNet forward, through DeepSpeed (ZeRO-3 aware)
+            self.engine.compile(backend=cfg.compile_backend)
         self.loss_fn = PreferenceLoss(cfg.objective, backend=cfg.loss_backend, **self.loss_opts)
         # evaluation: each rank's own pairs (equal shapes across ranks are not guaranteed there)
         eval_opts = self.loss_opts | ({"scope": "local"} if cfg.objective == "rpo" else {})
@@ -443,14 +502,18 @@ class Trainer:
             run = dict(train=dataclasses.asdict(cfg), deepspeed=self.ds_config, loss=self.loss_opts)
             (self.out / "config.json").write_text(json.dumps(run, indent=1))
             (self.out / "env.json").write_text(json.dumps(_environment(self.world), indent=1))
+        reference = "none (sft)" if cfg.objective == "sft" else cfg.ref_placement
+        if cfg.lora_rank:
+            reference = "the policy without its adapters"
+        trained = f"{self.n_trainable / 1e6:.2f}M trained" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
         self.log(
-            f"{self.kind} unet {self.n_params / 1e6:.1f}M params | {self.world} rank(s) x {cfg.micro_batch_size} "
-            f"pairs x "
-            f"{cfg.grad_accum} accumulation = {self.pairs_per_step} pairs/step | {len(self.dataset)} pairs "
-            f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch) | steps {self.step}->{cfg.max_steps}, "
-            f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
-            f"{cfg.mixed_precision}, ZeRO-{self.ds_config['zero_optimization'].get('stage', 0)}, {cfg.optimizer}, "
-            f"reference {cfg.ref_placement if self.reference is not None else 'none'}"
+            f"{self.kind} unet {self.n_params / 1e6:.1f}M params ({trained}) | {self.world} rank(s) x "
+            f"{cfg.micro_batch_size} pairs x {cfg.grad_accum} accumulation = {self.pairs_per_step} pairs/step | "
+            f"{len(self.dataset)} pairs ({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch) | "
+            f"steps {self.step}->{cfg.max_steps}, warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | "
+            f"{cfg.objective} {self.loss_opts} | {cfg.mixed_precision}, "
+            f"ZeRO-{self.ds_config['zero_optimization'].get('stage', 0)}, {cfg.optimizer}, reference: {reference}"
+            f"{', compiled' if cfg.compile else ''}, {cfg.attention} attention"
         )
 
     # ---------------------------------------------------------------- one step
@@ -460,21 +523,31 @@ class Trainer:
         items = [self.dataset.get(i, flip) for i, flip in picks]
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
 
-    def forward_loss(self, batch: dict, gen: torch.Generator, *, train: bool = True):
+    def pair_seeds(self, step: int, indices: list[int], salt: int = 0) -> list[int]:
+        """One seed per pair: every random draw of a pair (latent sample, noise, timestep, caption drop) comes from
+        (seed, step, pair index). The step is the RNG state (exact resume), and the draws do not depend on which
+        rank holds the pair (a 2-rank run and one process holding the concatenated batch see the same noise)."""
+        return [hash((self.cfg.seed, salt, step, i)) % (2**63) for i in indices]
+
+    def forward_loss(self, batch: dict, seeds: list[int], *, train: bool = True):
         """One concatenated forward per model ([winners; losers]) and the preference loss."""
         cfg, b = self.cfg, batch["latent_mean"].shape[0]
         loss_fn = self.loss_fn if train else self.eval_loss_fn
-        randn = lambda *shape: torch.randn(*shape, generator=gen, device=self.device)  # noqa: E731
-        z = batch["latent_mean"] + batch["latent_std"] * randn(*batch["latent_mean"].shape)  # (B, 2, C, h, w)
-        z = ((z - self.shift_factor) * self.scaling_factor).transpose(0, 1).flatten(0, 1)  # (2B, C, h, w)
-        noise = randn(b, *z.shape[1:])  # one noise draw per pair, shared by winner and loser
+        gens = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        shape = batch["latent_mean"].shape[1:]  # (2, C, h, w)
+        eps = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in gens])
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=self.device) for g in gens])
         if self.timestep_probs is not None:
-            t = torch.multinomial(self.timestep_probs, b, replacement=True, generator=gen)
+            t = torch.cat([torch.multinomial(self.timestep_probs, 1, generator=g) for g in gens])
         else:
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=gen, device=self.device)
-        drop = torch.rand(b, generator=gen, device=self.device) < (cfg.empty_caption_prob if train else 0.0)
+            T = self.scheduler.config.num_train_timesteps
+            t = torch.cat([torch.randint(0, T, (1,), generator=g, device=self.device) for g in gens])
+        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in gens])
+        drop = u < (cfg.empty_caption_prob if train else 0.0)
+        z = batch["latent_mean"] + batch["latent_std"] * eps  # (B, 2, C, h, w): a sample of each latent distribution
+        z = ((z - self.shift_factor) * self.scaling_factor).transpose(0, 1).flatten(0, 1)  # (2B, C, h, w)
         ehs = torch.where(drop[:, None, None], self.empty["prompt_embeds"], batch["prompt_embeds"])
-        t2, noise2 = t.repeat(2), noise.repeat(2, 1, 1, 1)
+        t2, noise2 = t.repeat(2), noise.repeat(2, 1, 1, 1)  # one noise draw and timestep per pair
         noisy = self.scheduler.add_noise(z, noise2, t2)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise2, t2)
         cond = dict(encoder_hidden_states=ehs.repeat(2, 1, 1).to(self.dtype))
@@ -484,13 +557,13 @@ class Trainer:
             cond["added_cond_kwargs"] = dict(
                 text_embeds=pooled.repeat(2, 1).to(self.dtype), time_ids=time_ids.to(self.dtype)
             )
+        noisy = noisy.to(self.dtype)
         if cfg.objective == "sft":  # winners only, no reference
             cond = {k: v[:b] if torch.is_tensor(v) else {kk: vv[:b] for kk, vv in v.items()} for k, v in cond.items()}
-            pred = self.engine(noisy[:b].to(self.dtype), t, **cond).sample
+            pred = self.engine(noisy[:b], t, **cond).sample
             return loss_fn(pred, target[:b])
-        pred = self.engine(noisy.to(self.dtype), t2, **cond).sample
-        with torch.no_grad():
-            ref = self.reference(noisy.to(self.dtype), t2, **cond).sample
+        ref = self.reference_forward(noisy, t2, cond)
+        pred = self.engine(noisy, t2, **cond).sample
         kw = {}
         if cfg.objective == "rpo":
             from rpo_fast.embed import combine
@@ -501,14 +574,24 @@ class Trainer:
             kw["timesteps"] = t
         return loss_fn(pred, target, ref, **kw)
 
-    def generator(self, step: int, micro: int) -> torch.Generator:
-        """Every random draw of a micro-step comes from (seed, step, micro-step, rank): the step is the RNG state."""
-        return torch.Generator(self.device).manual_seed(hash((self.cfg.seed, step, micro, self.rank)) % (2**63))
+    @torch.no_grad()
+    def reference_forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The frozen reference: a replicated copy, a ZeRO-3 inference engine (every rank calls it together), or,
+        with LoRA, the policy itself with its adapters disabled (no second copy)."""
+        if self.cfg.lora_rank:
+            module = self.engine.module
+            module.disable_adapters()
+            try:
+                return module(noisy, t, **cond).sample
+            finally:
+                module.enable_adapters()
+        return self.reference(noisy, t, **cond).sample
 
     def train_step(self, sums: dict) -> None:
-        for micro in range(self.cfg.grad_accum):
-            batch = self.batch(self.sampler.next_batch(self.cfg.micro_batch_size))
-            out = self.forward_loss(batch, self.generator(self.step, micro))
+        for _ in range(self.cfg.grad_accum):
+            picks = self.sampler.next_batch(self.cfg.micro_batch_size)
+            batch = self.batch(picks)
+            out = self.forward_loss(batch, self.pair_seeds(self.step, [i for i, _ in picks]))
             loss = out.loss * float("nan") if self.step + 1 in self.nan_steps else out.loss
             self.engine.backward(loss)
             self.engine.step()  # an optimizer step at the accumulation boundary
@@ -554,8 +637,7 @@ class Trainer:
             idx = real or self.eval_set[:1]
             batch = collate([self.eval_dataset.get(i) for i in idx])
             batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-            gen = torch.Generator(self.device).manual_seed(10_000_019 + 7919 * rep + idx[0])
-            out = self.forward_loss(batch, gen, train=False)
+            out = self.forward_loss(batch, self.pair_seeds(0, idx, salt=1 + rep), train=False)
             names = sorted(out.metrics)
             vec = torch.stack([out.metrics[name] for name in names]) * len(real)
             sums = vec if sums is None else sums + vec
@@ -611,27 +693,37 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {self.out / 'checkpoints' / f'step-{step}'}")
 
-    def export(self) -> Path | None:
-        """The trained UNet, gathered from the ZeRO shards, as a diffusers folder (OUTPUT/unet)."""
+    def export(self) -> Path:
+        """The trained weights, gathered from the ZeRO shards: the UNet as a diffusers folder (OUTPUT/unet) or,
+        with LoRA, the adapter in the format diffusers' ``load_lora_weights`` reads (OUTPUT/lora)."""
         from diffusers import UNet2DConditionModel
 
-        stage = self.ds_config["zero_optimization"].get("stage", 0)
-        if stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0
+        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict on rank 0
         else:
             state = self.engine.module.state_dict() if self.rank == 0 else None
-        dest = self.out / "unet"
+        dest = self.out / ("lora" if self.cfg.lora_rank else "unet")
         if self.rank == 0:
-            config = dict(self.engine.module.config)
             with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(config)
+                unet = UNet2DConditionModel.from_config(dict(self.engine.module.config))
+                if self.cfg.lora_rank:
+                    unet.add_adapter(self.engine.module.peft_config["default"])
             unet.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
-            tmp = self.out / "unet.tmp"
+            tmp = self.out / f"{dest.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            unet.save_pretrained(tmp, safe_serialization=True)
+            if self.cfg.lora_rank:
+                from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                pipeline = StableDiffusionXLPipeline if self.kind == "sdxl" else StableDiffusionPipeline
+                pipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+            else:
+                unet.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-            self.log(f"exported the trained unet to {dest}")
+            os.replace(tmp, dest)  # a finished export replaces the previous one whole
+            self.log(f"exported the trained {'LoRA adapter' if self.cfg.lora_rank else 'unet'} to {dest}")
         if self.world > 1:
             import torch.distributed as dist
 
@@ -659,6 +751,8 @@ class Trainer:
                 row["train/skipped_steps"] = self.skipped_total
                 row["time/pairs_per_s"] = (self.step - last) * self.pairs_per_step / elapsed
                 row["memory/peak_gb"] = _peak_memory_gb()
+                if cfg.mixed_precision == "fp16":  # DeepSpeed's dynamic loss scale; its overflow steps are skipped
+                    row["train/loss_scale"] = float(getattr(self.engine.optimizer, "loss_scale", float("nan")))
                 self.logger.write(self.step, row)
                 if bar is not None:
                     acc = row.get("reward/implicit_acc", float("nan"))
@@ -705,6 +799,23 @@ class Trainer:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_fp16(cfg: TrainConfig) -> None:
+    """DeepSpeed runs fp16 only where its accelerator supports it (on a CPU: mkldnn fp16 hardware). Tests set
+    RPO_FAST_CPU_FP16=1 to let a CPU without it run fp16 anyway (slowly), so loss scaling is tested in CI."""
+    if cfg.mixed_precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.is_fp16_supported():
+        return
+    if os.environ.get("RPO_FAST_CPU_FP16") == "1" and acc.device_name() == "cpu":
+        acc.is_fp16_supported = lambda: True
+        acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+        return
+    raise ValueError(f"--mixed-precision fp16: DeepSpeed does not support fp16 on this {acc.device_name()}; use bf16")
+
+
 def _init_distributed() -> tuple[int, int, int]:
     """deepspeed.init_distributed, also for a plain `python rpo_fast/train.py` (one rank)."""
     import deepspeed
@@ -719,13 +830,48 @@ def _init_distributed() -> tuple[int, int, int]:
 
 
 def _build_optimizer(cfg: TrainConfig, params, lr: float):
+    """The client optimizer. Under ZeRO it steps flat fp32 partitions (bitsandbytes' per-parameter options then do
+    nothing, and Adafactor sees 1-D tensors: it keeps an unfactored second moment). No paged optimizers: they use
+    CUDA managed memory."""
     params = [p for p in params if p.requires_grad]
-    kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer in ("adamw8bit", "lion8bit"):
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.Lion8bit
+        return cls(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":  # the DiffusionDPO recipe's SDXL optimizer, with a fixed learning rate
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+
+
+def _set_attention(unet, attention: str) -> None:
+    """SDPA (the default), or xformers' memory-efficient attention where xformers is installed."""
+    if attention == "xformers":  # availability checked in validate()
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _reference_ds_config(policy: dict) -> dict:
+    """A ZeRO-3 inference config for the frozen reference: the policy's precision and ZeRO-3 buckets, no optimizer."""
+    zero = policy["zero_optimization"]
+    keep = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size")
+    return {
+        "train_micro_batch_size_per_gpu": policy["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": policy["train_batch_size"] // policy["gradient_accumulation_steps"],
+        "bf16": {"enabled": policy["bf16"]["enabled"]},
+        "fp16": {"enabled": policy["fp16"]["enabled"]},
+        "zero_optimization": {"stage": 3, **{k: zero[k] for k in keep if k in zero}},
+        "steps_per_print": 1_000_000_000,
+    }
 
 
 def _grad_norm(engine) -> float:

@@ -44,3 +44,42 @@ def tiny_sdxl(tmp_path_factory):
     from rpo_fast.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Tiny SD1.5 and SDXL models, a tiny CLIP, and caches of a learnable (warm beats cool) preference."""
+    from rpo_fast import testing as T
+    from rpo_fast.cache import build_cache
+
+    root = tmp_path_factory.mktemp("train")
+    d = dict(root=root, clip=T.save_tiny_clip(root / "clip"))
+    for kind in ("sd15", "sdxl"):
+        d[kind] = T.save_tiny_pipeline(root / kind, kind)
+    T.write_warm_preference_pairs(root / "warm", 48, seed=0)
+    T.write_warm_preference_pairs(root / "warm_eval", 64, seed=1)
+    for kind in ("sd15", "sdxl"):
+        build_cache(
+            d[kind],
+            root / "warm" / "pairs.jsonl",
+            root / f"cache_{kind}",
+            resolution=32,
+            embedder=str(d["clip"]),
+            shard_size=16,
+            batch_size=16,
+            progress=False,
+            rank=0,
+            world=1,
+        )
+    build_cache(
+        d["sd15"],
+        root / "warm_eval" / "pairs.jsonl",
+        root / "eval_sd15",
+        resolution=32,
+        shard_size=64,
+        batch_size=16,
+        progress=False,
+        rank=0,
+        world=1,
+    )
+    return d

@@ -3,102 +3,13 @@ bitsandbytes AdamW8bit, bf16), learning a preference, exact resume, refusals of 
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from trainrun import ROOT, ZERO3, common, launch, metrics, train_rows
 
 from rpo_fast import testing as T
 from rpo_fast.cache import CacheError, build_cache
 from rpo_fast.train import TrainConfig, check_dataset, open_dataset, parse_args, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "rpo_fast" / "train.py"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-ZERO3 = ROOT / "configs" / "zero3_8bit.json"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Tiny SD1.5 and SDXL models, a tiny CLIP, and caches of a learnable (warm beats cool) preference."""
-    root = tmp_path_factory.mktemp("train")
-    d = dict(root=root, clip=T.save_tiny_clip(root / "clip"))
-    for kind in ("sd15", "sdxl"):
-        d[kind] = T.save_tiny_pipeline(root / kind, kind)
-    T.write_warm_preference_pairs(root / "warm", 48, seed=0)
-    T.write_warm_preference_pairs(root / "warm_eval", 64, seed=1)
-    for kind in ("sd15", "sdxl"):
-        build_cache(
-            d[kind],
-            root / "warm" / "pairs.jsonl",
-            root / f"cache_{kind}",
-            resolution=32,
-            embedder=str(d["clip"]),
-            shard_size=16,
-            batch_size=16,
-            progress=False,
-            rank=0,
-            world=1,
-        )
-    build_cache(
-        d["sd15"],
-        root / "warm_eval" / "pairs.jsonl",
-        root / "eval_sd15",
-        resolution=32,
-        shard_size=64,
-        batch_size=16,
-        progress=False,
-        rank=0,
-        world=1,
-    )
-    return d
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """deepspeed --num_gpus N rpo_fast/train.py ... (ranks > 1), or python rpo_fast/train.py ... (one)."""
-    if ranks > 1:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(_port()), str(TRAIN), *args]
-    else:
-        cmd = [sys.executable, str(TRAIN), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_rows(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in metrics(out) if "loss/loss" in r}
-
-
-def common(runs, kind, out, *extra):
-    return [
-        "--ds_config",
-        str(ZERO3),
-        "--model",
-        str(runs[kind]),
-        "--data",
-        str(runs["root"] / f"cache_{kind}"),
-        "--output",
-        str(out),
-        "--micro-batch-size",
-        "2",
-        "--log-every",
-        "1",
-        "--no-progress",
-        *extra,
-    ]
-
 
 # --------------------------------------------------------------------------------------------------
 # 2 ranks, ZeRO-3, 8-bit AdamW: both model kinds, dpo and rpo

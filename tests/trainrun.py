@@ -1,0 +1,56 @@
+"""Running the trainer in tests: the launcher command, and reading a run's metrics."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "rpo_fast" / "train.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+ZERO3 = ROOT / "configs" / "zero3_8bit.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """deepspeed --num_gpus N rpo_fast/train.py ... (ranks > 1), or python rpo_fast/train.py ... (one)."""
+    if ranks > 1:
+        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, str(TRAIN), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in metrics(out) if "loss/loss" in r}
+
+
+def common(runs, kind, out, *extra):
+    return [
+        "--ds_config",
+        str(ZERO3),
+        "--model",
+        str(runs[kind]),
+        "--data",
+        str(runs["root"] / f"cache_{kind}"),
+        "--output",
+        str(out),
+        "--micro-batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
