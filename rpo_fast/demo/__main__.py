@@ -147,37 +147,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ..cache import build_cache
 
-    data = out / "data"
-    if not (data / "pairs.jsonl").exists():
-        make_pairs(data, a.rounds, seed=a.seed)
-    cache = out / "cache"
-    build_cache(
-        a.model,
-        data / "pairs.jsonl",
-        cache,
-        resolution=32,
-        embedder=a.clip,
-        shard_size=256,
-        batch_size=64,
-        seed=a.seed,
-        rank=0,
-        world=1,
-    )
-    eval_data = out / "eval_data"
-    if not (eval_data / "pairs.jsonl").exists():
-        make_pairs(eval_data, 1, seed=a.seed + 1)
-    build_cache(
-        a.model,
-        eval_data / "pairs.jsonl",
-        out / "eval_cache",
-        resolution=32,
-        embedder=a.clip,
-        shard_size=256,
-        batch_size=64,
-        seed=a.seed,
-        rank=0,
-        world=1,
-    )
+    # training pairs (rounds x 100 captions) and held-out pairs of the same captions for the evaluation curve
+    cache, eval_cache = out / "cache", out / "eval_cache"
+    for folder, rounds, seed, dest in (
+        (out / "data", a.rounds, a.seed, cache),
+        (out / "eval_data", 1, a.seed + 1, eval_cache),
+    ):
+        if not (folder / "pairs.jsonl").exists():
+            make_pairs(folder, rounds, seed=seed)
+        build_cache(
+            a.model,
+            folder / "pairs.jsonl",
+            dest,
+            resolution=32,
+            embedder=a.clip,
+            shard_size=256,
+            batch_size=64,
+            seed=a.seed,
+            rank=0,
+            world=1,
+        )
 
     opts = SETTINGS[a.objective]
     launcher = Path(sys.executable).parent / "deepspeed"  # the deepspeed command of this environment
@@ -196,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--data",
         cache,
         "--eval-data",
-        out / "eval_cache",
+        eval_cache,
         "--objective",
         a.objective,
         "--output",

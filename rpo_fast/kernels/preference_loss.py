@@ -29,19 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..objectives import PAIR_METRICS
+
 OBJ_IDS = {"dpo": 0, "sft": 1, "rpo": 2, "dspo": 3, "dense-dpo": 4, "cal-dpo": 5}
-METRIC_NAMES = (
-    "loss",
-    "implicit_acc",
-    "reward_margin",
-    "reward_w",
-    "reward_l",
-    "mse_w",
-    "mse_l",
-    "ref_mse_w",
-    "ref_mse_l",
-    "weight_diag",
-)
+METRIC_NAMES = PAIR_METRICS + ("weight_diag",)  # the order of the metrics vector the kernels write
 K = 5  # partial sums per sample and chunk: m, r, delta, <e,d>, |d|^2
 _DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = range(6)
 
@@ -171,19 +162,33 @@ def _stats(PART, rows, mask, CHUNKS, inv_n):
 
 
 @triton.jit
-def _store_metrics(MET, LOSS, inv_b, loss, acc, margin, hw, hl, mw, ml, rw, rl, wdiag):
-    # loss: already the mean; the other arguments are sums over the B pairs
+def _pair_sums(mask, u, hw, hl, mw, ml, rw, rl, s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl):
+    """Running per-lane sums of the pair metrics over valid pairs (implicit accuracy counts ties half)."""
+    s_acc += tl.where(mask, tl.where(u > 0, 1.0, tl.where(u == 0, 0.5, 0.0)), 0.0)
+    s_u += tl.where(mask, u, 0.0)
+    s_hw += tl.where(mask, hw, 0.0)
+    s_hl += tl.where(mask, hl, 0.0)
+    s_mw += tl.where(mask, mw, 0.0)
+    s_ml += tl.where(mask, ml, 0.0)
+    s_rw += tl.where(mask, rw, 0.0)
+    s_rl += tl.where(mask, rl, 0.0)
+    return s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl
+
+
+@triton.jit
+def _store_metrics(MET, LOSS, inv_b, loss, s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl, s_wd):
+    # loss: already the mean; s_*: per-lane sums over the B pairs, reduced here (in a fixed order)
     tl.store(LOSS, loss)
     tl.store(MET + 0, loss)
-    tl.store(MET + 1, acc * inv_b)
-    tl.store(MET + 2, margin * inv_b)
-    tl.store(MET + 3, hw * inv_b)
-    tl.store(MET + 4, hl * inv_b)
-    tl.store(MET + 5, mw * inv_b)
-    tl.store(MET + 6, ml * inv_b)
-    tl.store(MET + 7, rw * inv_b)
-    tl.store(MET + 8, rl * inv_b)
-    tl.store(MET + 9, wdiag * inv_b)
+    tl.store(MET + 1, tl.sum(s_acc, axis=0) * inv_b)
+    tl.store(MET + 2, tl.sum(s_u, axis=0) * inv_b)
+    tl.store(MET + 3, tl.sum(s_hw, axis=0) * inv_b)
+    tl.store(MET + 4, tl.sum(s_hl, axis=0) * inv_b)
+    tl.store(MET + 5, tl.sum(s_mw, axis=0) * inv_b)
+    tl.store(MET + 6, tl.sum(s_ml, axis=0) * inv_b)
+    tl.store(MET + 7, tl.sum(s_rw, axis=0) * inv_b)
+    tl.store(MET + 8, tl.sum(s_rl, axis=0) * inv_b)
+    tl.store(MET + 9, tl.sum(s_wd, axis=0) * inv_b)
 
 
 @triton.jit
@@ -282,28 +287,11 @@ def _pair_kernel(
             tl.store(GE + il, two_n * inv_b * gdl, mask=mask)
             tl.store(GD + il, zero, mask=mask)
             s_loss += tl.where(mask, li, 0.0)
-            s_acc += tl.where(mask, tl.where(u > 0, 1.0, tl.where(u == 0, 0.5, 0.0)), 0.0)
-            s_u += tl.where(mask, u, 0.0)
-            s_hw += tl.where(mask, hw, 0.0)
-            s_hl += tl.where(mask, hl, 0.0)
-            s_mw += tl.where(mask, mw, 0.0)
-            s_ml += tl.where(mask, ml, 0.0)
-            s_rw += tl.where(mask, rw, 0.0)
-            s_rl += tl.where(mask, rl, 0.0)
+            s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl = _pair_sums(
+                mask, u, hw, hl, mw, ml, rw, rl, s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl
+            )
     _store_metrics(
-        MET,
-        LOSS,
-        inv_b,
-        tl.sum(s_loss, axis=0) * inv_b,
-        tl.sum(s_acc, axis=0),
-        tl.sum(s_u, axis=0),
-        tl.sum(s_hw, axis=0),
-        tl.sum(s_hl, axis=0),
-        tl.sum(s_mw, axis=0),
-        tl.sum(s_ml, axis=0),
-        tl.sum(s_rw, axis=0),
-        tl.sum(s_rl, axis=0),
-        0.0,
+        MET, LOSS, inv_b, tl.sum(s_loss, axis=0) * inv_b, s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl, zero
     )
 
 
@@ -461,29 +449,11 @@ def _rpo_col_kernel(
             u = hw - hl
             s_loss += tl.load(ROW + iw * 4 + 2, mask=mask, other=0.0)
             s_wd += tl.load(ROW + iw * 4 + 3, mask=mask, other=0.0)
-            s_acc += tl.where(mask, tl.where(u > 0, 1.0, tl.where(u == 0, 0.5, 0.0)), 0.0)
-            s_u += tl.where(mask, u, 0.0)
-            s_hw += tl.where(mask, hw, 0.0)
-            s_hl += tl.where(mask, hl, 0.0)
-            s_mw += tl.where(mask, mw, 0.0)
-            s_ml += tl.where(mask, ml, 0.0)
-            s_rw += tl.where(mask, rw, 0.0)
-            s_rl += tl.where(mask, rl, 0.0)
-        _store_metrics(
-            MET,
-            LOSS,
-            inv_b,
-            tl.sum(s_loss, axis=0),  # already the mean: row terms carry 1/B (outside) or 1/B^2 (inside)
-            tl.sum(s_acc, axis=0),
-            tl.sum(s_u, axis=0),
-            tl.sum(s_hw, axis=0),
-            tl.sum(s_hl, axis=0),
-            tl.sum(s_mw, axis=0),
-            tl.sum(s_ml, axis=0),
-            tl.sum(s_rw, axis=0),
-            tl.sum(s_rl, axis=0),
-            tl.sum(s_wd, axis=0),
-        )
+            s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl = _pair_sums(
+                mask, u, hw, hl, mw, ml, rw, rl, s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl
+            )
+        # the loss is already the mean: row terms carry 1/B (outside) or 1/B^2 (inside)
+        _store_metrics(MET, LOSS, inv_b, tl.sum(s_loss, axis=0), s_acc, s_u, s_hw, s_hl, s_mw, s_ml, s_rw, s_rl, s_wd)
 
 
 # --------------------------------------------------------------------------------------------------
