@@ -492,3 +492,109 @@ def save_tiny_instruct_pix2pix(path: str | Path, *, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path)
     return path
+
+
+def save_random_model(
+    path: str | Path,
+    kind: str,
+    *,
+    full: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
+    """A diffusers model folder with random weights: the tiny fixtures, or (``full=True``) the full-size SD1.5 /
+    SDXL configs (speed and memory are those of real weights), built on ``device`` and saved in ``dtype``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    _check_kind(kind)
+    unet = build_unet(kind, full=full, device=device, seed=seed).to(dtype)
+    vae = build_vae(kind, full=full, device=device, seed=seed + 1).to(dtype)
+    encoders = [e.to(dtype) for e in build_text_encoders(kind, full=full, device=device, seed=seed + 2)]
+    parts = dict(
+        unet=unet, vae=vae, scheduler=build_scheduler(), text_encoder=encoders[0], tokenizer=byte_level_clip_tokenizer()
+    )
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=byte_level_clip_tokenizer())
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+def write_synthetic_cache(
+    model: str | Path, out: str | Path, n: int, *, resolution: int, embed_dim: int = 768, seed: int = 0
+) -> Path:
+    """A complete cache (the format of ``rpo_fast.cache``) of ``n`` random pairs for ``model``: shapes taken from the
+    model's configs, nothing encoded. For benchmarks of the training step, where only shapes matter."""
+    import time as _time
+
+    from . import cache as C
+
+    model, out = Path(model), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = C.model_kind(model)
+    te = [
+        json.loads((model / sub / "config.json").read_text())
+        for sub in ("text_encoder", "text_encoder_2")
+        if (model / sub / "config.json").exists()
+    ]
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    h = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    g = torch.Generator().manual_seed(seed)
+    width = sum(c["hidden_size"] for c in te)
+    shard = {
+        "captions": [f"synthetic caption {i}" for i in range(n)],
+        "latent_mean": torch.randn(n, 2, vae["latent_channels"], h, h, generator=g),
+        "latent_std": torch.rand(n, 2, vae["latent_channels"], h, h, generator=g) * 0.1,
+        "text_index": torch.arange(n),
+        "prompt_embeds": torch.randn(n, CLIP_MAX_LENGTH, width, generator=g),
+        "clip_text": torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=g), dim=-1),
+        "clip_image": torch.nn.functional.normalize(torch.randn(n, 2, embed_dim, generator=g), dim=-1),
+    }
+    empty = {"prompt_embeds": torch.randn(1, CLIP_MAX_LENGTH, width, generator=g).half()}
+    if kind == "sdxl":
+        pooled = te[1].get("projection_dim", te[1]["hidden_size"])
+        shard["pooled_prompt_embeds"] = torch.randn(n, pooled, generator=g)
+        shard["time_ids"] = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]] * 2 * n, dtype=torch.float32
+        ).view(n, 2, 6)
+        empty["pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).half()
+    C._save_shard(
+        out / "shard-r0-00000.safetensors", shard, torch.float16, dict(n=n, pairs_before=0, cursor=[0, n], counts={})
+    )
+    from safetensors.torch import save_file
+
+    save_file(empty, str(out / "empty_prompt.safetensors"))
+    settings = dict(
+        format=C.FORMAT,
+        model_fingerprint=C.model_fingerprint(model),
+        kind=kind,
+        resolution=resolution,
+        crop="center",
+        flip=False,
+        flip_twin=False,
+        keep_ties=False,
+        seed=seed,
+        shard_size=n,
+        batch_size=n,
+        storage="fp16",
+        world=1,
+        embedder="synthetic",
+        data="synthetic",
+    )
+    (out / "cache.json").write_text(json.dumps(settings))
+    index = dict(
+        settings,
+        pairs=n,
+        skipped={},
+        shards=[dict(name="shard-r0-00000.safetensors", pairs=n)],
+        versions={},
+        model=str(model.resolve()),
+        created=_time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    (out / "index.json").write_text(json.dumps(index))
+    return out

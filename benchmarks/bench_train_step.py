@@ -1,0 +1,291 @@
+"""End-to-end preference-training step: rpo_fast against a step in the style of the reference DPO scripts.
+
+    python benchmarks/bench_train_step.py --kind sdxl --pairs 1 2 4 [--no-gradient-checkpointing] [--compile]
+        [--ref-placement zero3] [--lora-rank 8]            (GPU: full-size UNets with random weights)
+    python benchmarks/bench_train_step.py --quick          (CPU: tiny models; checks that it runs)
+
+rpo_fast: ``rpo_fast.train.Trainer`` itself (DeepSpeed ZeRO-3, bitsandbytes AdamW8bit, bf16, the replicated bf16
+reference, one concatenated forward per model, latents and text encodings read from a cache, the loss backend
+"auto"). Baseline, what train_diffusion_dpo.py / DiffusionDPO's train.py do every step on one GPU: both images
+through the VAE and the caption through the text encoder(s) on the fly, the policy in fp32 under fp16 autocast
+with bitsandbytes AdamW8bit, the reference in fp16, the eager loss, no compile, no cache. Same model, batch and
+GPU, measured side by side.
+
+Reported per configuration: pairs/s, seconds per step, peak memory, and model FLOP utilisation: model FLOPs per
+pair (policy forward + backward on winner and loser, reference forward on both; counted with
+torch.utils.flop_counter on meta tensors, so no recomputation) over the bf16 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import QUICK, ResultTable, sync  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 32}
+
+
+def matmul_rate(dtype=torch.bfloat16, n: int = 8192) -> float:
+    """Measured matmul FLOP/s on this device (n x n x n, bf16 on GPU; fp32 on CPU with n = 512)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        dtype, n = torch.float32, 512
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync()
+    reps = 20 if dev == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def model_flops_per_pair(model: Path) -> float:
+    """Policy forward + backward on [winner; loser] and reference forward on both, on meta tensors."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = json.loads((model / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        size = config["sample_size"]
+        x = torch.randn(2, config["in_channels"], size, size)
+        t = torch.tensor([500, 500])
+        ehs = torch.randn(2, 77, config["cross_attention_dim"])
+        kw = {}
+        if config.get("addition_embed_type") == "text_time":
+            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(2, pooled), time_ids=torch.randn(2, 6))
+        with FlopCounterMode(display=False) as counter:
+            unet(x, t, ehs, **kw).sample.sum().backward()
+            with torch.no_grad():
+                unet(x, t, ehs, **kw)
+    return float(counter.get_total_flops())
+
+
+def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return (time.perf_counter() - t0) / steps, peak
+
+
+def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
+    from rpo_fast.train import TrainConfig, Trainer
+
+    out = Path(tempfile.mkdtemp(prefix="rpo_fast_bench_"))
+    cfg = TrainConfig(
+        ds_config=str(ROOT / "configs" / "zero3_8bit.json"),
+        model=str(model),
+        data=str(cache),
+        output=str(out),
+        objective="rpo",
+        micro_batch_size=pairs,
+        max_steps=10**6,
+        export=False,
+        progress=False,
+        tensorboard=False,
+        **flags,
+    )
+    trainer = Trainer(cfg)
+    sums: dict = {}
+    sec, peak = _timed(lambda: trainer.train_step(sums), steps, warmup)
+    trainer.close()
+    return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
+
+
+def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
+    """The reference scripts' step: VAE + text encoders every step, fp16 reference, fp16 autocast, eager loss."""
+    import bitsandbytes as bnb
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from rpo_fast import PreferenceLoss
+    from rpo_fast.cache import model_kind
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    half = torch.float16 if dev == "cuda" else torch.bfloat16
+    kind = model_kind(model)
+    res = RESOLUTION["tiny" if QUICK else kind]
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32).to(dev).train()
+    if gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=half).to(dev).eval()
+    vae = AutoencoderKL.from_pretrained(
+        model, subfolder="vae", torch_dtype=torch.float32 if kind == "sdxl" else half
+    ).to(dev)
+    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
+    encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=half).to(dev)]
+    if kind == "sdxl":
+        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=half).to(dev)
+        )
+    sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    opt = bnb.optim.AdamW8bit(policy.parameters(), lr=1e-8)
+    loss_fn = PreferenceLoss("dpo", backend="eager")
+    images = torch.rand(2 * pairs, 3, res, res, device=dev) * 2 - 1
+    captions = [f"a photo number {i}" for i in range(pairs)]
+    scaler = torch.amp.GradScaler(enabled=dev == "cuda")
+
+    def step():
+        with torch.no_grad():
+            z = vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+            states, pooled = [], None
+            for tok, enc in zip(tokenizers, encoders):
+                ids = tok(
+                    captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                ).input_ids.to(dev)
+                out = enc(ids, output_hidden_states=True)
+                states.append(out.hidden_states[-2] if kind == "sdxl" else out[0])
+                pooled = getattr(out, "text_embeds", None)
+            ehs = torch.cat(states, -1).repeat(2, 1, 1)
+        noise = torch.randn_like(z[:pairs]).repeat(2, 1, 1, 1)
+        t = torch.randint(0, 1000, (pairs,), device=dev).repeat(2)
+        noisy = sched.add_noise(z.float(), noise.float(), t)
+        kw = {}
+        if kind == "sdxl":
+            ids6 = torch.tensor([[res, res, 0, 0, res, res]] * 2 * pairs, device=dev, dtype=torch.float32)
+            kw["added_cond_kwargs"] = dict(text_embeds=pooled.repeat(2, 1), time_ids=ids6)
+        with torch.autocast(dev, dtype=half):
+            pred = policy(noisy, t, ehs, **kw).sample
+        with torch.no_grad():
+            ref = reference(
+                noisy.to(half), t, ehs.to(half), **{k: {kk: vv.to(half) for kk, vv in v.items()} for k, v in kw.items()}
+            ).sample
+        loss = loss_fn(pred.float(), noise[:pairs], ref.float()).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    sec, peak = _timed(step, steps, warmup)
+    return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
+
+
+def _release() -> None:
+    """Free the models of the previous measurement before the next one (peak memory is per measurement)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, **flags) -> ResultTable:
+    from rpo_fast import testing as T
+
+    table = table or ResultTable(
+        "train_step",
+        "End-to-end training step: rpo_fast vs a reference-script step",
+        [
+            "kind",
+            "pairs",
+            "gradient_checkpointing",
+            "flags",
+            "rpo_fast_pairs_s",
+            "baseline_pairs_s",
+            "speedup",
+            "rpo_fast_peak_gb",
+            "baseline_peak_gb",
+            "model_tflop_per_pair",
+            "matmul_tflops",
+            "rpo_fast_mfu",
+            "baseline_mfu",
+        ],
+        notes="Command: python benchmarks/bench_train_step.py (or pytest benchmarks/ --benchmark). MFU: model FLOPs "
+        "(policy fwd+bwd on 2 images + reference fwd on 2, no recomputation) x pairs/s over the bf16 matmul rate "
+        "measured in the same run.",
+    )
+    rate = matmul_rate()
+    root = Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
+    for kind in kinds:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        model = T.save_random_model(
+            root / kind, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
+        )
+        flops = model_flops_per_pair(model)
+        for pairs in pairs_list:
+            cache = T.write_synthetic_cache(
+                model,
+                root / f"cache-{kind}-{pairs}",
+                max(8, 2 * pairs),
+                resolution=RESOLUTION["tiny" if QUICK else kind],
+            )
+            ours = bench_rpo_fast(
+                model, cache, pairs, steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing, **flags
+            )
+            _release()
+            base = bench_baseline(
+                model, pairs, steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing
+            )
+            _release()
+            table.add(
+                kind=kind,
+                pairs=pairs,
+                gradient_checkpointing=gradient_checkpointing,
+                flags=json.dumps(flags),
+                rpo_fast_pairs_s=ours["pairs_per_s"],
+                baseline_pairs_s=base["pairs_per_s"],
+                speedup=ours["pairs_per_s"] / base["pairs_per_s"],
+                rpo_fast_peak_gb=ours["peak_gb"],
+                baseline_peak_gb=base["peak_gb"],
+                model_tflop_per_pair=flops / 1e12,
+                matmul_tflops=rate / 1e12,
+                rpo_fast_mfu=ours["pairs_per_s"] * flops / rate,
+                baseline_mfu=base["pairs_per_s"] * flops / rate,
+            )
+            print(
+                f"[bench] {kind} x{pairs}: rpo_fast {ours['pairs_per_s']:.3f} pairs/s, baseline "
+                f"{base['pairs_per_s']:.3f} pairs/s",
+                flush=True,
+            )
+    return table
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl"])
+    ap.add_argument("--pairs", nargs="+", type=int, default=[1])
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ref-placement", default="replicated", choices=["replicated", "zero3"])
+    ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny models (the CPU mode)")
+    a = ap.parse_args(argv)
+    flags = dict(ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
+    if QUICK and not a.quick:
+        print("[bench] no GPU: running the quick mode (tiny models)")
+    table = run(
+        a.kind if not QUICK else ["sd15"],
+        a.pairs,
+        gradient_checkpointing=a.gradient_checkpointing,
+        steps=a.steps if not QUICK else 1,
+        warmup=a.warmup if not QUICK else 1,
+        **flags,
+    )
+    for p in table.write():
+        print(f"[bench] wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
