@@ -126,19 +126,17 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
     half = torch.float16 if dev == "cuda" else torch.bfloat16
     kind = model_kind(model)
     res = RESOLUTION["tiny" if QUICK else kind]
-    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32).to(dev).train()
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=torch.float32).to(dev).train()
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=half).to(dev).eval()
-    vae = AutoencoderKL.from_pretrained(
-        model, subfolder="vae", torch_dtype=torch.float32 if kind == "sdxl" else half
-    ).to(dev)
+    reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=half).to(dev).eval()
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32 if kind == "sdxl" else half).to(dev)
     tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
-    encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=half).to(dev)]
+    encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=half).to(dev)]
     if kind == "sdxl":
         tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
         encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=half).to(dev)
+            CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", dtype=half).to(dev)
         )
     sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     opt = bnb.optim.AdamW8bit(policy.parameters(), lr=1e-8)

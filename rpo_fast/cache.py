@@ -124,16 +124,14 @@ class PairEncoder:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         self.model, self.kind, self.device = Path(model), model_kind(model), torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(self.model, subfolder="vae", torch_dtype=vae_dtype).to(device).eval()
+        self.vae = AutoencoderKL.from_pretrained(self.model, subfolder="vae", dtype=vae_dtype).to(device).eval()
         self.vae_dtype = vae_dtype
         self.tokenizers = [CLIPTokenizer.from_pretrained(self.model, subfolder="tokenizer")]
-        self.encoders = [CLIPTextModel.from_pretrained(self.model, subfolder="text_encoder", torch_dtype=text_dtype)]
+        self.encoders = [CLIPTextModel.from_pretrained(self.model, subfolder="text_encoder", dtype=text_dtype)]
         if self.kind == "sdxl":
             self.tokenizers.append(CLIPTokenizer.from_pretrained(self.model, subfolder="tokenizer_2"))
             self.encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(
-                    self.model, subfolder="text_encoder_2", torch_dtype=text_dtype
-                )
+                CLIPTextModelWithProjection.from_pretrained(self.model, subfolder="text_encoder_2", dtype=text_dtype)
             )
         self.encoders = [e.to(device).eval() for e in self.encoders]
 

@@ -66,7 +66,7 @@ class CLIPEmbedder:
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no CLIP model folder at {path} (config.json missing)")
-        self.model = CLIPModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size

@@ -98,9 +98,9 @@ def load_pipeline(
     kind = model_kind(model)
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
-    pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+    pipe = cls.from_pretrained(model, dtype=dtype, **extra)
     if unet is not None:
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype)
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet, dtype=dtype)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     choice = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "pndm": PNDMScheduler}.get(scheduler)
@@ -327,20 +327,23 @@ def _inception_fid(images: list, references: list, weights) -> float:  # pragma:
 # --------------------------------------------------------------------------------------------------
 
 
-def image_grid(rows: list[list], labels: list[str] | None = None, scale: int = 1):
-    """Rows of equally sized PIL images into one picture (optional label above each row)."""
+def image_grid(rows: list[list], labels: list[str] | None = None, scale: int = 1, split: int | None = None):
+    """Rows of equally sized PIL images into one picture (optional label above each row); ``split``: a white gap
+    after that many images of each row (base | tuned)."""
     from PIL import Image, ImageDraw
 
     w, h = rows[0][0].size
     w, h = w * scale, h * scale
     pad = 14 if labels else 0
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), (h + pad) * len(rows)), "white")
+    gap = 8 if split else 0
+    grid = Image.new("RGB", (w * max(len(r) for r in rows) + gap, (h + pad) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         if labels:
             draw.text((2, r * (h + pad) + 1), labels[r], fill="black")
         for c, im in enumerate(row):
-            grid.paste(im.resize((w, h), Image.NEAREST if scale > 1 else Image.BICUBIC), (c * w, r * (h + pad) + pad))
+            x = c * w + (gap if split and c >= split else 0)
+            grid.paste(im.resize((w, h), Image.NEAREST if scale > 1 else Image.BICUBIC), (x, r * (h + pad) + pad))
     return grid
 
 
@@ -393,7 +396,7 @@ def write_report(
             labels.append(prompts[i][:60])
         scale = max(1, 128 // rows[0][0].size[0])
         name = f"grid_{g // 8:03d}.png"
-        image_grid(rows, labels, scale).save(out / name)
+        image_grid(rows, labels, scale, split=per_prompt).save(out / name)
         grids.append(name)
     esc = html.escape
     table = "".join(

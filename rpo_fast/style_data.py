@@ -93,7 +93,7 @@ def build_style_set(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        editor, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        editor, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

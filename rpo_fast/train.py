@@ -433,7 +433,7 @@ class Trainer:
             if cfg.unet
             else dict(pretrained_model_name_or_path=model, subfolder="unet")
         )
-        policy = UNet2DConditionModel.from_pretrained(**unet_at, torch_dtype=torch.float32)
+        policy = UNet2DConditionModel.from_pretrained(**unet_at, dtype=torch.float32)
         _set_attention(policy, cfg.attention)
         if cfg.lora_rank:  # peft adapters; the base weights stay frozen and serve as the reference
             from peft import LoraConfig
@@ -455,7 +455,7 @@ class Trainer:
         self.n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         self.reference = None
         if cfg.objective != "sft" and not cfg.lora_rank:
-            reference = UNet2DConditionModel.from_pretrained(**unet_at, torch_dtype=self.dtype)
+            reference = UNet2DConditionModel.from_pretrained(**unet_at, dtype=self.dtype)
             _set_attention(reference, cfg.attention)
             reference.eval().requires_grad_(False)
             if cfg.ref_placement == "zero3":  # sharded like the policy: its own ZeRO-3 inference engine (TRL's pattern)

@@ -290,7 +290,7 @@ def test_evaluate_end_to_end_resumes_and_reports(tiny_sd15, clip_dir, tmp_path):
     assert "metrics.png" in srcs and any(s_.startswith("grid_") for s_ in srcs)
     assert all((out / src).exists() for src in srcs)
     grid = Image.open(out / "grid_000.png")
-    assert grid.size[0] == 4 * 128  # 2 base + 2 tuned images per row, upscaled to 128 px
+    assert grid.size[0] == 4 * 128 + 8  # 2 base | 2 tuned images per row, upscaled to 128 px, a gap between
 
 
 def test_evaluate_refuses_missing_inputs(tiny_sd15, tmp_path):
