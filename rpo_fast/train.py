@@ -5,11 +5,16 @@
     python rpo_fast/train.py ...                     (one process)
 
 The policy UNet trains under DeepSpeed (ZeRO-3 by default) with bitsandbytes' 8-bit AdamW as a client
-optimizer; the frozen reference is a bf16 copy on every rank, run under no_grad. Winners and losers go
-through each model in ONE concatenated forward. Data comes from the cache of ``python -m rpo_fast.cache``
-(or raw pairs for small runs, encoded on the fly). Checkpoints are DeepSpeed's, in ``OUTPUT/checkpoints/step-N``
-with a COMPLETE marker written last; ``--resume`` continues from the newest complete one. The trained UNet
-is exported to ``OUTPUT/unet`` (a diffusers folder).
+optimizer. The frozen reference is a bf16 copy on every rank, or its own ZeRO-3 inference engine
+(``--ref-placement zero3``), or with ``--lora-rank`` the policy itself with its adapters disabled. Winners and
+losers go through each model in ONE concatenated forward. Data comes from the cache of ``python -m
+rpo_fast.cache`` (or raw pairs for small runs, encoded on the fly). Checkpoints are DeepSpeed's, in
+``OUTPUT/checkpoints/step-N`` with a COMPLETE marker written last; ``--resume`` continues from the newest complete
+one. The trained UNet (or LoRA adapter) is exported to ``OUTPUT/unet`` (``OUTPUT/lora``).
+
+Read top to bottom: the config (``TrainConfig``), the checks that run before anything is loaded (``validate``),
+then ``Trainer``: ``__init__`` builds data, models, engine and loss in that order and logs one summary line;
+``forward_loss`` / ``train_step`` / ``train`` are the loop; ``save`` / ``load`` / ``export`` the checkpoints.
 """
 
 import os

@@ -298,3 +298,87 @@ def test_evaluate_refuses_missing_inputs(tiny_sd15, tmp_path):
         E.evaluate(tiny_sd15, tmp_path / "p.txt", tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="--unet"):
         E.evaluate(tiny_sd15, tmp_path / "p.txt", tmp_path / "o", unet=tmp_path / "none")
+
+
+def _openclip_state(width_v=64, width_t=48, layers=2, patch=8, image=32, vocab=514, ctx=77, proj=16, seed=3):
+    """A random state dict in open_clip's layout (not derived from transformers)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    s = {
+        "visual.conv1.weight": r(width_v, 3, patch, patch),
+        "visual.class_embedding": r(width_v),
+        "visual.positional_embedding": r((image // patch) ** 2 + 1, width_v),
+        "visual.proj": r(width_v, proj),
+        "token_embedding.weight": r(vocab, width_t),
+        "positional_embedding": r(ctx, width_t),
+        "text_projection": r(width_t, proj),
+        "logit_scale": torch.tensor(2.0),
+    }
+    for prefix, w in (("visual.", width_v), ("", width_t)):
+        for n in ("ln_pre", "ln_post") if prefix else ("ln_final",):
+            s[f"{prefix}{n}.weight"], s[f"{prefix}{n}.bias"] = 1 + r(w), r(w)
+        for i in range(layers):
+            b = f"{prefix}transformer.resblocks.{i}."
+            for n in ("ln_1", "ln_2"):
+                s[b + n + ".weight"], s[b + n + ".bias"] = 1 + r(w), r(w)
+            s[b + "attn.in_proj_weight"], s[b + "attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
+            s[b + "attn.out_proj.weight"], s[b + "attn.out_proj.bias"] = r(w, w), r(w)
+            s[b + "mlp.c_fc.weight"], s[b + "mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
+            s[b + "mlp.c_proj.weight"], s[b + "mlp.c_proj.bias"] = r(w, 4 * w), r(w)
+    return s
+
+
+def _openclip_blocks(s, prefix, x, heads, mask=None):
+    """open_clip's Transformer: x + attn(ln_1(x)), x + mlp(ln_2(x)); nn.MultiheadAttention semantics, GELU MLP."""
+    i = 0
+    while f"{prefix}resblocks.{i}.ln_1.weight" in s:
+        b = f"{prefix}resblocks.{i}."
+        h = F.layer_norm(x, x.shape[-1:], s[b + "ln_1.weight"], s[b + "ln_1.bias"])
+        q, k, v = F.linear(h, s[b + "attn.in_proj_weight"], s[b + "attn.in_proj_bias"]).chunk(3, dim=-1)
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        att = split(q) @ split(k).transpose(-1, -2) / math.sqrt(q.shape[-1] // heads)
+        if mask is not None:
+            att = att + mask
+        o = (att.softmax(-1) @ split(v)).transpose(1, 2).flatten(2)
+        x = x + F.linear(o, s[b + "attn.out_proj.weight"], s[b + "attn.out_proj.bias"])
+        h = F.layer_norm(x, x.shape[-1:], s[b + "ln_2.weight"], s[b + "ln_2.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, s[b + "mlp.c_fc.weight"], s[b + "mlp.c_fc.bias"])),
+            s[b + "mlp.c_proj.weight"],
+            s[b + "mlp.c_proj.bias"],
+        )
+        i += 1
+    return x
+
+
+def test_hps_mapping_equals_an_open_clip_forward_written_out(tmp_path):
+    """open_clip's forward, written from its VisionTransformer / encode_text (conv patchify, class token,
+    ln_pre, blocks, ln_post of the class token, @ proj; token + position embedding, causal blocks, ln_final,
+    the argmax (EOT) token, @ text_projection) against ``openclip_to_hf`` on a random open_clip state dict."""
+    from rpo_fast.scorers.hps import openclip_to_hf
+
+    s = _openclip_state()
+    hf = openclip_to_hf(s, vision_heads=2, text_heads=3)
+    px = torch.randn(2, 3, 32, 32)
+    ids = T.byte_level_clip_tokenizer()(
+        ["a red circle", "b"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        x = F.conv2d(px, s["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
+        x = torch.cat([s["visual.class_embedding"].expand(2, 1, -1), x], dim=1) + s["visual.positional_embedding"]
+        x = F.layer_norm(x, x.shape[-1:], s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
+        x = _openclip_blocks(s, "visual.transformer.", x, heads=2)
+        img = (
+            F.layer_norm(x[:, 0], x.shape[-1:], s["visual.ln_post.weight"], s["visual.ln_post.bias"]) @ s["visual.proj"]
+        )
+        causal = torch.full((77, 77), float("-inf")).triu(1)
+        t = _openclip_blocks(
+            s, "transformer.", s["token_embedding.weight"][ids] + s["positional_embedding"], heads=3, mask=causal
+        )
+        t = F.layer_norm(t, t.shape[-1:], s["ln_final.weight"], s["ln_final.bias"])
+        txt = t[torch.arange(2), ids.argmax(-1)] @ s["text_projection"]
+        hf_img = hf.visual_projection(hf.vision_model(pixel_values=px).pooler_output)
+        hf_txt = hf.text_projection(hf.text_model(input_ids=ids).pooler_output)
+    assert torch.allclose(hf_img, img, atol=1e-4), (hf_img - img).abs().max()
+    assert torch.allclose(hf_txt, txt, atol=1e-4), (hf_txt - txt).abs().max()
+    assert torch.allclose(hf.logit_scale, s["logit_scale"])
