@@ -32,6 +32,9 @@ def test_grammar_and_rule():
     for caption in S.CAPTIONS[::37]:  # the scorer recovers the colour's warmth from a rendered picture
         hue = rng.uniform()
         assert abs(S.warmth(S.render(caption, hue, rng)) - S.hue_warmth(hue)) < 0.45
+    noise = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert S.warmth(noise) == -1.0  # not a picture of an object on a plain background: never a winner
+    assert S.warmth(Image.new("RGB", (32, 32), (90, 90, 90))) == -1.0  # no object
 
 
 @pytest.mark.slow

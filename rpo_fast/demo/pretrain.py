@@ -224,9 +224,9 @@ def save(out: Path, vae, unet, text, tok, sched, clip, clip_tok) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rpo_fast.demo.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
-    ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--clip-steps", type=int, default=800)
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--unet-steps", type=int, default=4500)
+    ap.add_argument("--clip-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed: results do not follow the machine)")
     a = ap.parse_args(argv)

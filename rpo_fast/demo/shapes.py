@@ -84,15 +84,22 @@ def hue_warmth(hue: float) -> float:
     return float(np.cos(2 * np.pi * (hue - WARM_HUE)))
 
 
+BORDER_LIMIT = 0.2  # mean distance of the border pixels from their median: renders <= 0.11, base samples <= 0.19
+
+
 def warmth(image: Image.Image) -> float:
     """The hidden rule's score of an image: the warmth of its object's colour, times its saturation.
 
     The background is the median colour of the border; the object is the pixels furthest from it (the top
-    quarter, at least 0.1 away). A picture with no object scores -1.
+    quarter, at least 0.1 away). The rule presumes an object on a plain background: a picture whose border
+    strays from its median by more than ``BORDER_LIMIT`` on average (noise, a collapsed model) or that has no
+    object scores -1, the lowest score, so that degenerate pictures never win.
     """
     a = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     bg = np.median(border, axis=0)
+    if np.linalg.norm(border - bg, axis=-1).mean() > BORDER_LIMIT:
+        return -1.0
     dist = np.linalg.norm(a - bg, axis=-1)
     cut = max(0.1, np.quantile(dist, 0.75))
     obj = a[dist >= cut]
