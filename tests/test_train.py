@@ -132,20 +132,38 @@ def test_too_many_nonfinite_steps_stop_with_an_error(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_implicit_accuracy_rises_on_a_learnable_preference(runs, tmp_path):
-    """Warm-coloured winners, cool-coloured losers; accuracy measured on 64 held-out pairs x 4 fixed noise and
-    timestep draws. Measured on this CPU: 0.5 at step 0, 0.81 at step 120 (0.84 at 160)."""
+def test_implicit_accuracy_rises_on_a_learnable_preference(tmp_path):
+    """The demo's task (rpo_fast/demo): the shipped 1.4M-parameter base model, 200 training pairs whose winner is
+    the warmer object colour, 64 held-out pairs x 2 fixed noise and timestep draws; ZeRO-3, 8-bit AdamW, one rank.
+    Measured on this CPU (seeds 0, 1, 2): 0.5 at step 0, 0.95 / 0.90 / 0.91 at step 40, in about 40 s.
+    (A random-weight tiny UNet learns the same preference too, but its curve wanders from seed to seed: 0.66 to
+    0.89 at step 120.)"""
+    from rpo_fast.demo.__main__ import ASSETS, make_pairs
+
+    for name, rounds, seed in (("train", 2, 0), ("eval", 1, 1)):
+        make_pairs(tmp_path / name, rounds, seed=seed)
+        build_cache(
+            str(ASSETS / "base"),
+            tmp_path / name / "pairs.jsonl",
+            tmp_path / f"cache_{name}",
+            resolution=32,
+            shard_size=256,
+            batch_size=64,
+            progress=False,
+            rank=0,
+            world=1,
+        )
     out = tmp_path / "run"
     res = launch(
         [
             "--ds_config",
             str(ZERO3),
             "--model",
-            str(runs["sd15"]),
+            str(ASSETS / "base"),
             "--data",
-            str(runs["root"] / "cache_sd15"),
+            str(tmp_path / "cache_train"),
             "--eval-data",
-            str(runs["root"] / "eval_sd15"),
+            str(tmp_path / "cache_eval"),
             "--output",
             str(out),
             "--objective",
@@ -153,21 +171,21 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(runs, tmp_path):
             "--beta",
             "500",
             "--lr",
-            "1e-3",
+            "5e-5",
             "--micro-batch-size",
             "8",
             "--max-steps",
-            "120",
+            "40",
             "--eval-every",
-            "120",
+            "40",
             "--eval-pairs",
             "64",
             "--eval-repeats",
-            "4",
+            "2",
             "--log-every",
-            "40",
+            "20",
             "--checkpoint-every",
-            "120",
+            "40",
             "--no-progress",
             "--no-export",
         ],
@@ -176,7 +194,7 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(runs, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     evals = {r["step"]: r["eval/implicit_acc"] for r in metrics(out) if "eval/implicit_acc" in r}
     assert evals[0] == 0.5
-    assert evals[120] >= 0.7, evals
+    assert evals[40] >= 0.7, evals
 
 
 # --------------------------------------------------------------------------------------------------
