@@ -499,9 +499,9 @@ class Trainer:
             for s in cfg.debug_nan_steps.split(",")
             if s and ("@" not in s or int(s.split("@")[1]) == self.rank)
         }
-        self.logger = RunLogger(self.out, self.rank, cfg.tensorboard) if not cfg.export_only else None
         if cfg.resume and latest_checkpoint(self.out) is not None:
             self.load(latest_checkpoint(self.out))
+        self.logger = RunLogger(self.out, self.rank, cfg.tensorboard, self.step) if not cfg.export_only else None
         if self.rank == 0 and not cfg.export_only:
             self.out.mkdir(parents=True, exist_ok=True)
             run = dict(train=dataclasses.asdict(cfg), deepspeed=self.ds_config, loss=self.loss_opts)
@@ -932,20 +932,38 @@ def _die_during_save(engine, root: Path, tag: str, state: dict) -> None:
     os._exit(137)
 
 
-class RunLogger:
-    """metrics.jsonl (one JSON object per log), TensorBoard when installed, on rank 0."""
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line of a killed process: dropped
 
-    def __init__(self, out: Path, rank: int, tensorboard: bool):
+
+class RunLogger:
+    """metrics.jsonl (one JSON object per log), TensorBoard when installed, on rank 0.
+
+    The run continues from ``start_step`` (0, or the step of the checkpoint it resumed from): rows logged after
+    that step by an earlier, killed process are dropped (they are about to be redone), so the file holds each step
+    once. TensorBoard's events after it are purged the same way."""
+
+    def __init__(self, out: Path, rank: int, tensorboard: bool, start_step: int = 0):
         self.rank, self.tb = rank, None
         if rank != 0:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = (out / "metrics.jsonl").open("a")
+        path = out / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines() if start_step else []
+            kept = [line for line in lines if _logged_step(line) <= start_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = path.open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"))
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 print("[rpo_fast] tensorboard is not installed: logging to metrics.jsonl only", flush=True)
 

@@ -138,21 +138,9 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(tmp_path):
     Measured on this CPU (seeds 0, 1, 2): 0.5 at step 0, 0.95 / 0.90 / 0.91 at step 40, in about 40 s.
     (A random-weight tiny UNet learns the same preference too, but its curve wanders from seed to seed: 0.66 to
     0.89 at step 120.)"""
-    from rpo_fast.demo.__main__ import ASSETS, make_pairs
+    from rpo_fast.demo.__main__ import ASSETS, make_caches
 
-    for name, rounds, seed in (("train", 2, 0), ("eval", 1, 1)):
-        make_pairs(tmp_path / name, rounds, seed=seed)
-        build_cache(
-            str(ASSETS / "base"),
-            tmp_path / name / "pairs.jsonl",
-            tmp_path / f"cache_{name}",
-            resolution=32,
-            shard_size=256,
-            batch_size=64,
-            progress=False,
-            rank=0,
-            world=1,
-        )
+    cache, eval_cache = make_caches(tmp_path, str(ASSETS / "base"), rounds=2)
     out = tmp_path / "run"
     res = launch(
         [
@@ -161,9 +149,9 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(tmp_path):
             "--model",
             str(ASSETS / "base"),
             "--data",
-            str(tmp_path / "cache_train"),
+            str(cache),
             "--eval-data",
-            str(tmp_path / "cache_eval"),
+            str(eval_cache),
             "--output",
             str(out),
             "--objective",
@@ -236,6 +224,8 @@ def test_resume_is_exact_and_survives_a_kill_during_save(runs, tmp_path):
     assert sorted(a) == list(range(1, 7)) and set(b) >= set(range(1, 7))
     for step in range(1, 7):
         assert a[step]["loss/loss"] == b[step]["loss/loss"], (step, a[step]["loss/loss"], b[step]["loss/loss"])
+    logged = [r["step"] for r in metrics(out) if "loss/loss" in r]
+    assert logged == list(range(1, 7))  # each step once: what the killed runs logged after step 2 was dropped
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept == ["step-4", "step-6"]  # the newest 2 complete ones; the broken step-4 was redone
 

@@ -68,7 +68,36 @@ def make_pairs(out: Path, rounds: int, seed: int = 0) -> Path:
     return path
 
 
+def make_caches(out: Path, model: str, *, rounds: int, seed: int = 0, embedder: str | None = None) -> tuple[Path, Path]:
+    """Training pairs (``rounds`` x 100 captions) in ``out/data`` and 100 held-out pairs of the same captions in
+    ``out/eval_data`` (seed + 1), cached for ``model`` (and ``embedder``) in ``out/cache`` and ``out/eval_cache``;
+    what exists is reused."""
+    from ..cache import build_cache
+
+    caches = []
+    for name, n, pair_seed in (("data", rounds, seed), ("eval_data", 1, seed + 1)):
+        if not (out / name / "pairs.jsonl").exists():
+            make_pairs(out / name, n, seed=pair_seed)
+        dest = out / ("cache" if name == "data" else "eval_cache")
+        build_cache(
+            model,
+            out / name / "pairs.jsonl",
+            dest,
+            resolution=32,
+            embedder=embedder,
+            shard_size=256,
+            batch_size=64,
+            seed=seed,
+            rank=0,
+            world=1,
+        )
+        caches.append(dest)
+    return caches[0], caches[1]
+
+
 def plot_training(metrics: Path, path: Path) -> Path:
+    """Loss over steps, and implicit accuracy (training batches and held-out pairs) where the objective has one;
+    SFT has no reference, so its right panel is the held-out loss instead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,23 +105,32 @@ def plot_training(metrics: Path, path: Path) -> Path:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in rows if "loss/loss" in r]
-    evals = [r for r in rows if "eval/implicit_acc" in r]
+    pairwise = any("reward/implicit_acc" in r for r in train)
+    key = "implicit_acc" if pairwise else "loss"
+    evals = [r for r in rows if f"eval/{key}" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot([r["step"] for r in train], [r["loss/loss"] for r in train], color="#e4572e")
     ax1.set(title="training loss", xlabel="step")
-    ax2.plot(
-        [r["step"] for r in train], [r["reward/implicit_acc"] for r in train], color="#9aa5b1", label="training batches"
-    )
+    if pairwise:
+        ax2.plot(
+            [r["step"] for r in train],
+            [r["reward/implicit_acc"] for r in train],
+            color="#9aa5b1",
+            label="training batches",
+        )
+        ax2.axhline(0.5, color="black", lw=0.5, ls=":")
+        ax2.set(title="implicit accuracy", ylim=(0, 1))
+    else:
+        ax2.set(title="held-out loss")
     if evals:
         ax2.plot(
             [r["step"] for r in evals],
-            [r["eval/implicit_acc"] for r in evals],
+            [r[f"eval/{key}"] for r in evals],
             "o-",
             color="#17bebb",
-            label="held-out pairs",
+            label="held-out pairs" if pairwise else "held-out winners",
         )
-    ax2.axhline(0.5, color="black", lw=0.5, ls=":")
-    ax2.set(title="implicit accuracy", xlabel="step", ylim=(0, 1))
+    ax2.set(xlabel="step")
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -146,28 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(2)
 
-    from ..cache import build_cache
-
-    # training pairs (rounds x 100 captions) and held-out pairs of the same captions for the evaluation curve
-    cache, eval_cache = out / "cache", out / "eval_cache"
-    for folder, rounds, seed, dest in (
-        (out / "data", a.rounds, a.seed, cache),
-        (out / "eval_data", 1, a.seed + 1, eval_cache),
-    ):
-        if not (folder / "pairs.jsonl").exists():
-            make_pairs(folder, rounds, seed=seed)
-        build_cache(
-            a.model,
-            folder / "pairs.jsonl",
-            dest,
-            resolution=32,
-            embedder=a.clip,
-            shard_size=256,
-            batch_size=64,
-            seed=a.seed,
-            rank=0,
-            world=1,
-        )
+    cache, eval_cache = make_caches(out, a.model, rounds=a.rounds, seed=a.seed, embedder=a.clip)
 
     opts = SETTINGS[a.objective]
     launcher = Path(sys.executable).parent / "deepspeed"  # the deepspeed command of this environment
