@@ -37,6 +37,24 @@ def test_grammar_and_rule():
     assert S.warmth(Image.new("RGB", (32, 32), (90, 90, 90))) == -1.0  # no object
 
 
+@pytest.mark.parametrize("objective", ["dpo", "sft"])
+def test_training_plot_for_pair_objectives_and_sft(tmp_path, objective):
+    """SFT logs no implicit accuracy (it has no reference): its right panel is the held-out loss."""
+    from rpo_fast.demo.__main__ import plot_training
+
+    rows = [{"step": 0, "eval/loss": 0.5, "eval/implicit_acc": 0.5}]
+    for step in range(10, 50, 10):
+        row = {"step": step, "loss/loss": 1.0 / step}
+        if objective != "sft":
+            row["reward/implicit_acc"] = 0.5 + step / 100
+        rows.append(row)
+    if objective == "sft":
+        rows = [{k: v for k, v in r.items() if "implicit" not in k} for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = plot_training(tmp_path / "metrics.jsonl", tmp_path / "training.png")
+    assert Image.open(path).size == (990, 352)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_demo_aligns_the_model_with_the_hidden_preference(tmp_path):
