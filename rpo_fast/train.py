@@ -821,14 +821,19 @@ def _check_fp16(cfg: TrainConfig) -> None:
     raise ValueError(f"--mixed-precision fp16: DeepSpeed does not support fp16 on this {acc.device_name()}; use bf16")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1: the rendezvous of a one-process run, or a launcher's ``--master_port``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _init_distributed() -> tuple[int, int, int]:
     """deepspeed.init_distributed, also for a plain `python rpo_fast/train.py` (one rank)."""
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))

@@ -7,7 +7,6 @@ Tolerance: the cache stores fp16; cached tensors equal on-the-fly fp32 encoding 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_close
+from trainrun import free_port
 
 from rpo_fast import testing as T
 from rpo_fast.cache import CachedPairs, CacheError, OnTheFlyPairs, PairEncoder, build_cache, collate, model_kind
@@ -108,7 +108,7 @@ def test_text_is_encoded_once_per_unique_caption(tmp_path, pickapic, tiny_sd15):
         assert f.get_tensor("text_index").shape == (8,)
 
 
-def _cache_cmd(model, data, out):
+def _cache_cmd(model, data, out, *extra):
     return [
         sys.executable,
         "-m",
@@ -123,14 +123,13 @@ def _cache_cmd(model, data, out):
         "32",
         "--shard-size",
         "2",
-        "--batch-size",
-        "1",
         "--no-progress",
-        "--flip-twin",
-        "--flip",
-        "--crop",
-        "random",
+        *extra,
     ]
+
+
+# the resumed build: one pair a batch, both twins, random crops (every seeded choice must be redone alike)
+RESUME_ARGS = ("--batch-size", "1", "--flip-twin", "--flip", "--crop", "random")
 
 
 @pytest.mark.slow
@@ -138,13 +137,11 @@ def test_kill_and_resume_gives_byte_identical_shards(tmp_path, tiny_sd15):
     data = tmp_path / "data"
     T.write_pickapic_shard(data / "a.parquet", T.pickapic_rows(40, tie_every=0, corrupt=(7,)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    straight = tmp_path / "straight"
-    subprocess.run(_cache_cmd(tiny_sd15, data, straight), check=True, env=env, capture_output=True, timeout=600)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    build = {out: _cache_cmd(tiny_sd15, data, out, *RESUME_ARGS) for out in (straight, killed)}
+    subprocess.run(build[straight], check=True, env=env, capture_output=True, timeout=600)
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cache_cmd(tiny_sd15, data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(build[killed], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "shard-r0-00003.safetensors").exists():
         assert time.time() < deadline and proc.poll() is None, "the build ended before it could be killed"
@@ -154,7 +151,7 @@ def test_kill_and_resume_gives_byte_identical_shards(tmp_path, tiny_sd15):
     assert not (killed / "index.json").exists(), "killed too late to test a resume"
     with pytest.raises(CacheError, match="unfinished cache"):
         CachedPairs(killed)
-    done = subprocess.run(_cache_cmd(tiny_sd15, data, killed), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(build[killed], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after" in done.stdout
     names = sorted(p.name for p in straight.glob("shard-*.safetensors"))
@@ -163,16 +160,14 @@ def test_kill_and_resume_gives_byte_identical_shards(tmp_path, tiny_sd15):
         assert (straight / name).read_bytes() == (killed / name).read_bytes(), name
     a, b = (json.loads((d / "index.json").read_text()) for d in (straight, killed))
     assert a["pairs"] == b["pairs"] == 39 and a["skipped"] == b["skipped"] == {"undecodable image": 1}
-    again = subprocess.run(_cache_cmd(tiny_sd15, data, killed), env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(build[killed], env=env, capture_output=True, text=True, timeout=600)
     assert "nothing to do" in again.stdout
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_cover_every_pair_once(tmp_path, pickapic, tiny_sd15):
     out = tmp_path / "cache"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(
@@ -183,24 +178,7 @@ def test_two_ranks_cover_every_pair_once(tmp_path, pickapic, tiny_sd15):
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "rpo_fast.cache",
-            "--model",
-            str(tiny_sd15),
-            "--data",
-            str(pickapic),
-            "--out",
-            str(out),
-            "--resolution",
-            "32",
-            "--shard-size",
-            "2",
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ]
+        cmd = _cache_cmd(tiny_sd15, pickapic, out, "--batch-size", "2")
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=600)

@@ -2,21 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from rpo_fast.train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "rpo_fast" / "train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 ZERO3 = ROOT / "configs" / "zero3_8bit.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:

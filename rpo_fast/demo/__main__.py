@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cache, eval_cache = make_caches(out, a.model, rounds=a.rounds, seed=a.seed, embedder=a.clip)
 
+    from ..train import free_port
+
     opts = SETTINGS[a.objective]
     launcher = Path(sys.executable).parent / "deepspeed"  # the deepspeed command of this environment
     launcher = [launcher] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--num_gpus",
         str(a.ranks),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         ROOT / "rpo_fast" / "train.py",
         "--ds_config",
         ROOT / "configs" / "zero3_8bit.json",
@@ -286,14 +288,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"[demo] grid (base | tuned): {grid}\n[demo] training curves: {plot}\n[demo] report: {summary['report']}")
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
