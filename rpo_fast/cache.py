@@ -433,20 +433,27 @@ def build_cache(
         skipped = Counter()
         for r in ranks:
             skipped.update(r["skipped"])
-        index = dict(
-            settings,
-            pairs=sum(r["pairs"] for r in ranks),
-            skipped=dict(skipped),
-            shards=shards,
-            versions=_versions(),
-            model=str(model.resolve()),
-            created=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-        _write_atomic_json(out / "index.json", index)
+        index = _write_index(out, settings, model, sum(r["pairs"] for r in ranks), dict(skipped), shards)
         causes = ", ".join(f"{c} {n}" for c, n in sorted(skipped.items())) or "none"
         print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {causes}")
         return index
     return mine
+
+
+def _write_index(out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict]) -> dict:
+    """index.json, written last (its presence marks a finished cache): the settings, what was written, the
+    versions and the model it was made for."""
+    index = dict(
+        settings,
+        pairs=pairs,
+        skipped=skipped,
+        shards=shards,
+        versions=_versions(),
+        model=str(model.resolve()),
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    _write_atomic_json(out / "index.json", index)
+    return index
 
 
 def _versions() -> dict:

@@ -530,8 +530,6 @@ def write_synthetic_cache(
 ) -> Path:
     """A complete cache (the format of ``rpo_fast.cache``) of ``n`` random pairs for ``model``: shapes taken from the
     model's configs, nothing encoded. For benchmarks of the training step, where only shapes matter."""
-    import time as _time
-
     from . import cache as C
 
     model, out = Path(model), Path(out)
@@ -587,14 +585,5 @@ def write_synthetic_cache(
         data="synthetic",
     )
     (out / "cache.json").write_text(json.dumps(settings))
-    index = dict(
-        settings,
-        pairs=n,
-        skipped={},
-        shards=[dict(name="shard-r0-00000.safetensors", pairs=n)],
-        versions={},
-        model=str(model.resolve()),
-        created=_time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    (out / "index.json").write_text(json.dumps(index))
+    C._write_index(out, settings, model, n, {}, [dict(name="shard-r0-00000.safetensors", pairs=n)])
     return out
