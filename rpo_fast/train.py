@@ -522,10 +522,12 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- one step
-    def batch(self, picks: list[tuple[int, bool]]) -> dict:
+    def batch(self, picks: list[tuple[int, bool]], dataset=None) -> dict:
+        """The pairs ``picks`` ((index, mirrored twin)) of ``dataset`` (the training set by default), on the device."""
         from rpo_fast.cache import collate
 
-        items = [self.dataset.get(i, flip) for i, flip in picks]
+        dataset = self.dataset if dataset is None else dataset
+        items = [dataset.get(i, flip) for i, flip in picks]
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
 
     def pair_seeds(self, step: int, indices: list[int], salt: int = 0) -> list[int]:
@@ -628,8 +630,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean metrics over the fixed evaluation pairs, with fixed noise and timesteps (no caption dropping)."""
-        from rpo_fast.cache import collate
-
         mb, sums, count, names = self.cfg.micro_batch_size, None, 0, None
         n_total = min(self.cfg.eval_pairs, len(self.eval_dataset))
         self.engine.eval()
@@ -640,8 +640,7 @@ class Trainer:
             # of pairs repeats one with weight 0
             real = self.eval_set[k * mb : (k + 1) * mb]
             idx = real or self.eval_set[:1]
-            batch = collate([self.eval_dataset.get(i) for i in idx])
-            batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+            batch = self.batch([(i, False) for i in idx], self.eval_dataset)
             out = self.forward_loss(batch, self.pair_seeds(0, idx, salt=1 + rep), train=False)
             names = sorted(out.metrics)
             vec = torch.stack([out.metrics[name] for name in names]) * len(real)
