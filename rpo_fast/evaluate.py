@@ -517,15 +517,14 @@ def evaluate(
     from PIL import Image
 
     prompt_of = [prompts[i] for i in range(len(prompts)) for _ in range(per_prompt)]
-    scores, comparisons = {}, []
-    for scorer in loaded:
-        for name in ("base", "tuned"):
-            vals = []
-            for k in range(0, len(paths[name]), 64):
-                ims = [Image.open(p).convert("RGB") for p in paths[name][k : k + 64]]
-                vals.append(scorer.score(ims, prompt_of[k : k + 64]).double())
-            scores[(scorer.name, name)] = torch.cat(vals).numpy()
-        comparisons.append(compare(scorer.name, scores[(scorer.name, "base")], scores[(scorer.name, "tuned")]))
+    chunks = {(scorer.name, name): [] for scorer in loaded for name in ("base", "tuned")}
+    for name in ("base", "tuned"):
+        for k in range(0, len(paths[name]), 64):  # each image read once, scored by every scorer
+            ims = [Image.open(p).convert("RGB") for p in paths[name][k : k + 64]]
+            for scorer in loaded:
+                chunks[(scorer.name, name)].append(scorer.score(ims, prompt_of[k : k + 64]).double())
+    scores = {key: torch.cat(vals).numpy() for key, vals in chunks.items()}
+    comparisons = [compare(s.name, scores[(s.name, "base")], scores[(s.name, "tuned")]) for s in loaded]
     with (out / "scores.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt_index", "draw", "prompt"] + [f"{s.name}_{n}" for s in loaded for n in ("base", "tuned")])
