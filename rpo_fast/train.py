@@ -835,7 +835,27 @@ def _init_distributed() -> tuple[int, int, int]:
         port = free_port()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ["RANK"])
+    _unlink_cpu_allreduce_buffer(rank)
+    return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """On CPU, DeepSpeed's shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp, set up when the launcher sets
+    LOCAL_SIZE) creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, about 70 MB per rank, and
+    never unlinks it: each run would leave its buffers in memory until the machine reboots. Every rank has mapped
+    every other rank's buffer before init_distributed returns, so after a barrier each rank removes the name of its
+    own; the mappings live on until the processes exit, and a killed run leaves nothing behind."""
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+    name += f"_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    if torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank, whether or not it has a buffer: the condition is the same on all of them
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def _build_optimizer(cfg: TrainConfig, params, lr: float):
