@@ -846,11 +846,12 @@ def _unlink_cpu_allreduce_buffer(rank: int) -> None:
     never unlinks it: each run would leave its buffers in memory until the machine reboots. Every rank has mapped
     every other rank's buffer before init_distributed returns, so after a barrier each rank removes the name of its
     own; the mappings live on until the processes exit, and a killed run leaves nothing behind."""
-    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
-    name += f"_{os.environ.get('MASTER_PORT', '')}_{rank}"
     if torch.cuda.is_available():
         return
     import torch.distributed as dist
+
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+    name += f"_{os.environ.get('MASTER_PORT', '')}_{rank}"
 
     if dist.get_world_size() > 1:
         dist.barrier()  # every rank, whether or not it has a buffer: the condition is the same on all of them
