@@ -17,9 +17,9 @@ ZERO3 = ROOT / "configs" / "zero3_8bit.json"
 def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """deepspeed --num_gpus N rpo_fast/train.py ... (ranks > 1), or python rpo_fast/train.py ... (one).
 
-    Every launch also checks that the run left none of DeepSpeed's CPU all-reduce buffers in /dev/shm (the trainer
+    Every launcher run also checks that it left none of DeepSpeed's CPU all-reduce buffers in /dev/shm (the trainer
     unlinks them; each leaked one holds ~70 MB of memory until reboot, and a test suite's worth once ran CI out of
-    memory)."""
+    memory). A one-process run makes none: DeepSpeed sets them up only when the launcher sets LOCAL_SIZE."""
     port = str(free_port())
     if ranks > 1:
         cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", port, str(TRAIN), *args]
@@ -27,7 +27,7 @@ def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess
         cmd = [sys.executable, str(TRAIN), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if ranks > 1 else []
     for f in leaked:
         f.unlink()
     assert not leaked, f"the run left DeepSpeed's shared-memory buffers behind: {leaked}"
