@@ -223,7 +223,7 @@ def _pair_kernel(
         acc_dd = zero
         for i0 in range(0, B, BLOCK_B):
             iw = (i0 + ar).to(tl.int64)
-            _, _, _, _, ddw = _stats(PART, iw, iw < B, CHUNKS, inv_n)
+            ddw = _stats(PART, iw, iw < B, CHUNKS, inv_n)[4]
             acc_dd += tl.where(iw < B, ddw, 0.0)
         big = tl.sum(acc_dd, axis=0) * inv_b >= 0.1
     s_loss, s_acc, s_u, s_hw, s_hl = zero, zero, zero, zero, zero
@@ -239,7 +239,7 @@ def _pair_kernel(
             tl.store(GD + iw, zero, mask=mask)
         else:
             il = iw + B
-            ml, rl, dl, _, _ = _stats(PART, il, mask, CHUNKS, inv_n)
+            ml, rl, dl = _stats(PART, il, mask, CHUNKS, inv_n)[:3]
             scale = zero + a0  # h = -scale * delta
             if OBJ == 4:  # dense-dpo: w(t) = gamma ** (((T - 1 - t) * N_steps) // T)
                 t = tl.load(TS + iw, mask=mask, other=0).to(tl.int64)
@@ -363,7 +363,7 @@ def _rpo_row_kernel(
     rows = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
     rmask = rows < B
     inv_nw = _row_inv_norm(EW, rows, B, D, BLOCK_D)
-    _, _, dw, _, _ = _stats(PART, rows, rmask, CHUNKS, inv_n)
+    dw = _stats(PART, rows, rmask, CHUNKS, inv_n)[2]
     rmax = tl.full([BLOCK_I], float("-inf"), dtype=tl.float32)
     rsum = tl.zeros([BLOCK_I], dtype=tl.float32)
     for j0 in range(0, B, BLOCK_J):  # pass 1: online softmax statistics
@@ -379,7 +379,7 @@ def _rpo_row_kernel(
     for j0 in range(0, B, BLOCK_J):  # pass 2: loss and row sums of dL/dD
         cols = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         cmask = cols < B
-        _, _, dl, _, _ = _stats(PART, cols + B, cmask, CHUNKS, inv_n)
+        dl = _stats(PART, cols + B, cmask, CHUNKS, inv_n)[2]
         cos = _cosine_tile(EW, EL, rows, cols, B, D, inv_nw, BLOCK_D)
         valid = rmask[:, None] & cmask[None, :]
         w, term, g = _rpo_terms(cos, rmax, rsum, dw, dl, valid, half_beta, inv_tau, inv_b, INSIDE)
@@ -420,18 +420,18 @@ def _rpo_col_kernel(
     inv_b = 1.0 / B
     cols = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     cmask = cols < B
-    _, _, dl, _, _ = _stats(PART, cols + B, cmask, CHUNKS, inv_n)
+    dl = _stats(PART, cols + B, cmask, CHUNKS, inv_n)[2]
     gcol = tl.zeros([BLOCK_J], dtype=tl.float32)
     for i0 in range(0, B, BLOCK_I):
         rows = (i0 + tl.arange(0, BLOCK_I)).to(tl.int64)
         rmask = rows < B
-        _, _, dw, _, _ = _stats(PART, rows, rmask, CHUNKS, inv_n)
+        dw = _stats(PART, rows, rmask, CHUNKS, inv_n)[2]
         rmax = tl.load(ROW + rows * 4 + 0, mask=rmask, other=0.0)
         rsum = tl.load(ROW + rows * 4 + 1, mask=rmask, other=1.0)
         inv_nw = _row_inv_norm(EW, rows, B, D, BLOCK_D)
         cos = _cosine_tile(EW, EL, rows, cols, B, D, inv_nw, BLOCK_D)
         valid = rmask[:, None] & cmask[None, :]
-        _, _, g = _rpo_terms(cos, rmax, rsum, dw, dl, valid, half_beta, inv_tau, inv_b, INSIDE)
+        g = _rpo_terms(cos, rmax, rsum, dw, dl, valid, half_beta, inv_tau, inv_b, INSIDE)[2]
         gcol += tl.sum(g, axis=0)
     tl.store(GE + B + cols, 2.0 * inv_n * half_beta * gcol, mask=cmask)
     tl.store(GD + B + cols, tl.zeros([BLOCK_J], dtype=tl.float32), mask=cmask)
@@ -442,8 +442,8 @@ def _rpo_col_kernel(
         for i0 in range(0, B, BLOCK_J):
             iw = (i0 + tl.arange(0, BLOCK_J)).to(tl.int64)
             mask = iw < B
-            mw, rw, dw, _, _ = _stats(PART, iw, mask, CHUNKS, inv_n)
-            ml, rl, dl2, _, _ = _stats(PART, iw + B, mask, CHUNKS, inv_n)
+            mw, rw, dw = _stats(PART, iw, mask, CHUNKS, inv_n)[:3]
+            ml, rl, dl2 = _stats(PART, iw + B, mask, CHUNKS, inv_n)[:3]
             hw = -half_beta * dw
             hl = -half_beta * dl2
             u = hw - hl
@@ -469,6 +469,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _grid_target(device: torch.device) -> int:
+    """Programs that cover the device: 4 per SM (4 on CPU, where the interpreter runs)."""
+    return 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+
+
 def _layout(p: Tensor, t: Tensor, q: Tensor | None):
     """Pair the right elements: all three in p's memory format (contiguous or channels_last), each row a
     dense block of N elements in the same order. Anything else is copied, never reinterpreted."""
@@ -485,8 +490,7 @@ def _layout(p: Tensor, t: Tensor, q: Tensor | None):
 def default_num_chunks(rows: int, n: int, device: torch.device) -> int:
     """Split each row into chunks so that the grid covers the GPU (4 programs per SM), at least BLOCK_ERR
     elements a chunk. Depends only on shapes and the device, so results are reproducible bit for bit."""
-    target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(n, BLOCK_ERR), triton.cdiv(target, rows)))
+    return max(1, min(triton.cdiv(n, BLOCK_ERR), triton.cdiv(_grid_target(device), rows)))
 
 
 def errors_fwd(
