@@ -115,7 +115,9 @@ class ResultTable:
         self.env = environment()
 
     def add(self, **row):
+        """Append a row and rewrite the files: a run stopped part way keeps every row measured so far."""
         self.rows.append(row)
+        self.write()
 
     def write(self) -> list[Path]:
         if not self.rows:
