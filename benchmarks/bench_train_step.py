@@ -19,8 +19,8 @@ torch.utils.flop_counter on meta tensors, so no recomputation) over the bf16 mat
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -180,11 +180,35 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
 
 
-def _release() -> None:
-    """Free the models of the previous measurement before the next one (peak memory is per measurement)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def measure(side: str, model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
+    """One measurement (``side``: "rpo_fast" or "baseline") in its own process, so that its peak memory is its
+    own and an out-of-memory ends only it: {step_s, pairs_per_s, peak_gb} or {error}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--measure", side, "--model", str(model), "--cache", str(cache)]
+        cmd += ["--pairs", str(pairs), "--steps", str(steps), "--warmup", str(warmup), "--result", str(result)]
+        cmd += ["--flags", json.dumps(flags)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if result.exists():
+            return json.loads(result.read_text())
+        lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        return dict(error=f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}", log=lines[-40:])
+
+
+def _measure_here(a) -> None:
+    """The child of ``measure``: runs one side and writes its result (an out-of-memory is a result too)."""
+    flags = json.loads(a.flags)
+    kw = dict(steps=a.steps, warmup=a.warmup)
+    (pairs,) = a.pairs
+    try:
+        if a.measure == "rpo_fast":
+            out = bench_rpo_fast(Path(a.model), Path(a.cache), pairs, **kw, **flags)
+        else:
+            out = bench_baseline(Path(a.model), pairs, **kw, gradient_checkpointing=flags["gradient_checkpointing"])
+    except torch.OutOfMemoryError as e:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        out = dict(error=f"out of memory (peak {peak:.1f} GiB allocated): {str(e).splitlines()[0]}")
+    Path(a.result).write_text(json.dumps(out))
 
 
 def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, **flags) -> ResultTable:
@@ -207,10 +231,12 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
             "matmul_tflops",
             "rpo_fast_mfu",
             "baseline_mfu",
+            "errors",
         ],
         notes="Command: python benchmarks/bench_train_step.py (or pytest benchmarks/ --benchmark). MFU: model FLOPs "
         "(policy fwd+bwd on 2 images + reference fwd on 2, no recomputation) x pairs/s over the bf16 matmul rate "
-        "measured in the same run.",
+        "measured in the same run. Each measurement runs in its own process (peak memory is its own; an out-of-memory "
+        "is reported in errors).",
     )
     rate = matmul_rate()
     root = Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
@@ -220,6 +246,8 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
             root / kind, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
         )
         flops = model_flops_per_pair(model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
         for pairs in pairs_list:
             cache = T.write_synthetic_cache(
                 model,
@@ -227,34 +255,35 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
                 max(8, 2 * pairs),
                 resolution=RESOLUTION["tiny" if QUICK else kind],
             )
-            ours = bench_rpo_fast(
-                model, cache, pairs, steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing, **flags
-            )
-            _release()
-            base = bench_baseline(
-                model, pairs, steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing
-            )
-            _release()
+            kw = dict(steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing)
+            ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
+            base = measure("baseline", model, cache, pairs, **kw)
+            ok = "error" not in ours and "error" not in base
             table.add(
                 kind=kind,
                 pairs=pairs,
                 gradient_checkpointing=gradient_checkpointing,
                 flags=json.dumps(flags),
-                rpo_fast_pairs_s=ours["pairs_per_s"],
-                baseline_pairs_s=base["pairs_per_s"],
-                speedup=ours["pairs_per_s"] / base["pairs_per_s"],
-                rpo_fast_peak_gb=ours["peak_gb"],
-                baseline_peak_gb=base["peak_gb"],
+                rpo_fast_pairs_s=ours.get("pairs_per_s"),
+                baseline_pairs_s=base.get("pairs_per_s"),
+                speedup=ours["pairs_per_s"] / base["pairs_per_s"] if ok else None,
+                rpo_fast_peak_gb=ours.get("peak_gb"),
+                baseline_peak_gb=base.get("peak_gb"),
                 model_tflop_per_pair=flops / 1e12,
                 matmul_tflops=rate / 1e12,
-                rpo_fast_mfu=ours["pairs_per_s"] * flops / rate,
-                baseline_mfu=base["pairs_per_s"] * flops / rate,
+                rpo_fast_mfu=ours["pairs_per_s"] * flops / rate if "error" not in ours else None,
+                baseline_mfu=base["pairs_per_s"] * flops / rate if "error" not in base else None,
+                errors="; ".join(
+                    f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
+                )
+                or None,
             )
-            print(
-                f"[bench] {kind} x{pairs}: rpo_fast {ours['pairs_per_s']:.3f} pairs/s, baseline "
-                f"{base['pairs_per_s']:.3f} pairs/s",
-                flush=True,
-            )
+            for side, r in (("rpo_fast", ours), ("baseline", base)):
+                if "error" in r:
+                    print(
+                        f"[bench] {kind} x{pairs} {side}: {r['error']}", *r.get("log", [])[-20:], sep="\n", flush=True
+                    )
+            print(f"[bench] {table.rows[-1]}", flush=True)
     return table
 
 
@@ -269,7 +298,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny models (the CPU mode)")
+    for name in ("--measure", "--model", "--cache", "--result", "--flags"):  # the child of measure()
+        ap.add_argument(name, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.measure:
+        return _measure_here(a)
     flags = dict(ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")

@@ -16,6 +16,7 @@ def test_train_step(results):
     table = B.run(kinds, pairs, steps=1 if QUICK else 5, warmup=1 if QUICK else 2, table=results.get("train_step"))
     results["train_step"] = table
     for row in table.rows:
+        assert row["errors"] is None, row["errors"]
         assert math.isfinite(row["rpo_fast_pairs_s"]) and row["rpo_fast_pairs_s"] > 0
         assert math.isfinite(row["baseline_pairs_s"]) and row["baseline_pairs_s"] > 0
         assert row["model_tflop_per_pair"] > 0
