@@ -211,9 +211,12 @@ def _measure_here(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
-def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, **flags) -> ResultTable:
+def run(
+    kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, command="", **flags
+) -> ResultTable:
     from rpo_fast import testing as T
 
+    flags = dict(ref_placement="replicated", lora_rank=0, compile=False) | flags  # one spelling per configuration
     table = table or ResultTable(
         "train_step",
         "End-to-end training step: rpo_fast vs a reference-script step",
@@ -232,15 +235,22 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
             "rpo_fast_mfu",
             "baseline_mfu",
             "errors",
+            "command",
         ],
         notes="Command: python benchmarks/bench_train_step.py (or pytest benchmarks/ --benchmark). MFU: model FLOPs "
         "(policy fwd+bwd on 2 images + reference fwd on 2, no recomputation) x pairs/s over the bf16 matmul rate "
         "measured in the same run. Each measurement runs in its own process (peak memory is its own; an out-of-memory "
         "is reported in errors).",
+        key=("kind", "pairs", "gradient_checkpointing", "flags"),
     )
     rate = matmul_rate()
     root = Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
     for kind in kinds:
+        key = dict(kind=kind, gradient_checkpointing=gradient_checkpointing, flags=json.dumps(flags))
+        todo = [p for p in pairs_list if not table.measured(pairs=p, **key)]
+        if not todo:
+            print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
+            continue
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         model = T.save_random_model(
             root / kind, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
@@ -248,7 +258,7 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
         flops = model_flops_per_pair(model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
-        for pairs in pairs_list:
+        for pairs in todo:
             cache = T.write_synthetic_cache(
                 model,
                 root / f"cache-{kind}-{pairs}",
@@ -277,6 +287,7 @@ def run(kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, ta
                     f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
                 )
                 or None,
+                command=command,
             )
             for side, r in (("rpo_fast", ours), ("baseline", base)):
                 if "error" in r:
@@ -312,6 +323,7 @@ def main(argv=None) -> None:
         gradient_checkpointing=a.gradient_checkpointing,
         steps=a.steps if not QUICK else 1,
         warmup=a.warmup if not QUICK else 1,
+        command="python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         **flags,
     )
     for p in table.write():

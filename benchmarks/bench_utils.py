@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -107,27 +108,52 @@ def environment() -> dict:
 
 class ResultTable:
     """Rows of one benchmark, written as JSON and Markdown. GPU runs go to benchmarks/results/ (committed);
-    the CPU quick mode writes to .benchmarks/ (ignored by git)."""
+    the CPU quick mode writes to .benchmarks/ (ignored by git).
 
-    def __init__(self, name: str, title: str, columns: list[str], notes: str = ""):
-        self.name, self.title, self.columns, self.notes = name, title, columns, notes
+    ``key`` names the columns that identify a configuration: several runs (separate commands, or a rerun) add
+    their rows to the same file, a row replacing the earlier row of its configuration. Every row carries the
+    commit and time of its run and, where given, its command."""
+
+    def __init__(self, name: str, title: str, columns: list[str], notes: str = "", key: tuple[str, ...] = ()):
+        self.name, self.title, self.notes, self.key = name, title, notes, key
+        self.columns = [*columns, "run"]
         self.rows: list[dict] = []
         self.env = environment()
 
+    def _stem(self) -> Path:
+        folder = ROOT.parent / ".benchmarks" if QUICK else ROOT / "results"
+        return folder / f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}"
+
+    def measured(self, **key) -> bool:
+        """With RPO_FAST_BENCH_RESUME=1: whether the results file already holds this configuration, measured at
+        this commit (a GPU call that ran out of time is resumed by the next one instead of starting over)."""
+        path = self._stem().parent / (self._stem().name + ".json")
+        if os.environ.get("RPO_FAST_BENCH_RESUME") != "1" or not path.exists():
+            return False
+        want = tuple(key[k] for k in self.key)
+        return any(
+            tuple(r.get(k) for k in self.key) == want and r.get("run", "").split()[0] == self.env["commit"]
+            for r in json.loads(path.read_text())["rows"]
+        )
+
     def add(self, **row):
         """Append a row and rewrite the files: a run stopped part way keeps every row measured so far."""
+        row["run"] = f"{self.env['commit']} {self.env['date']}"
         self.rows.append(row)
         self.write()
 
     def write(self) -> list[Path]:
         if not self.rows:
             return []
-        folder = ROOT.parent / ".benchmarks" if QUICK else ROOT / "results"
+        path = self._stem()
+        folder, stem = path.parent, path.name
         folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}"
-        if not QUICK:
-            stem += "-" + dt.date.today().isoformat()
-        data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=self.rows)
+        rows = self.rows
+        if self.key and (folder / f"{stem}.json").exists():
+            ours = {tuple(r.get(k) for k in self.key) for r in rows}
+            earlier = json.loads((folder / f"{stem}.json").read_text())["rows"]
+            rows = [r for r in earlier if tuple(r.get(k) for k in self.key) not in ours] + rows
+        data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=rows)
         (folder / f"{stem}.json").write_text(json.dumps(data, indent=1))
         lines = [
             f"# {self.title}",
@@ -139,7 +165,7 @@ class ResultTable:
             "| " + " | ".join(self.columns) + " |",
             "|" + "---|" * len(self.columns),
         ]
-        for row in self.rows:
+        for row in rows:
             lines.append("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |")
         (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
         return [folder / f"{stem}.json", folder / f"{stem}.md"]

@@ -13,7 +13,14 @@ def test_train_step(results):
     import bench_train_step as B
 
     kinds, pairs = (["sd15"], [2]) if QUICK else (["sdxl", "sd15"], [1])
-    table = B.run(kinds, pairs, steps=1 if QUICK else 5, warmup=1 if QUICK else 2, table=results.get("train_step"))
+    table = B.run(
+        kinds,
+        pairs,
+        steps=1 if QUICK else 5,
+        warmup=1 if QUICK else 2,
+        table=results.get("train_step"),
+        command="pytest benchmarks/ --benchmark",
+    )
     results["train_step"] = table
     for row in table.rows:
         assert row["errors"] is None, row["errors"]
