@@ -61,13 +61,15 @@ class CLIPEmbedder:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 64,
     ):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        # the PIL image processor, named: the same pixels with or without torchvision (transformers 5.17's
+        # AutoImageProcessor picks a torchvision one where it is installed, and fails where it is not)
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no CLIP model folder at {path} (config.json missing)")
         self.model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.processor = CLIPImageProcessorPil.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.name = f"clip:{path}"
