@@ -88,13 +88,18 @@ def count_launches(fn) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def environment() -> dict:
+def commit() -> str:
+    """The code's commit: RPO_FAST_COMMIT where set (a copied tree without .git, as on the GPU machine), else git's."""
+    if os.environ.get("RPO_FAST_COMMIT"):
+        return os.environ["RPO_FAST_COMMIT"]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-        ).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        return out.stdout.strip() or "unknown"
     except OSError:
-        commit = ""
+        return "unknown"
+
+
+def environment() -> dict:
     return dict(
         date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})",
@@ -102,7 +107,7 @@ def environment() -> dict:
         torch=torch.__version__,
         triton=triton.__version__,
         cuda=torch.version.cuda,
-        commit=commit,
+        commit=commit(),
     )
 
 

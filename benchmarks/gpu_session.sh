@@ -30,6 +30,9 @@ DEADLINE=$((SECONDS + ${BUDGET:-570}))
 OUT=${OUT:-$PWD/out}
 WORK=/tmp/gpu_session/work
 mkdir -p "$OUT" "$WORK"
+# the commit the results are recorded with: pass RPO_FAST_COMMIT=$(git rev-parse --short HEAD) where the copied
+# tree has no .git
+export RPO_FAST_COMMIT=${RPO_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export RPO_FAST_BENCH_RESUME=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_DEFAULT_FP_FUSION=1
 exec > >(tee -a "$OUT/session.log") 2>&1
 
@@ -44,7 +47,7 @@ if [ ! -f "$WORK/environment.txt" ]; then
     {
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-        git log -1 --format='commit %h %s' 2>/dev/null
+        echo "commit $RPO_FAST_COMMIT"
         python3 - <<'EOF'
 import importlib
 for name in ("torch", "triton", "diffusers", "transformers", "deepspeed", "bitsandbytes", "peft", "numpy"):

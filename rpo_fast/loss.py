@@ -264,7 +264,8 @@ class PreferenceLoss(nn.Module):
     Args:
         objective: "dpo" | "sft" | "rpo" | "dspo" | "dense-dpo" | "cal-dpo".
         backend: "auto" (Triton for CUDA tensors, eager otherwise) | "eager" | "compile" (torch.compile of
-            the eager code) | "triton" (the fused kernels; on CPU only under ``TRITON_INTERPRET=1``).
+            the eager code, static shapes; past Dynamo's recompile_limit of shapes and objectives in one
+            process it runs eagerly) | "triton" (the fused kernels; on CPU only under ``TRITON_INTERPRET=1``).
         **options: the objective's options (defaults in ``OPTIONS``):
             dpo: beta=5000. rpo: beta=5000, tau=0.5, weighting="inside"|"outside",
             scope="global"|"local" (global all-gathers pairs across the default process group; the same as
