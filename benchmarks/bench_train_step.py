@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +94,7 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
 def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
     from rpo_fast.train import TrainConfig, Trainer
 
-    out = Path(tempfile.mkdtemp(prefix="rpo_fast_bench_"))
+    out = Path(tempfile.mkdtemp(prefix="rpo_fast_bench_"))  # logs only: no checkpoint within the measured steps
     cfg = TrainConfig(
         ds_config=str(ROOT / "configs" / "zero3_8bit.json"),
         model=str(model),
@@ -110,6 +112,7 @@ def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: 
     sums: dict = {}
     sec, peak = _timed(lambda: trainer.train_step(sums), steps, warmup)
     trainer.close()
+    shutil.rmtree(out, ignore_errors=True)
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
 
 
@@ -214,7 +217,6 @@ def _measure_here(a) -> None:
 def run(
     kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, command="", **flags
 ) -> ResultTable:
-    from rpo_fast import testing as T
 
     flags = dict(ref_placement="replicated", lora_rank=0, compile=False) | flags  # one spelling per configuration
     table = table or ResultTable(
@@ -244,7 +246,19 @@ def run(
         key=("kind", "pairs", "gradient_checkpointing", "flags"),
     )
     rate = matmul_rate()
-    root = Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
+    keep = os.environ.get("RPO_FAST_BENCH_MODELS")  # a folder to keep the random models in, for the next run
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
+    try:
+        _run_kinds(table, root, kinds, pairs_list, rate, steps, warmup, gradient_checkpointing, command, flags)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)  # an SDXL folder is 7 GB
+    return table
+
+
+def _run_kinds(table, root, kinds, pairs_list, rate, steps, warmup, gradient_checkpointing, command, flags) -> None:
+    from rpo_fast import testing as T
+
     for kind in kinds:
         key = dict(kind=kind, gradient_checkpointing=gradient_checkpointing, flags=json.dumps(flags))
         todo = [p for p in pairs_list if not table.measured(pairs=p, **key)]
@@ -252,9 +266,13 @@ def run(
             print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
             continue
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        model = T.save_random_model(
-            root / kind, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
-        )
+        model = root / (kind if not QUICK else f"tiny-{kind}")
+        if not (model / ".complete").exists():  # the same seed gives the same random weights: build once
+            shutil.rmtree(model, ignore_errors=True)
+            T.save_random_model(
+                model, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
+            )
+            (model / ".complete").touch()
         flops = model_flops_per_pair(model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
@@ -295,7 +313,6 @@ def run(
                         f"[bench] {kind} x{pairs} {side}: {r['error']}", *r.get("log", [])[-20:], sep="\n", flush=True
                     )
             print(f"[bench] {table.rows[-1]}", flush=True)
-    return table
 
 
 def main(argv=None) -> None:

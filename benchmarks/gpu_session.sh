@@ -33,6 +33,7 @@ mkdir -p "$OUT" "$WORK"
 # the commit the results are recorded with: pass RPO_FAST_COMMIT=$(git rev-parse --short HEAD) where the copied
 # tree has no .git
 export RPO_FAST_COMMIT=${RPO_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export RPO_FAST_BENCH_MODELS=/tmp/gpu_session/models  # the random SDXL/SD1.5 folders, built once per machine
 export RPO_FAST_BENCH_RESUME=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_DEFAULT_FP_FUSION=1
 exec > >(tee -a "$OUT/session.log") 2>&1
 
