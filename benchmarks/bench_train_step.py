@@ -19,6 +19,7 @@ torch.utils.flop_counter on meta tensors, so no recomputation) over the bf16 mat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -94,25 +95,24 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
 def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
     from rpo_fast.train import TrainConfig, Trainer
 
-    out = Path(tempfile.mkdtemp(prefix="rpo_fast_bench_"))  # logs only: no checkpoint within the measured steps
-    cfg = TrainConfig(
-        ds_config=str(ROOT / "configs" / "zero3_8bit.json"),
-        model=str(model),
-        data=str(cache),
-        output=str(out),
-        objective="rpo",
-        micro_batch_size=pairs,
-        max_steps=10**6,
-        export=False,
-        progress=False,
-        tensorboard=False,
-        **flags,
-    )
-    trainer = Trainer(cfg)
-    sums: dict = {}
-    sec, peak = _timed(lambda: trainer.train_step(sums), steps, warmup)
-    trainer.close()
-    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="rpo_fast_bench_") as out:  # logs only: no checkpoint in these steps
+        cfg = TrainConfig(
+            ds_config=str(ROOT / "configs" / "zero3_8bit.json"),
+            model=str(model),
+            data=str(cache),
+            output=out,
+            objective="rpo",
+            micro_batch_size=pairs,
+            max_steps=10**6,
+            export=False,
+            progress=False,
+            tensorboard=False,
+            **flags,
+        )
+        trainer = Trainer(cfg)
+        sums: dict = {}
+        sec, peak = _timed(lambda: trainer.train_step(sums), steps, warmup)
+        trainer.close()
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
 
 
@@ -217,6 +217,7 @@ def _measure_here(a) -> None:
 def run(
     kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, command="", **flags
 ) -> ResultTable:
+    from rpo_fast import testing as T
 
     flags = dict(ref_placement="replicated", lora_rank=0, compile=False) | flags  # one spelling per configuration
     table = table or ResultTable(
@@ -247,72 +248,61 @@ def run(
     )
     rate = matmul_rate()
     keep = os.environ.get("RPO_FAST_BENCH_MODELS")  # a folder to keep the random models in, for the next run
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rpo_fast_models_"))
-    try:
-        _run_kinds(table, root, kinds, pairs_list, rate, steps, warmup, gradient_checkpointing, command, flags)
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)  # an SDXL folder is 7 GB
-    return table
-
-
-def _run_kinds(table, root, kinds, pairs_list, rate, steps, warmup, gradient_checkpointing, command, flags) -> None:
-    from rpo_fast import testing as T
-
-    for kind in kinds:
-        key = dict(kind=kind, gradient_checkpointing=gradient_checkpointing, flags=json.dumps(flags))
-        todo = [p for p in pairs_list if not table.measured(pairs=p, **key)]
-        if not todo:
-            print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
-            continue
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        model = root / (kind if not QUICK else f"tiny-{kind}")
-        if not (model / ".complete").exists():  # the same seed gives the same random weights: build once
-            shutil.rmtree(model, ignore_errors=True)
-            T.save_random_model(
-                model, kind, full=not QUICK, dtype=torch.bfloat16 if not QUICK else torch.float32, device=dev
-            )
-            (model / ".complete").touch()
-        flops = model_flops_per_pair(model)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
-        for pairs in todo:
-            cache = T.write_synthetic_cache(
-                model,
-                root / f"cache-{kind}-{pairs}",
-                max(8, 2 * pairs),
-                resolution=RESOLUTION["tiny" if QUICK else kind],
-            )
-            kw = dict(steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing)
-            ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
-            base = measure("baseline", model, cache, pairs, **kw)
-            ok = "error" not in ours and "error" not in base
-            table.add(
-                kind=kind,
-                pairs=pairs,
-                gradient_checkpointing=gradient_checkpointing,
-                flags=json.dumps(flags),
-                rpo_fast_pairs_s=ours.get("pairs_per_s"),
-                baseline_pairs_s=base.get("pairs_per_s"),
-                speedup=ours["pairs_per_s"] / base["pairs_per_s"] if ok else None,
-                rpo_fast_peak_gb=ours.get("peak_gb"),
-                baseline_peak_gb=base.get("peak_gb"),
-                model_tflop_per_pair=flops / 1e12,
-                matmul_tflops=rate / 1e12,
-                rpo_fast_mfu=ours["pairs_per_s"] * flops / rate if "error" not in ours else None,
-                baseline_mfu=base["pairs_per_s"] * flops / rate if "error" not in base else None,
-                errors="; ".join(
-                    f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
+    # without it, a temporary folder removed at the end (an SDXL model folder is 7 GB)
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="rpo_fast_models_") as root:
+        for kind in kinds:
+            key = dict(kind=kind, gradient_checkpointing=gradient_checkpointing, flags=json.dumps(flags))
+            todo = [p for p in pairs_list if not table.measured(pairs=p, **key)]
+            if not todo:
+                print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
+                continue
+            model = Path(root) / (kind if not QUICK else f"tiny-{kind}")
+            if not (model / ".complete").exists():  # the same seed gives the same random weights: build once
+                shutil.rmtree(model, ignore_errors=True)
+                dev = "cuda" if torch.cuda.is_available() else "cpu"
+                dtype = torch.bfloat16 if not QUICK else torch.float32
+                T.save_random_model(model, kind, full=not QUICK, dtype=dtype, device=dev)
+                (model / ".complete").touch()
+            flops = model_flops_per_pair(model)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
+            for pairs in todo:
+                res = RESOLUTION["tiny" if QUICK else kind]
+                cache = T.write_synthetic_cache(
+                    model, Path(root) / f"cache-{kind}-{pairs}", max(8, 2 * pairs), resolution=res
                 )
-                or None,
-                command=command,
-            )
-            for side, r in (("rpo_fast", ours), ("baseline", base)):
-                if "error" in r:
-                    print(
-                        f"[bench] {kind} x{pairs} {side}: {r['error']}", *r.get("log", [])[-20:], sep="\n", flush=True
+                kw = dict(steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing)
+                ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
+                base = measure("baseline", model, cache, pairs, **kw)
+                ok = "error" not in ours and "error" not in base
+                table.add(
+                    **key,
+                    pairs=pairs,
+                    rpo_fast_pairs_s=ours.get("pairs_per_s"),
+                    baseline_pairs_s=base.get("pairs_per_s"),
+                    speedup=ours["pairs_per_s"] / base["pairs_per_s"] if ok else None,
+                    rpo_fast_peak_gb=ours.get("peak_gb"),
+                    baseline_peak_gb=base.get("peak_gb"),
+                    model_tflop_per_pair=flops / 1e12,
+                    matmul_tflops=rate / 1e12,
+                    rpo_fast_mfu=ours["pairs_per_s"] * flops / rate if "error" not in ours else None,
+                    baseline_mfu=base["pairs_per_s"] * flops / rate if "error" not in base else None,
+                    errors="; ".join(
+                        f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
                     )
-            print(f"[bench] {table.rows[-1]}", flush=True)
+                    or None,
+                    command=command,
+                )
+                for side, r in (("rpo_fast", ours), ("baseline", base)):
+                    if "error" in r:
+                        print(
+                            f"[bench] {kind} x{pairs} {side}: {r['error']}",
+                            *r.get("log", [])[-20:],
+                            sep="\n",
+                            flush=True,
+                        )
+                print(f"[bench] {table.rows[-1]}", flush=True)
+    return table
 
 
 def main(argv=None) -> None:

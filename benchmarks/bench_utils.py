@@ -125,20 +125,25 @@ class ResultTable:
         self.rows: list[dict] = []
         self.env = environment()
 
-    def _stem(self) -> Path:
+    def _path(self, suffix: str) -> Path:
         folder = ROOT.parent / ".benchmarks" if QUICK else ROOT / "results"
-        return folder / f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}"
+        return folder / f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}{suffix}"
+
+    def _key(self, row: dict) -> tuple:
+        return tuple(row.get(k) for k in self.key)
+
+    def _earlier_rows(self) -> list[dict]:
+        path = self._path(".json")
+        return json.loads(path.read_text())["rows"] if path.exists() else []
 
     def measured(self, **key) -> bool:
         """With RPO_FAST_BENCH_RESUME=1: whether the results file already holds this configuration, measured at
         this commit (a GPU call that ran out of time is resumed by the next one instead of starting over)."""
-        path = self._stem().parent / (self._stem().name + ".json")
-        if os.environ.get("RPO_FAST_BENCH_RESUME") != "1" or not path.exists():
+        if os.environ.get("RPO_FAST_BENCH_RESUME") != "1":
             return False
-        want = tuple(key[k] for k in self.key)
         return any(
-            tuple(r.get(k) for k in self.key) == want and r.get("run", "").split()[0] == self.env["commit"]
-            for r in json.loads(path.read_text())["rows"]
+            self._key(r) == self._key(key) and r.get("run", "").split()[0] == self.env["commit"]
+            for r in self._earlier_rows()
         )
 
     def add(self, **row):
@@ -150,16 +155,14 @@ class ResultTable:
     def write(self) -> list[Path]:
         if not self.rows:
             return []
-        path = self._stem()
-        folder, stem = path.parent, path.name
-        folder.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = self._path(".json"), self._path(".md")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows
-        if self.key and (folder / f"{stem}.json").exists():
-            ours = {tuple(r.get(k) for k in self.key) for r in rows}
-            earlier = json.loads((folder / f"{stem}.json").read_text())["rows"]
-            rows = [r for r in earlier if tuple(r.get(k) for k in self.key) not in ours] + rows
+        if self.key:
+            ours = {self._key(r) for r in rows}
+            rows = [r for r in self._earlier_rows() if self._key(r) not in ours] + rows
         data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=rows)
-        (folder / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        json_path.write_text(json.dumps(data, indent=1))
         lines = [
             f"# {self.title}",
             "",
@@ -172,8 +175,8 @@ class ResultTable:
         ]
         for row in rows:
             lines.append("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |")
-        (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
-        return [folder / f"{stem}.json", folder / f"{stem}.md"]
+        md_path.write_text("\n".join(lines) + "\n")
+        return [json_path, md_path]
 
 
 def _fmt(v) -> str:

@@ -86,11 +86,11 @@ def test_preference_loss(benchmark, results, family, shape, b, dtype):
             key=("family", "latents", "B", "dtype"),
         ),
     )
-    if table.measured(family=family, latents="x".join(map(str, LATENTS[shape])), B=b, dtype=dtype):
+    row = dict(family=family, latents="x".join(map(str, LATENTS[shape])), B=b, dtype=dtype)
+    if table.measured(**row):
         pytest.skip("measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)")
     if "rate" not in _copy_rate:
         _copy_rate["rate"] = copy_bandwidth()
-    row = dict(family=family, latents="x".join(map(str, LATENTS[shape])), B=b, dtype=dtype)
     steps = {}
     for provider in PROVIDERS:
         if provider == "compile":
