@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ def time_graph(fn, iters: int) -> float | None:
         with torch.cuda.graph(graph):
             fn()
         return time_loop(graph.replay, iters)
-    except Exception:  # noqa: BLE001 - a provider that cannot be captured is reported as n/a
+    except Exception as e:  # noqa: BLE001 - a provider that cannot be captured is reported as n/a, with why
+        warnings.warn(f"CUDA graph capture failed, *_graph_ms is n/a: {type(e).__name__}: {e}", stacklevel=2)
         return None
 
 
