@@ -57,24 +57,18 @@ def matmul_rate(dtype=torch.bfloat16, n: int = 8192) -> float:
 
 def model_flops_per_pair(model: Path) -> float:
     """Policy forward + backward on [winner; loser] and reference forward on both, on meta tensors."""
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = json.loads((model / "unet" / "config.json").read_text())
+    from rpo_fast.models import load_family
+
+    family = load_family(model)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-        size = config["sample_size"]
-        x = torch.randn(2, config["in_channels"], size, size)
-        t = torch.tensor([500, 500])
-        ehs = torch.randn(2, 77, config["cross_attention_dim"])
-        kw = {}
-        if config.get("addition_embed_type") == "text_time":
-            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(2, pooled), time_ids=torch.randn(2, 6))
+        denoiser = family.denoiser_class().from_config(family.config(family.denoiser_folder))
+        x, t, cond = family.dummy_inputs(2)
         with FlopCounterMode(display=False) as counter:
-            unet(x, t, ehs, **kw).sample.sum().backward()
+            family.predict(denoiser, x, t, cond).sum().backward()
             with torch.no_grad():
-                unet(x, t, ehs, **kw)
+                family.predict(denoiser, x, t, cond)
     return float(counter.get_total_flops())
 
 
@@ -93,7 +87,8 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
 
 
 def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
-    from rpo_fast.train import TrainConfig, Trainer
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="rpo_fast_bench_") as out:  # logs only: no checkpoint in these steps
         cfg = TrainConfig(
@@ -110,8 +105,7 @@ def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: 
             **flags,
         )
         trainer = Trainer(cfg)
-        sums: dict = {}
-        sec, peak = _timed(lambda: trainer.train_step(sums), steps, warmup)
+        sec, peak = _timed(trainer.train_step, steps, warmup)
         trainer.close()
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
 
@@ -119,61 +113,44 @@ def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: 
 def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
     """The reference scripts' step: VAE + text encoders every step, fp16 reference, fp16 autocast, eager loss."""
     import bitsandbytes as bnb
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from rpo_fast import PreferenceLoss
-    from rpo_fast.cache import model_kind
+    from rpo_fast.data import Crop
+    from rpo_fast.models import load_family
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     half = torch.float16 if dev == "cuda" else torch.bfloat16
-    kind = model_kind(model)
-    res = RESOLUTION["tiny" if QUICK else kind]
-    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=torch.float32).to(dev).train()
+    family = load_family(model)
+    res = RESOLUTION["tiny" if QUICK else family.name]
+    policy = family.load_denoiser(dtype=torch.float32).to(dev).train()
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=half).to(dev).eval()
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32 if kind == "sdxl" else half).to(dev)
-    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
-    encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=half).to(dev)]
-    if kind == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
-        encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", dtype=half).to(dev)
-        )
-    sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    reference = family.load_denoiser(dtype=half).to(dev).eval()
+    vae = family.load_vae(device=dev, dtype=half if family.vae_fp16 else torch.float32)
+    encoders = family.load_text_encoders(device=dev, dtype=half)
     opt = bnb.optim.AdamW8bit(policy.parameters(), lr=1e-8)
     loss_fn = PreferenceLoss("dpo", backend="eager")
     images = torch.rand(2 * pairs, 3, res, res, device=dev) * 2 - 1
     captions = [f"a photo number {i}" for i in range(pairs)]
+    whole = family.image_conditioning([Crop((res, res), (0, 0))] * 2, res)  # the uncropped image's time ids
+    keep = torch.zeros(pairs, dtype=torch.bool, device=dev)  # no caption dropped
     scaler = torch.amp.GradScaler(enabled=dev == "cuda")
 
     def step():
         with torch.no_grad():
-            z = vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-            states, pooled = [], None
-            for tok, enc in zip(tokenizers, encoders):
-                ids = tok(
-                    captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-                ).input_ids.to(dev)
-                out = enc(ids, output_hidden_states=True)
-                states.append(out.hidden_states[-2] if kind == "sdxl" else out[0])
-                pooled = getattr(out, "text_embeds", None)
-            ehs = torch.cat(states, -1).repeat(2, 1, 1)
-        noise = torch.randn_like(z[:pairs]).repeat(2, 1, 1, 1)
-        t = torch.randint(0, 1000, (pairs,), device=dev).repeat(2)
-        noisy = sched.add_noise(z.float(), noise.float(), t)
-        kw = {}
-        if kind == "sdxl":
-            ids6 = torch.tensor([[res, res, 0, 0, res, res]] * 2 * pairs, device=dev, dtype=torch.float32)
-            kw["added_cond_kwargs"] = dict(text_embeds=pooled.repeat(2, 1), time_ids=ids6)
+            x0 = family.latents(vae.encode(images.to(vae.dtype)).latent_dist.sample().float())
+            batch = family.encode_texts(encoders, captions)  # the text encoders every step
+            batch |= {k: v.to(dev).expand(pairs, *v.shape) for k, v in whole.items()}
+            cond = family.conditioning(batch, keep, {k: v[0] for k, v in batch.items()})
+        t = torch.randint(0, family.num_train_timesteps, (pairs,), device=dev)
+        noise = torch.randn_like(x0[:pairs])
+        noisy, target = family.noisy_and_target(x0, noise, t)
+        t2 = t.repeat(2)
         with torch.autocast(dev, dtype=half):
-            pred = policy(noisy, t, ehs, **kw).sample
+            pred = family.predict(policy, noisy, t2, cond)
         with torch.no_grad():
-            ref = reference(
-                noisy.to(half), t, ehs.to(half), **{k: {kk: vv.to(half) for kk, vv in v.items()} for k, v in kw.items()}
-            ).sample
-        loss = loss_fn(pred.float(), noise[:pairs], ref.float()).loss
+            ref = family.predict(reference, noisy.to(half), t2, _cast(cond, half))
+        loss = loss_fn(pred.float(), target, ref.float()).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -181,6 +158,10 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
 
     sec, peak = _timed(step, steps, warmup)
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
 def measure(side: str, model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A GPU slot's work, in stages: run from the repository root on the GPU machine, with `.whl` carried
-# (../shared/tools/device-wheels.sh builds it: diffusers, deepspeed, bitsandbytes, open_clip).
+# (scripts/device-wheels.sh builds it: diffusers, deepspeed, bitsandbytes, open_clip).
 #
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]
 #
@@ -38,7 +38,7 @@ export RPO_FAST_BENCH_RESUME=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PA
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 if ! python3 -c "import diffusers, deepspeed, bitsandbytes" 2>/dev/null; then
-    [ -d .whl ] || { echo "no .whl: build it with ../shared/tools/device-wheels.sh and carry it"; exit 2; }
+    [ -d .whl ] || { echo "no .whl: build it with scripts/device-wheels.sh and carry it"; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 2
     export PYTHONPATH=/tmp/site:$PWD
 fi

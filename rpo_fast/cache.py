@@ -1,5 +1,5 @@
 """The offline cache: encode every pair once (VAE latents, text encoder outputs, SDXL time ids, CLIP
-embeddings), train from the cache.
+embeddings), read by ``rpo_fast.dataset``.
 
     python -m rpo_fast.cache --model MODEL_DIR --data PICKAPIC_DIR|pairs.jsonl --out CACHE_DIR --resolution 512
     deepspeed --num_gpus 8 -m rpo_fast.cache ...         (or torchrun: ranks split the rows round-robin)
@@ -30,19 +30,24 @@ crop. ``--flip-twin`` also stores the mirrored twin of each pair, and training t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import data as D
+from . import distributed
 from .embed import Embedder, load_embedder
+from .models import family_class, load_family, model_kind
 
 FORMAT = 1
 STORAGE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -74,25 +79,13 @@ class CacheError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def model_kind(model: str | Path) -> str:
-    """'sdxl' or 'sd15', from a diffusers model folder (model_index.json, else the UNet config)."""
-    model = Path(model)
-    index = model / "model_index.json"
-    if index.exists():
-        spec = json.loads(index.read_text())
-        return "sdxl" if "text_encoder_2" in spec or "XL" in spec.get("_class_name", "") else "sd15"
-    unet = model / "unet" / "config.json"
-    if unet.exists():
-        return "sdxl" if json.loads(unet.read_text()).get("addition_embed_type") == "text_time" else "sd15"
-    raise FileNotFoundError(f"{model} is not a diffusers model folder (no model_index.json or unet/config.json)")
-
-
 def model_fingerprint(model: str | Path) -> str:
-    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) (configs, and the
-    size plus first and last MiB of each weight file: cheap on multi-GB files, and still tells models apart)."""
+    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) of the model's family
+    (configs, and the size plus first and last MiB of each weight file: cheap on multi-GB files, and still tells
+    models apart)."""
     model = Path(model)
     h = hashlib.sha256()
-    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    for sub in ("vae", *family_class(model).encoder_folders):
         folder = model / sub
         if not folder.is_dir():
             continue
@@ -109,8 +102,8 @@ def model_fingerprint(model: str | Path) -> str:
 
 
 class PairEncoder:
-    """The VAE and text encoder(s) of a local diffusers model folder, as the cache and the on-the-fly
-    dataset use them."""
+    """The VAE and text encoder(s) of a local diffusers model folder (through its model family), as the cache
+    and the on-the-fly dataset use them."""
 
     def __init__(
         self,
@@ -120,44 +113,21 @@ class PairEncoder:
         vae_dtype: torch.dtype = torch.float32,
         text_dtype: torch.dtype = torch.float32,
     ):
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        self.model, self.kind, self.device = Path(model), model_kind(model), torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(self.model, subfolder="vae", dtype=vae_dtype).to(device).eval()
+        self.family = load_family(model)
+        self.model, self.kind, self.device = Path(model), self.family.name, torch.device(device)
+        self.vae = self.family.load_vae(device=device, dtype=vae_dtype)
         self.vae_dtype = vae_dtype
-        self.tokenizers = [CLIPTokenizer.from_pretrained(self.model, subfolder="tokenizer")]
-        self.encoders = [CLIPTextModel.from_pretrained(self.model, subfolder="text_encoder", dtype=text_dtype)]
-        if self.kind == "sdxl":
-            self.tokenizers.append(CLIPTokenizer.from_pretrained(self.model, subfolder="tokenizer_2"))
-            self.encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(self.model, subfolder="text_encoder_2", dtype=text_dtype)
-            )
-        self.encoders = [e.to(device).eval() for e in self.encoders]
+        self.encoders = self.family.load_text_encoders(device=device, dtype=text_dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 3, H, W) in [-1, 1] -> mean, std (n, 4, H/f, W/f) fp32 on CPU, unscaled."""
+        """(n, 3, H, W) in [-1, 1] -> mean, std (n, C, H/f, W/f) fp32 on CPU, unscaled."""
         dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
-    @torch.no_grad()
-    def encode_texts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """SD1.5: last hidden state (n, 77, D). SDXL: penultimate hidden states of both encoders concatenated
-        (n, 77, D1 + D2) and the second encoder's pooled embedding (n, D2)."""
-        states, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.encoders):
-            ids = tok(
-                captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            if self.kind == "sd15":
-                states.append(enc(ids)[0])
-            else:
-                out = enc(ids, output_hidden_states=True)
-                states.append(out.hidden_states[-2])
-                if hasattr(out, "text_embeds"):
-                    pooled = out.text_embeds
-        return torch.cat(states, dim=-1).float().cpu(), None if pooled is None else pooled.float().cpu()
+    def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The family's per-caption tensors (``ModelFamily.encode_texts``), fp32 on CPU."""
+        return {k: v.cpu() for k, v in self.family.encode_texts(self.encoders, captions).items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,14 +154,13 @@ def encode_pairs(
         mean, std = encoder.encode_images(pixels)
         out["latent_mean" + suffix] = mean.unflatten(0, (len(pairs), 2))
         out["latent_std" + suffix] = std.unflatten(0, (len(pairs), 2))
-        if encoder.kind == "sdxl":
-            out["time_ids" + suffix] = torch.tensor([[c.time_ids(resolution) for c in prep[v][1]] for prep in prepared])
+        per_pair = [encoder.family.image_conditioning(prep[v][1], resolution) for prep in prepared]
+        for key in encoder.family.image_keys:
+            out[key + suffix] = torch.stack([c[key] for c in per_pair])
     captions = list(dict.fromkeys(p.caption for p in pairs))
     out["captions"] = captions
     out["text_index"] = torch.tensor([captions.index(p.caption) for p in pairs], dtype=torch.int64)
-    out["prompt_embeds"], pooled = encoder.encode_texts(captions)
-    if pooled is not None:
-        out["pooled_prompt_embeds"] = pooled
+    out.update(encoder.encode_texts(captions))
     if embedder is not None:
         text = torch.nn.functional.normalize(embedder.encode_texts([p.caption for p in pairs]).float(), dim=-1)
         images = embedder.encode_images([im for p in pairs for im in (p.winner, p.loser)]).float()
@@ -211,8 +180,8 @@ def _concat(batches: list[dict]) -> dict:
     for bi, b in enumerate(batches):
         for j, c in enumerate(b["captions"]):
             first.setdefault(c, (bi, j))
-    for key in ("prompt_embeds", "pooled_prompt_embeds"):
-        if key in batches[0]:
+    for key in batches[0]:
+        if key.endswith("prompt_embeds"):  # per caption
             out[key] = torch.stack([batches[bi][key][j] for bi, j in (first[c] for c in captions)])
     out["text_index"] = torch.cat(
         [torch.tensor([rows[b["captions"][i]] for i in b["text_index"].tolist()]) for b in batches]
@@ -230,7 +199,7 @@ def _concat(batches: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _shard_name(rank: int, k: int) -> str:
+def shard_name(rank: int, k: int) -> str:
     return f"shard-r{rank}-{k:05d}.safetensors"
 
 
@@ -240,12 +209,14 @@ def _write_atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _save_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict) -> None:
+def write_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict) -> None:
+    """One shard file: ``shard``'s tensors (latents and embeddings stored as ``storage``), its captions and
+    ``meta`` in the metadata; written under a temporary name and renamed when complete."""
     tensors = {}
     for k, v in shard.items():
         if k == "captions":
             continue
-        if k.startswith(("latent_", "prompt_embeds", "pooled_", "clip_")):
+        if k.startswith(("latent_", "clip_")) or k.endswith("prompt_embeds"):
             v = v.to(storage)
         tensors[k] = v.contiguous()
     # one metadata key: safetensors keeps metadata in a hash map whose order changes from run to run
@@ -258,16 +229,6 @@ def _save_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict) -> No
 def _read_meta(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["rpo_fast"])
-
-
-def _dist_env() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-    return rank, world
 
 
 def build_cache(
@@ -297,7 +258,7 @@ def build_cache(
     from tqdm.auto import tqdm
 
     if rank is None or world is None:
-        rank, world = _dist_env()
+        rank, world = distributed.init_from_env()
     model, data, out = Path(model), Path(data), Path(out)
     for name, p in (("model", model), ("data", data)):
         if not p.exists():
@@ -346,10 +307,7 @@ def build_cache(
 
     encoder = PairEncoder(model, device=device, vae_dtype=STORAGE[vae_dtype])
     if rank == 0 and not (out / "empty_prompt.safetensors").exists():
-        embeds, pooled = encoder.encode_texts([""])
-        tensors = {"prompt_embeds": embeds.to(STORAGE[storage])}
-        if pooled is not None:
-            tensors["pooled_prompt_embeds"] = pooled.to(STORAGE[storage])
+        tensors = {k: v.to(STORAGE[storage]) for k, v in encoder.encode_texts([""]).items()}
         save_file(tensors, str(out / "empty_prompt.safetensors.tmp"))
         os.replace(out / "empty_prompt.safetensors.tmp", out / "empty_prompt.safetensors")
 
@@ -407,8 +365,8 @@ def build_cache(
             break
         shard = _concat(batches)
         shard_counts = {c: counts[c] - before.get(c, 0) for c in counts if counts[c] - before.get(c, 0)}
-        _save_shard(
-            out / _shard_name(rank, k),
+        write_shard(
+            out / shard_name(rank, k),
             shard,
             STORAGE[storage],
             dict(n=shard_pairs, pairs_before=pairs, cursor=list(last_cursor), counts=shard_counts),
@@ -418,12 +376,9 @@ def build_cache(
         k += 1
         finished = shard_pairs < shard_size
     bar.close()
-    mine = dict(rank=rank, pairs=pairs, shards=[_shard_name(rank, i) for i in range(k)], skipped=dict(counts))
+    mine = dict(rank=rank, pairs=pairs, shards=[shard_name(rank, i) for i in range(k)], skipped=dict(counts))
     _write_atomic_json(out / f"rank-{rank}.json", mine)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    distributed.barrier()
     if rank == 0:
         ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
         shards = []
@@ -433,14 +388,14 @@ def build_cache(
         skipped = Counter()
         for r in ranks:
             skipped.update(r["skipped"])
-        index = _write_index(out, settings, model, sum(r["pairs"] for r in ranks), dict(skipped), shards)
+        index = write_index(out, settings, model, sum(r["pairs"] for r in ranks), dict(skipped), shards)
         causes = ", ".join(f"{c} {n}" for c, n in sorted(skipped.items())) or "none"
         print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {causes}")
         return index
     return mine
 
 
-def _write_index(out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict]) -> dict:
+def write_index(out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict]) -> dict:
     """index.json, written last (its presence marks a finished cache): the settings, what was written, the
     versions and the model it was made for."""
     index = dict(
@@ -471,230 +426,55 @@ def _versions() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------
-
-
-class CachedPairs:
-    """Random access to a complete cache. ``ds[i]`` (or ``ds.get(i, flip)``) returns fp32 tensors:
-    latent_mean, latent_std (2, 4, h, w) [winner, loser]; prompt_embeds (77, D); pooled_prompt_embeds (D2,)
-    and time_ids (2, 6) for SDXL; clip_text (E,) and clip_image (2, E) where embedded; caption (str)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        index = self.path / "index.json"
-        if not index.exists():
-            if (self.path / "cache.json").exists():
-                raise CacheError(
-                    f"{self.path}: unfinished cache (index.json missing); rerun python -m rpo_fast.cache "
-                    "with the same arguments to finish it"
-                )
-            raise CacheError(f"{self.path} is not an rpo_fast cache (no index.json)")
-        self.index = json.loads(index.read_text())
-        self.shards = [self.path / s["name"] for s in self.index["shards"]]
-        sizes = [s["pairs"] for s in self.index["shards"]]
-        self.offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
-        self._handles: dict[int, object] = {}
-        self._captions: dict[int, list[str]] = {}
-        self.kind, self.resolution = self.index["kind"], self.index["resolution"]
-        self.has_twins = self.index["flip_twin"]
-        self.has_embeddings = self.index["embedder"] is not None
-        empty = self.path / "empty_prompt.safetensors"
-        with safe_open(str(empty), framework="pt") as f:
-            self.empty_prompt = {k: f.get_tensor(k)[0].float() for k in f.keys()}
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def check(self, *, model: str | Path, resolution: int) -> None:
-        """Refuse a cache made with another model or resolution than the run asks for."""
-        if self.resolution != resolution:
-            raise CacheError(f"{self.path} was cached at resolution {self.resolution}, the run asks for {resolution}")
-        fp = model_fingerprint(model)
-        if fp != self.index["model_fingerprint"]:
-            raise CacheError(
-                f"{self.path} was cached with another model ({self.index['model']}, fingerprint "
-                f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})"
-            )
-
-    def ties(self) -> int:
-        if not self.index["keep_ties"]:
-            return 0
-        return sum(
-            int(self._handle(s).get_tensor("tie").sum())
-            for s in range(len(self.shards))
-            if "tie" in self._handle(s).keys()
-        )
-
-    def _handle(self, s: int):
-        if s not in self._handles:
-            self._handles[s] = safe_open(str(self.shards[s]), framework="pt")
-            self._captions[s] = json.loads(self._handles[s].metadata()["rpo_fast"])["captions"]
-        return self._handles[s]
-
-    def __getitem__(self, i: int) -> dict:
-        return self.get(i)
-
-    def get(self, i: int, flip: bool = False) -> dict:
-        if not 0 <= i < len(self):
-            raise IndexError(f"pair {i} out of range ({len(self)} pairs)")
-        import bisect
-
-        s = bisect.bisect_right(self.offsets, i) - 1
-        j = i - self.offsets[s]
-        f = self._handle(s)
-        suffix = "_flip" if flip and self.has_twins else ""
-        row = int(f.get_slice("text_index")[j : j + 1][0])
-        item = {
-            "latent_mean": f.get_slice("latent_mean" + suffix)[j : j + 1][0].float(),
-            "latent_std": f.get_slice("latent_std" + suffix)[j : j + 1][0].float(),
-            "prompt_embeds": f.get_slice("prompt_embeds")[row : row + 1][0].float(),
-            "caption": self._captions[s][row],
-        }
-        keys = f.keys()
-        if "pooled_prompt_embeds" in keys:
-            item["pooled_prompt_embeds"] = f.get_slice("pooled_prompt_embeds")[row : row + 1][0].float()
-            item["time_ids"] = f.get_slice("time_ids" + suffix)[j : j + 1][0].float()
-        if "clip_text" in keys:
-            item["clip_text"] = f.get_slice("clip_text")[j : j + 1][0].float()
-            item["clip_image"] = f.get_slice("clip_image")[j : j + 1][0].float()
-        return item
-
-
-class OnTheFlyPairs:
-    """The same items as ``CachedPairs``, encoded when asked (for small runs from raw data): pair i gets the
-    crop, flip and seeds the cache would give it."""
-
-    def __init__(
-        self,
-        model: str | Path,
-        data: str | Path,
-        *,
-        resolution: int,
-        crop: str = "center",
-        flip: bool = False,
-        seed: int = 0,
-        keep_ties: bool = False,
-        embedder: Embedder | None = None,
-        device: str = "cpu",
-        limit: int | None = None,
-        encoder: PairEncoder | None = None,
-    ):
-        self.counts: Counter = Counter()
-        self.pairs = []
-        for p in D.iter_pairs(data, keep_ties=keep_ties, counts=self.counts):
-            self.pairs.append(p)
-            if limit is not None and len(self.pairs) >= limit:
-                break
-        if not self.pairs:
-            raise D.DataError(f"no usable pairs in {data} (skipped: {dict(self.counts)})")
-        self.encoder = encoder or PairEncoder(model, device=device)
-        self.kind, self.resolution, self.crop, self.flip, self.seed = self.encoder.kind, resolution, crop, flip, seed
-        self.embedder, self.has_twins, self.has_embeddings = embedder, False, embedder is not None
-        embeds, pooled = self.encoder.encode_texts([""])
-        self.empty_prompt = {"prompt_embeds": embeds[0]} | (
-            {"pooled_prompt_embeds": pooled[0]} if pooled is not None else {}
-        )
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def ties(self) -> int:
-        if not self.index["keep_ties"]:
-            return 0
-        return sum(p.tie for p in self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.get(i)
-
-    def get(self, i: int, flip: bool = False) -> dict:
-        enc = encode_pairs(
-            [self.pairs[i]],
-            self.encoder,
-            resolution=self.resolution,
-            crop=self.crop,
-            flip=self.flip,
-            seed=self.seed,
-            embedder=self.embedder,
-        )
-        item = {
-            "latent_mean": enc["latent_mean"][0],
-            "latent_std": enc["latent_std"][0],
-            "prompt_embeds": enc["prompt_embeds"][0],
-            "caption": self.pairs[i].caption,
-        }
-        if "pooled_prompt_embeds" in enc:
-            item["pooled_prompt_embeds"] = enc["pooled_prompt_embeds"][0]
-            item["time_ids"] = enc["time_ids"][0]
-        if "clip_text" in enc:
-            item["clip_text"], item["clip_image"] = enc["clip_text"][0], enc["clip_image"][0]
-        return item
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack items into a batch (captions as a list)."""
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
-    out["caption"] = [it["caption"] for it in items]
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.cache",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--model", required=True, help="local diffusers model folder (SD1.5 or SDXL)")
-    ap.add_argument("--data", required=True, help="Pick-a-Pic v2 parquet folder/file, or a pairs .jsonl/.csv")
-    ap.add_argument("--out", required=True, help="cache folder (resumed if it holds a partial cache)")
-    ap.add_argument("--resolution", type=int, required=True, help="training resolution in pixels (512, 1024)")
-    ap.add_argument("--crop", choices=["center", "random"], default="center")
-    ap.add_argument("--flip", action="store_true", help="random horizontal flip (fixed per pair by the seed)")
-    ap.add_argument("--flip-twin", action="store_true", help="also cache the mirrored twin of every pair")
-    ap.add_argument("--keep-ties", action="store_true", help="keep 0.5/0.5 rows (dropped by default)")
-    ap.add_argument("--strict", action="store_true", help="a bad row is an error instead of skipped and counted")
-    ap.add_argument(
-        "--clip",
-        "--embedder",
-        dest="embedder",
+@dataclass
+class CacheConfig:
+    """The flags of ``python -m rpo_fast.cache`` (the arguments of ``build_cache``)."""
+
+    model: str = field(metadata=dict(help="local diffusers model folder (its family is detected: SD1.5 or SDXL)"))
+    data: str = field(metadata=dict(help="Pick-a-Pic v2 parquet folder/file, or a pairs .jsonl/.csv"))
+    out: str = field(metadata=dict(help="cache folder (resumed if it holds a partial cache)"))
+    resolution: int = field(metadata=dict(help="training resolution in pixels (512, 1024)"))
+    crop: Literal["center", "random"] = field(default="center", metadata=dict(help="crop of the resized image"))
+    flip: bool = field(default=False, metadata=dict(help="random horizontal flip (fixed per pair by the seed)"))
+    flip_twin: bool = field(default=False, metadata=dict(help="also cache the mirrored twin of every pair"))
+    keep_ties: bool = field(default=False, metadata=dict(help="keep 0.5/0.5 rows (dropped by default)"))
+    strict: bool = field(default=False, metadata=dict(help="a bad row is an error instead of skipped and counted"))
+    embedder: str | None = field(
         default=None,
-        help="embeddings for RPO: a CLIPModel folder, openclip:MODEL:CKPT, or module:factory[:ARG]",
+        metadata=dict(
+            help="embeddings for RPO: a CLIPModel folder, openclip:MODEL:CKPT, or module:factory[:ARG]",
+            flags=("--clip", "--embedder"),
+        ),
     )
-    ap.add_argument("--shard-size", type=int, default=1024, help="pairs per shard (a multiple of --batch-size)")
-    ap.add_argument("--batch-size", type=int, default=16, help="pairs per encoding batch")
-    ap.add_argument("--storage", choices=list(STORAGE), default="fp16", help="dtype of stored tensors")
-    ap.add_argument("--vae-dtype", choices=list(STORAGE), default="fp32", help="dtype the VAE encodes in")
-    ap.add_argument("--seed", type=int, default=0, help="seed of crops and flips")
-    ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    ap.add_argument("--limit", type=int, default=None, help="stop after this many pairs per rank")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    build_cache(
-        a.model,
-        a.data,
-        a.out,
-        resolution=a.resolution,
-        crop=a.crop,
-        flip=a.flip,
-        flip_twin=a.flip_twin,
-        keep_ties=a.keep_ties,
-        strict=a.strict,
-        embedder=a.embedder,
-        shard_size=a.shard_size,
-        batch_size=a.batch_size,
-        storage=a.storage,
-        vae_dtype=a.vae_dtype,
-        seed=a.seed,
-        device=a.device,
-        limit=a.limit,
-        progress=not a.no_progress,
+    shard_size: int = field(default=1024, metadata=dict(help="pairs per shard (a multiple of --batch-size)"))
+    batch_size: int = field(default=16, metadata=dict(help="pairs per encoding batch"))
+    storage: Literal[tuple(STORAGE)] = field(default="fp16", metadata=dict(help="dtype of stored tensors"))
+    vae_dtype: Literal[tuple(STORAGE)] = field(default="fp32", metadata=dict(help="dtype the VAE encodes in"))
+    seed: int = field(default=0, metadata=dict(help="seed of crops and flips"))
+    device: str | None = field(default=None, metadata=dict(help="default: cuda:LOCAL_RANK if available, else cpu"))
+    limit: int | None = field(default=None, metadata=dict(help="stop after this many pairs per rank"))
+    progress: bool = field(default=True, metadata=dict(help="progress bar on rank 0"))
+    local_rank: int | None = field(
+        default=None, metadata=dict(help=argparse.SUPPRESS, flags=("--local_rank", "--local-rank"))
     )
+
+
+EXAMPLE = """example (SDXL at 1024 px, RPO's CLIP embeddings, 8 GPUs splitting the rows):
+  deepspeed --num_gpus 8 -m rpo_fast.cache --model MODELS/stable-diffusion-xl-base-1.0 \\
+      --data pickapic_v2/data --out CACHE --resolution 1024 --clip MODELS/clip-vit-large-patch14"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import parse_config
+
+    a = parse_config(CacheConfig, argv, prog="python -m rpo_fast.cache", description=__doc__, epilog=EXAMPLE)
+    kw = dataclasses.asdict(a)
+    kw.pop("local_rank")
+    build_cache(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw)
 
 
 if __name__ == "__main__":

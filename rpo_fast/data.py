@@ -1,4 +1,5 @@
-"""Preference pairs from disk: readers, the reference recipe's preprocessing, and the training sampler.
+"""Preference pairs from disk: readers and the reference recipe's preprocessing (the training sampler is in
+``rpo_fast.dataset``).
 
 Readers stream (never load whole) and yield ``RawPair``s with the winner first:
 - Pick-a-Pic v2: a folder of parquet shards (or one file), read shard by shard, row group by row group.
@@ -24,7 +25,53 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .seeding import seed_of
+
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+
+
+PICKAPIC_V2_SCHEMA = (
+    ("caption", "string"),
+    ("jpg_0", "binary"),
+    ("jpg_1", "binary"),
+    ("label_0", "float64"),
+    ("label_1", "float64"),
+    ("has_label", "bool"),
+    ("are_different", "bool"),
+    ("best_image_uid", "string"),
+    ("model_0", "string"),
+    ("model_1", "string"),
+    ("ranking_id", "int64"),
+    ("user_id", "int64"),
+    ("created_at", "timestamp[ns]"),
+    ("image_0_uid", "string"),
+    ("image_1_uid", "string"),
+    ("image_0_url", "string"),
+    ("image_1_url", "string"),
+    ("num_example_per_prompt", "int64"),
+)
+
+
+def pickapic_schema():
+    """The pyarrow schema of a Pick-a-Pic v2 shard (what ``rpo_fast.style_data`` writes, and the fixtures)."""
+    import pyarrow as pa
+
+    types = {
+        "string": pa.string(),
+        "binary": pa.binary(),
+        "float64": pa.float64(),
+        "bool": pa.bool_(),
+        "int64": pa.int64(),
+        "timestamp[ns]": pa.timestamp("ns"),
+    }
+    return pa.schema([(name, types[t]) for name, t in PICKAPIC_V2_SCHEMA])
+
+
+def encode_image(image, fmt: str = "JPEG") -> bytes:
+    """A PIL image as the bytes of an image file (JPEG at quality 95, or ``fmt``), as parquet shards hold them."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=95) if fmt == "JPEG" else image.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 class DataError(ValueError):
@@ -243,7 +290,7 @@ def preprocess(
 
 def pair_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of one pair: its crop and flip do not depend on batching or resumption."""
-    return np.random.default_rng([seed, index])
+    return np.random.default_rng(seed_of(seed, index))
 
 
 def preprocess_pair(pair: RawPair, resolution: int, *, crop: str, flip: bool, seed: int, flip_twin: bool = False):
@@ -260,65 +307,3 @@ def preprocess_pair(pair: RawPair, resolution: int, *, crop: str, flip: bool, se
         res = [preprocess(im, resolution, crop=crop, flip=f, rng=r) for im in (pair.winner, pair.loser)]
         out.append((torch.stack([x for x, _ in res]), [c for _, c in res]))
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Training sampler
-# --------------------------------------------------------------------------------------------------
-
-
-class PairSampler:
-    """Shuffles pair indices by seed and epoch and splits them across data-parallel ranks (each rank gets
-    n // world per epoch, the tail dropped). Stateful: ``state_dict`` (epoch, position) resumes exactly.
-    With ``twins`` it also draws, per epoch and pair, which of the cached flip variants to use."""
-
-    def __init__(
-        self, n: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, twins: bool = False
-    ):
-        if n < world:
-            raise ValueError(f"{n} pairs cannot be split across {world} ranks")
-        self.n, self.seed, self.rank, self.world, self.shuffle, self.twins = n, seed, rank, world, shuffle, twins
-        self.epoch, self.position = 0, 0
-        self._order = None
-
-    def _epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        flips = torch.rand(self.n, generator=g) < 0.5 if self.twins else torch.zeros(self.n, dtype=torch.bool)
-        per_rank = self.n // self.world
-        mine = perm[self.rank :: self.world][:per_rank]
-        return mine, flips[mine]
-
-    @property
-    def per_epoch(self) -> int:
-        return self.n // self.world
-
-    def next_batch(self, size: int) -> list[tuple[int, bool]]:
-        """The next ``size`` (index, use_flip_twin) of this rank, crossing epoch boundaries as needed."""
-        out = []
-        while len(out) < size:
-            if self._order is None:
-                self._order = self._epoch_order()
-            idx, flips = self._order
-            take = min(size - len(out), len(idx) - self.position)
-            out += list(
-                zip(
-                    idx[self.position : self.position + take].tolist(),
-                    flips[self.position : self.position + take].tolist(),
-                )
-            )
-            self.position += take
-            if self.position == len(idx):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return out
-
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, position=self.position, seed=self.seed, n=self.n, world=self.world)
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["n"], state["world"], state["seed"]) != (self.n, self.world, self.seed):
-            raise ValueError(
-                f"sampler state is for {state['n']} pairs, {state['world']} ranks, seed {state['seed']}; "
-                f"this run has {self.n}, {self.world}, {self.seed}"
-            )
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None

@@ -4,11 +4,11 @@ models, and report means, paired win rates and picture grids.
     python -m rpo_fast.evaluate --model BASE_DIR --unet TUNED_UNET_DIR --prompts parti.tsv --out eval/ \\
         --scorer pickscore=PickScore_v1 --scorer hps=HPS_v2.1_compressed.pt:CLIP-H --scorer clipscore=clip-vit-large
 
-Sampling: SD1.5 and SDXL pipelines from local folders; the papers' settings by default (guidance 7.5 for SD1.5,
-5 for SDXL, 50 steps); image j of prompt i uses seed ``seed + 1000 * i + j`` for both models (paired); batched,
-with a progress bar, resumable (images already written are not redone). Prompt sets: PartiPrompts (TSV/CSV,
-column ``Prompt``), the HPSv2 benchmark (JSON lists, a file or a folder of them), Pick-a-Pic captions (parquet,
-column ``caption``), or text (one prompt a line).
+Sampling: the model family's pipeline from a local folder; the papers' settings by default (guidance 7.5 for
+SD1.5, 5 for SDXL, 50 steps); image j of prompt i uses seed ``rpo_fast.seeding.seed_of(seed, i, j)`` for both
+models (paired); batched, with a progress bar, resumable (images already written are not redone). Prompt sets:
+PartiPrompts (TSV/CSV, column ``Prompt``), the HPSv2 benchmark (JSON lists, a file or a folder of them),
+Pick-a-Pic captions (parquet, column ``caption``), or text (one prompt a line).
 
 Statistics, per metric: mean and 95% t-interval for base and tuned; the paired win rate of tuned over base
 (ties count half) with its Wilson 95% interval. Written as ``summary.json``, ``summary.csv`` and
@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .config import HelpFormatter
+from .seeding import seed_of
 
 # --------------------------------------------------------------------------------------------------
 # Prompt sets
@@ -70,8 +73,6 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 # Pipelines and sampling
 # --------------------------------------------------------------------------------------------------
 
-PAPER_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
-
 
 def load_pipeline(
     model: str | Path,
@@ -82,25 +83,16 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     scheduler: str = "auto",
 ):
-    """A StableDiffusion(XL)Pipeline from a local folder, with the tuned ``unet`` folder or ``lora`` swapped in."""
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    """The model family's sampling pipeline from a local folder, with the tuned ``unet`` folder or ``lora`` swapped
+    in. ``pipe.family`` is the family (its ``guidance`` is the papers' default)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    from .cache import model_kind
+    from .models import load_family
 
-    kind = model_kind(model)
-    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    extra = {} if kind == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
-    pipe = cls.from_pretrained(model, dtype=dtype, **extra)
+    family = load_family(model)
+    pipe = family.load_pipeline(dtype=dtype)
     if unet is not None:
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet, dtype=dtype)
+        setattr(pipe, family.denoiser_folder, family.load_denoiser(unet, dtype=dtype))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     choice = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "pndm": PNDMScheduler}.get(scheduler)
@@ -109,12 +101,8 @@ def load_pipeline(
     if choice is not None:
         pipe.scheduler = choice.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.kind = kind
+    pipe.family = family
     return pipe.to(device)
-
-
-def image_seed(seed: int, prompt_index: int, j: int) -> int:
-    return seed + 1000 * prompt_index + j
 
 
 def sample(
@@ -137,16 +125,16 @@ def sample(
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
-    guidance = PAPER_GUIDANCE[pipe.kind] if guidance is None else guidance
+    guidance = pipe.family.guidance if guidance is None else guidance
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     paths = [folder / f"{i:05d}_{j}.png" for i, j in jobs]
     todo = [(job, path) for job, path in zip(jobs, paths) if not path.exists()]
-    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = resolution or pipe.family.default_resolution
     device = pipe.device
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="img", desc=desc, disable=not progress) as bar:
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
-            gens = [torch.Generator(device).manual_seed(image_seed(seed, i, j)) for (i, j), _ in chunk]
+            gens = [torch.Generator(device).manual_seed(seed_of(seed, i, j)) for (i, j), _ in chunk]
             out = pipe(
                 [prompts[i] for (i, _), _ in chunk],
                 num_inference_steps=steps,
@@ -581,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m rpo_fast.evaluate",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2],
     )
     ap.add_argument("--model", required=True, help="the base model folder (SD1.5 or SDXL)")
@@ -602,24 +590,29 @@ def main(argv: list[str] | None = None) -> None:
                 "aesthetic=MLP:CLIP_DIR",
                 "clipscore=DIR",
                 "imagereward=CKPT",
-                "warmth",
+                "module.path:Factory[=ARG]",
             ]
         ),
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="image j of prompt i: seed_of(seed, i, j)")
     ap.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps per image")
     ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
-    ap.add_argument("--scheduler", choices=["auto", "folder", "ddim", "euler", "pndm"], default="auto")
-    ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--scheduler",
+        choices=["auto", "folder", "ddim", "euler", "pndm"],
+        default="auto",
+        help="auto: DDIM where the folder holds a training (DDPM) scheduler; folder: the folder's",
+    )
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--style", default=None, help="style alignment: vangogh | sketch | winter (rpo_fast.style_data)")
     ap.add_argument("--style-refs", default=None, help="the styled reference images (style_data output or a folder)")
     ap.add_argument("--style-clip", default=None, help="CLIP folder for CLIP-FID and the style score")
     ap.add_argument("--inception", default=None, help="pytorch-fid Inception weights file (needs torchvision)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     s = evaluate(
         a.model,

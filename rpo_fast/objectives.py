@@ -1,6 +1,8 @@
 """The preference objectives in plain PyTorch: the reference every other backend is tested against.
 
-Written from ``shared/reference/objectives.md``; each function's docstring carries its formula.
+The math and its sources: ``docs/objectives.md``; each function's docstring carries its formula. The table at the
+end (``OBJECTIVE_TABLE``) declares once what each objective needs and takes: ``PreferenceLoss``, the kernels'
+dispatch and the trainer read it instead of branching on names.
 
 Shared notation (spec section 0). A batch holds B pairs; ``model_pred`` and ``ref_pred`` are (2B, C, H, W)
 with winners first, then losers (one concatenated UNet forward per model). ``target`` is (2B, C, H, W), or
@@ -21,14 +23,15 @@ This module imports neither triton nor any engine; float64 inputs are computed i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("dpo", "sft", "rpo", "dspo", "dense-dpo", "cal-dpo")
 PAIR_METRICS = (
     "loss",
     "implicit_acc",
@@ -59,7 +62,8 @@ class LossOutput:
     metrics: dict[str, Tensor]
 
 
-def _acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (the checks), else float32: the dtype errors accumulate in."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -86,7 +90,7 @@ def per_sample_errors(model_pred: Tensor, target: Tensor, ref_pred: Tensor | Non
     Returns:
         ``SampleErrors(m, r, delta)``, each (R,); ``r`` and ``delta`` are None without ``ref_pred``.
     """
-    dtype = _acc_dtype(model_pred, target, ref_pred)
+    dtype = acc_dtype(model_pred, target, ref_pred)
     p = _rows(model_pred, dtype)
     t = _expand_target(_rows(target, dtype).detach(), p.shape[0])
     m = (p - t).square().mean(1)
@@ -233,7 +237,7 @@ def rpo_weights(embeds_w: Tensor, embeds_l: Tensor, *, tau: float) -> Tensor:
 
     d_ij = 1 - cos(e^w_i, e^l_j),    w_ij = exp(-d_ij / tau) / sum_k exp(-d_ik / tau)
     """
-    dtype = _acc_dtype(embeds_w, embeds_l)
+    dtype = acc_dtype(embeds_w, embeds_l)
     ew = F.normalize(embeds_w.detach().to(dtype), dim=1)
     el = F.normalize(embeds_l.detach().to(dtype), dim=1)
     return torch.softmax(-(1.0 - ew @ el.T) / tau, dim=1)
@@ -312,3 +316,191 @@ def dspo_loss(
         dd = d.square().mean(1)
         loss = torch.where(dd.mean() >= 0.1, (s.square() * dd).mean(), s.square().mean())
     return LossOutput(loss, pair_metrics(loss, u, h_w, h_l, err))
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective table: what each objective needs, its options, its eager function
+# --------------------------------------------------------------------------------------------------
+
+
+class LossInputs(NamedTuple):
+    """The validated inputs of one loss call (see ``PreferenceLoss.forward``)."""
+
+    model_pred: Tensor
+    target: Tensor
+    ref_pred: Tensor | None = None
+    embeds_w: Tensor | None = None
+    embeds_l: Tensor | None = None
+    weights: Tensor | None = None
+    timesteps: Tensor | None = None
+
+
+def positive(name: str, v: Any) -> float:
+    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {v!r}")
+    return float(v)
+
+
+def non_negative(name: str, v: Any) -> float:
+    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+    return float(v)
+
+
+def count(name: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def discount(name: str, v: Any) -> float:
+    v = positive(name, v)
+    if v > 1:
+        raise ValueError(f"{name} must be in (0, 1], got {v}")
+    return v
+
+
+class one_of:  # noqa: N801 (used like the other checks: one_of("a", "b")(name, value))
+    """A check that the value is one of ``choices`` (the CLIs read ``choices`` for argparse)."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def __call__(self, name: str, v: Any) -> str:
+        if v not in self.choices:
+            raise ValueError(f"{name} must be one of {self.choices}, got {v!r}")
+        return v
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective, declared once.
+
+    ``options``: name -> (default, check); a default of None is filled by ``defaults`` (options that depend on
+    others, as DSPO's do). ``eager(err, inputs, opts)`` is its plain-torch loss. What it needs: ``reference``
+    (a ref_pred), ``embeddings`` (embeds_w / embeds_l: RPO's weight matrix), ``timesteps`` (B,),
+    ``weights`` (takes optional per-pair weights). ``score_terms``: it reads <e, d> and |d|^2 of the winners,
+    and its gradient has a term in (p - q) (DSPO). ``metrics``: the names it reports."""
+
+    name: str
+    eager: Callable[[SampleErrors, LossInputs, dict], LossOutput]
+    options: dict[str, tuple[Any, Callable[[str, Any], Any]]] = field(default_factory=dict)
+    defaults: Callable[[dict], dict] | None = None
+    reference: bool = True
+    embeddings: bool = False
+    timesteps: bool = False
+    weights: bool = False
+    score_terms: bool = False
+    metrics: tuple[str, ...] = PAIR_METRICS
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Check the options and fill in the defaults."""
+        unknown = set(given) - set(self.options)
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for objective {self.name!r} (it takes: {allowed})")
+        opts = {k: given.get(k, default) for k, (default, _) in self.options.items()}
+        if self.defaults is not None:
+            opts = self.defaults(opts)
+        return {k: self.options[k][1](k, v) for k, v in opts.items()}
+
+
+def _rpo_eager(err: SampleErrors, x: LossInputs, o: dict) -> LossOutput:
+    """RPO's eager entry: in global scope the matrix spans every rank's pairs (errors gathered with autograd,
+    embeddings as constants)."""
+    from . import distributed
+
+    ew, el = x.embeds_w, x.embeds_l
+    if o["scope"] == "global" and distributed.world_size() > 1:
+        b = err.m.shape[0] // 2
+        gather = distributed.gather_rows
+        err = SampleErrors(*(torch.cat([gather(v[:b]), gather(v[b:])]) for v in err))
+        ew, el = distributed.all_gather_rows(ew.detach()), distributed.all_gather_rows(el.detach())
+    return rpo_loss(err, ew, el, beta=o["beta"], tau=o["tau"], weighting=o["weighting"])
+
+
+DSPO_DEFAULT_BETA = {"sd15": 0.001, "sdxl": 5000.0}  # the DSPO reference launchers
+
+
+def _dspo_defaults(o: dict) -> dict:
+    form = one_of("sd15", "sdxl")("form", o["form"])
+    beta = DSPO_DEFAULT_BETA[form] if o["beta"] is None else o["beta"]
+    lam_in = beta / 2 if o["lam_in"] is None else o["lam_in"]
+    return dict(o, beta=beta, lam_in=lam_in, lam_out=beta if o["lam_out"] is None else o["lam_out"])
+
+
+BETA = (5000.0, positive)
+OBJECTIVE_TABLE: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective(
+            "dpo",
+            lambda err, x, o: dpo_loss(err, beta=o["beta"], weights=x.weights),
+            dict(beta=BETA),
+            weights=True,
+        ),
+        Objective("sft", lambda err, x, o: sft_loss(err), reference=False, metrics=("loss", "mse_w")),
+        Objective(
+            "rpo",
+            _rpo_eager,
+            dict(
+                beta=BETA,
+                tau=(0.5, positive),
+                weighting=("inside", one_of("inside", "outside")),
+                scope=("global", one_of("local", "global")),
+            ),
+            embeddings=True,
+            metrics=PAIR_METRICS + ("weight_diag",),
+        ),
+        Objective(
+            "dspo",
+            lambda err, x, o: dspo_loss(
+                x.model_pred, x.target, x.ref_pred, err, form=o["form"], lam_in=o["lam_in"], lam_out=o["lam_out"]
+            ),
+            dict(
+                beta=(None, positive),
+                form=("sd15", one_of("sd15", "sdxl")),
+                lam_in=(None, positive),
+                lam_out=(None, positive),
+            ),
+            defaults=_dspo_defaults,
+            score_terms=True,
+        ),
+        Objective(
+            "dense-dpo",
+            lambda err, x, o: dense_dpo_loss(
+                err,
+                x.timesteps,
+                beta=o["beta"],
+                gamma=o["gamma"],
+                num_inference_steps=o["num_inference_steps"],
+                num_train_timesteps=o["num_train_timesteps"],
+                weights=x.weights,
+            ),
+            dict(
+                beta=BETA,
+                gamma=(0.9, discount),
+                num_inference_steps=(50, count),
+                num_train_timesteps=(1000, count),
+            ),
+            timesteps=True,
+            weights=True,
+        ),
+        Objective(
+            "cal-dpo",
+            lambda err, x, o: cal_dpo_loss(
+                err, beta=o["beta"], beta_cal=o["beta_cal"], lam_cal=o["lam_cal"], weights=x.weights
+            ),
+            dict(beta=BETA, beta_cal=(0.5, positive), lam_cal=(0.5, non_negative)),
+            weights=True,
+        ),
+    )
+}
+OBJECTIVES = tuple(OBJECTIVE_TABLE)
+
+
+def objective(name: str) -> Objective:
+    """The table's entry for ``name``, or a ValueError listing the objectives."""
+    if name not in OBJECTIVE_TABLE:
+        raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    return OBJECTIVE_TABLE[name]

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import testing as T
+from .config import HelpFormatter
+from .seeding import seed_of
 
 STYLES = {
     "vangogh": dict(instruction="make it a Van Gogh painting", description="a painting in the style of Van Gogh"),
@@ -102,7 +103,7 @@ def build_style_set(
 
     skip = Counter(counts)
     stream = D.iter_pairs(src, counts=skip, start=cursor, first_index=rows_done)
-    schema = T.pickapic_schema()
+    schema = D.pickapic_schema()
     k = len(done)
     bar = tqdm(total=limit, initial=rows_done, unit="img", desc=f"styling ({style})", disable=not progress)
     while limit is None or rows_done < limit:
@@ -114,7 +115,7 @@ def build_style_set(
                 break
             originals = [D.preprocess(p.winner, resolution)[0] for p in batch]
             images = [_to_pil(x) for x in originals]
-            gens = [torch.Generator(device).manual_seed(seed + p.index) for p in batch]
+            gens = [torch.Generator(device).manual_seed(seed_of(seed, p.index)) for p in batch]
             edited = pipe(
                 [STYLES[style]["instruction"]] * len(batch),
                 image=images,
@@ -157,8 +158,8 @@ def _row(pair: D.RawPair, original, styled, style: str) -> dict:
     uid0, uid1 = f"{style}-{pair.index}", f"orig-{pair.index}"
     return dict(
         caption=pair.caption,
-        jpg_0=T.encode_image(styled),
-        jpg_1=T.encode_image(original),
+        jpg_0=D.encode_image(styled),
+        jpg_1=D.encode_image(original),
         label_0=1.0,
         label_1=0.0,
         has_label=True,
@@ -195,20 +196,22 @@ def _finish(out: Path, settings: dict, shards: list[Path], counts: dict) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rpo_fast.style_data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m rpo_fast.style_data", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     ap.add_argument("--src", required=True, help="Pick-a-Pic v2 parquet folder (or a pairs .jsonl/.csv)")
-    ap.add_argument("--style", required=True, choices=sorted(STYLES))
+    ap.add_argument("--style", required=True, choices=sorted(STYLES), help="the edit applied to each winner")
     ap.add_argument(
         "--editor", required=True, help="local InstructPix2Pix pipeline folder (timbrooks/instruct-pix2pix)"
     )
     ap.add_argument("--out", required=True, help="output folder of parquet shards (resumed)")
     ap.add_argument("--limit", type=int, default=None, help="edit at most this many winners")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--shard-size", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resolution", type=int, default=512, help="pixels of the edited images")
+    ap.add_argument("--shard-size", type=int, default=256, help="rows per parquet shard")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per editor call")
+    ap.add_argument("--seed", type=int, default=0, help="the edit of row i uses seed_of(seed, i)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     build_style_set(
         a.src,

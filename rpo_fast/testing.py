@@ -10,12 +10,13 @@ text (lowercased, as CLIP does) exactly the way loaders will meet a real ``token
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import data as D
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -306,46 +307,8 @@ def save_tiny_clip(path: str | Path, *, seed: int = 0, projection_dim: int = 16)
 # Pick-a-Pic v2 parquet shards
 # --------------------------------------------------------------------------------------------------
 
-PICKAPIC_COLUMNS = (
-    ("caption", "string"),
-    ("jpg_0", "binary"),
-    ("jpg_1", "binary"),
-    ("label_0", "float64"),
-    ("label_1", "float64"),
-    ("has_label", "bool"),
-    ("are_different", "bool"),
-    ("best_image_uid", "string"),
-    ("model_0", "string"),
-    ("model_1", "string"),
-    ("ranking_id", "int64"),
-    ("user_id", "int64"),
-    ("created_at", "timestamp[ns]"),
-    ("image_0_uid", "string"),
-    ("image_1_uid", "string"),
-    ("image_0_url", "string"),
-    ("image_1_url", "string"),
-    ("num_example_per_prompt", "int64"),
-)
-
-
-def pickapic_schema():
-    import pyarrow as pa
-
-    types = {
-        "string": pa.string(),
-        "binary": pa.binary(),
-        "float64": pa.float64(),
-        "bool": pa.bool_(),
-        "int64": pa.int64(),
-        "timestamp[ns]": pa.timestamp("ns"),
-    }
-    return pa.schema([(name, types[t]) for name, t in PICKAPIC_COLUMNS])
-
-
-def encode_image(image, fmt: str = "JPEG") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, quality=95) if fmt == "JPEG" else image.save(buf, format=fmt)
-    return buf.getvalue()
+PICKAPIC_COLUMNS = D.PICKAPIC_V2_SCHEMA  # (name, type) of every column of Pick-a-Pic v2's parquet shards
+pickapic_schema, encode_image = D.pickapic_schema, D.encode_image
 
 
 def random_image(rng: np.random.Generator, size: int | tuple[int, int] = 32):
@@ -531,10 +494,11 @@ def write_synthetic_cache(
     """A complete cache (the format of ``rpo_fast.cache``) of ``n`` random pairs for ``model``: shapes taken from the
     model's configs, nothing encoded. For benchmarks of the training step, where only shapes matter."""
     from . import cache as C
+    from .models import model_kind
 
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = C.model_kind(model)
+    kind = model_kind(model)
     te = [
         json.loads((model / sub / "config.json").read_text())
         for sub in ("text_encoder", "text_encoder_2")
@@ -561,9 +525,7 @@ def write_synthetic_cache(
             [[resolution, resolution, 0, 0, resolution, resolution]] * 2 * n, dtype=torch.float32
         ).view(n, 2, 6)
         empty["pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).half()
-    C._save_shard(
-        out / "shard-r0-00000.safetensors", shard, torch.float16, dict(n=n, pairs_before=0, cursor=[0, n], counts={})
-    )
+    C.write_shard(out / C.shard_name(0, 0), shard, torch.float16, dict(n=n, pairs_before=0, cursor=[0, n], counts={}))
     from safetensors.torch import save_file
 
     save_file(empty, str(out / "empty_prompt.safetensors"))
@@ -585,5 +547,5 @@ def write_synthetic_cache(
         data="synthetic",
     )
     (out / "cache.json").write_text(json.dumps(settings))
-    C._write_index(out, settings, model, n, {}, [dict(name="shard-r0-00000.safetensors", pairs=n)])
+    C.write_index(out, settings, model, n, {}, [dict(name=C.shard_name(0, 0), pairs=n)])
     return out

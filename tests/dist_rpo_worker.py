@@ -7,6 +7,7 @@ Model: model_pred = theta * x, theta (C, 1, 1) a parameter, so parameter gradien
 the data-parallel averaging that DeepSpeed and DDP do (all-reduce sum / world size).
 """
 
+import contextlib
 import os
 import socket
 import sys
@@ -36,6 +37,28 @@ def local_rows(x, rank, b_total):
     return torch.cat([w, l])
 
 
+@contextlib.contextmanager
+def count_collectives():
+    """Counts the calls of torch.distributed's all-reduce and reduce-scatter inside the block."""
+    counts = {"all_reduce": 0, "reduce_scatter_tensor": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in counts:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 def run(rank, out, backend, weighting, port):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -55,7 +78,8 @@ def run(rank, out, backend, weighting, port):
         embeds_w=ew[rank * B_LOCAL : (rank + 1) * B_LOCAL],
         embeds_l=el[rank * B_LOCAL : (rank + 1) * B_LOCAL],
     )
-    res.loss.backward()
+    with count_collectives() as backward_collectives:
+        res.loss.backward()
     grad = theta.grad.clone()
     dist.all_reduce(grad)
     grad /= WORLD  # the data-parallel average
@@ -65,7 +89,14 @@ def run(rank, out, backend, weighting, port):
     dist.all_gather(losses, res.loss.detach().float())
     if rank == 0:
         torch.save(
-            dict(loss=res.loss.detach(), losses=losses, metrics=res.metrics, theta_grad=grad, pred_grads=pred_grads),
+            dict(
+                loss=res.loss.detach(),
+                losses=losses,
+                metrics=res.metrics,
+                theta_grad=grad,
+                pred_grads=pred_grads,
+                backward_collectives=backward_collectives,
+            ),
             out,
         )
     dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,9 @@ from helpers import assert_close
 from trainrun import free_port
 
 from rpo_fast import testing as T
-from rpo_fast.cache import CachedPairs, CacheError, OnTheFlyPairs, PairEncoder, build_cache, collate, model_kind
+from rpo_fast.cache import CacheError, PairEncoder, build_cache
+from rpo_fast.dataset import CachedPairs, OnTheFlyPairs, collate
+from rpo_fast.models import model_kind
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,8 @@ def test_refusals(tmp_path, pickapic, tiny_sd15, tiny_sdxl):
 def test_model_kind_and_encoder(tiny_sd15, tiny_sdxl):
     assert model_kind(tiny_sd15) == "sd15" and model_kind(tiny_sdxl) == "sdxl"
     enc = PairEncoder(tiny_sdxl)
-    embeds, pooled = enc.encode_texts(["a", "b"])
+    texts = enc.encode_texts(["a", "b"])
+    embeds, pooled = texts["prompt_embeds"], texts["pooled_prompt_embeds"]
     assert embeds.shape == (2, 77, 2 * T.TINY_HIDDEN) and pooled.shape == (2, T.TINY_HIDDEN)
     mean, std = enc.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert mean.shape == std.shape == (2, 4, 16, 16) and (std > 0).all()
@@ -246,4 +248,6 @@ def test_cache_cli_help():
         [sys.executable, "-m", "rpo_fast.cache", "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "--flip-twin" in out.stdout and "--strict" in out.stdout
-    assert Path(T.__file__).exists()
+    # defaults and choices come from CacheConfig's fields
+    assert "{center,random}" in out.stdout and "{fp16,bf16,fp32}" in out.stdout
+    assert "pairs per shard (a multiple of --batch-size) (default: 1024)" in " ".join(out.stdout.split())

@@ -9,6 +9,7 @@ from PIL import Image
 
 from rpo_fast import data as D
 from rpo_fast import testing as T
+from rpo_fast.dataset import PairSampler
 from rpo_fast.embed import CLIPEmbedder, combine, load_embedder
 
 
@@ -198,18 +199,18 @@ def test_embedder_spec_errors(tmp_path):
 
 def test_sampler_covers_each_pair_once_per_epoch_and_resumes():
     n = 23
-    ranks = [D.PairSampler(n, seed=5, rank=r, world=2) for r in range(2)]
+    ranks = [PairSampler(n, seed=5, rank=r, world=2) for r in range(2)]
     epoch = [i for s in ranks for i, _ in s.next_batch(11)]
     assert len(set(epoch)) == 22  # 11 each, disjoint, the tail of one dropped
-    s = D.PairSampler(n, seed=5, twins=True)
+    s = PairSampler(n, seed=5, twins=True)
     straight = s.next_batch(7) + s.next_batch(30)
-    a = D.PairSampler(n, seed=5, twins=True)
+    a = PairSampler(n, seed=5, twins=True)
     first = a.next_batch(7)
     state = json.loads(json.dumps(a.state_dict()))
-    b = D.PairSampler(n, seed=5, twins=True)
+    b = PairSampler(n, seed=5, twins=True)
     b.load_state_dict(state)
     assert first + b.next_batch(30) == straight
     assert {i for i, _ in straight[:23]} == set(range(23))
     assert any(f for _, f in straight) and not all(f for _, f in straight)
     with pytest.raises(ValueError, match="sampler state"):
-        D.PairSampler(n + 1, seed=5).load_state_dict(state)
+        PairSampler(n + 1, seed=5).load_state_dict(state)

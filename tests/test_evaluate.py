@@ -213,7 +213,7 @@ def test_warmth_and_missing_imagereward():
     rng = np.random.default_rng(0)
     warm = S.render(S.CAPTIONS[0], 0.05, rng)
     cold = S.render(S.CAPTIONS[0], 0.55, rng)
-    s = load_scorer("warmth").score([warm, cold], None)
+    s = load_scorer("rpo_fast.demo.shapes:WarmthScorer").score([warm, cold], None)
     assert s[0] > 0.5 and s[1] < -0.5
     with pytest.raises(ScorerUnavailable, match="ImageReward"):
         load_scorer("imagereward=/nonexistent.pt")
@@ -243,7 +243,7 @@ def test_sampling_is_deterministic_by_seed_and_batching(tiny_sd15, tmp_path):
 def test_sdxl_pipeline_samples(tiny_sdxl, tmp_path):
     pipe = E.load_pipeline(tiny_sdxl)
     paths = E.sample(pipe, ["a red circle"], tmp_path, steps=2, progress=False)
-    assert Image.open(paths[0]).size == (32, 32) and pipe.kind == "sdxl"
+    assert Image.open(paths[0]).size == (32, 32) and pipe.family.name == "sdxl"
 
 
 def test_evaluate_end_to_end_resumes_and_reports(tiny_sd15, clip_dir, tmp_path):
@@ -259,7 +259,7 @@ def test_evaluate_end_to_end_resumes_and_reports(tiny_sd15, clip_dir, tmp_path):
     out = tmp_path / "eval"
     kw = dict(
         unet=tuned,
-        scorers=[f"clipscore={clip_dir}", "warmth", "imagereward=/none.pt"],
+        scorers=[f"clipscore={clip_dir}", "rpo_fast.demo.shapes:WarmthScorer", "imagereward=/none.pt"],
         per_prompt=2,
         steps=3,
         batch_size=3,

@@ -304,6 +304,7 @@ def test_global_scope_triton_equals_one_process(tmp_path, weighting):
     from test_global_scope import run_workers, single_process
 
     got = run_workers(tmp_path, "triton", weighting)
+    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 0}  # its backward is local
     ref, theta_grad, pred_grad = single_process(weighting)
     for loss in got["losses"]:
         assert_close("loss", loss, ref.loss, atol=1e-6, rtol=1e-5)

@@ -4,9 +4,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from rpo_fast.config import TrainConfig
 from rpo_fast.objectives import OBJECTIVES
 from rpo_fast.scorers import SCORERS
-from rpo_fast.train import TrainConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -25,3 +25,9 @@ def test_objectives_and_scorers_are_documented():
     for name in SCORERS:
         assert f"`{name}" in README, name
     assert "PLACEHOLDER" not in README
+
+
+def test_the_flag_table_is_the_generated_one():
+    from rpo_fast.config import flag_table
+
+    assert flag_table(TrainConfig) in README

@@ -9,7 +9,22 @@ from trainrun import ROOT, ZERO3, common, launch, metrics, train_rows
 
 from rpo_fast import testing as T
 from rpo_fast.cache import CacheError, build_cache
-from rpo_fast.train import TrainConfig, check_dataset, open_dataset, parse_args, validate
+from rpo_fast.config import TrainConfig, parse_args, validate
+from rpo_fast.dataset import check_dataset as _check_dataset
+from rpo_fast.dataset import open_dataset as _open_dataset
+from rpo_fast.objectives import objective
+
+
+def open_dataset(cfg: TrainConfig, data: str):
+    return _open_dataset(data, model=cfg.model, resolution=cfg.resolution)
+
+
+def check_dataset(cfg: TrainConfig, dataset, world: int) -> None:
+    needs = objective(cfg.objective).embeddings
+    _check_dataset(
+        dataset, pairs_per_rank=cfg.micro_batch_size, world=world, needs_embeddings=needs, objective=cfg.objective
+    )
+
 
 # --------------------------------------------------------------------------------------------------
 # 2 ranks, ZeRO-3, 8-bit AdamW: both model kinds, dpo and rpo
@@ -124,6 +139,23 @@ def test_too_many_nonfinite_steps_stop_with_an_error(runs, tmp_path):
     )
     assert res.returncode != 0
     assert "3 optimizer steps in a row had a non-finite loss" in res.stderr
+
+
+@pytest.mark.slow
+def test_training_straight_from_raw_pairs(runs, tmp_path):
+    """--data a pairs.jsonl (encoded on the fly, with --clip for RPO's embeddings): trains and logs (it died at
+    start-up once, in the tie check of the on-the-fly dataset)."""
+    data = T.write_pairs_jsonl(tmp_path / "raw", 6, size=40)
+    out = tmp_path / "run"
+    args = ["--ds_config", str(ZERO3), "--model", str(runs["sd15"]), "--data", str(data), "--output", str(out)]
+    args += ["--resolution", "32", "--clip", str(runs["clip"]), "--objective", "rpo", "--micro-batch-size", "2"]
+    args += ["--max-steps", "2", "--log-every", "1", "--no-progress", "--no-export"]
+    res = launch(args, ranks=1)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "| 6 pairs (3.0 steps/epoch)" in res.stdout
+    rows = train_rows(out)
+    assert sorted(rows) == [1, 2] and all(math.isfinite(r["loss/loss"]) for r in rows.values())
+    assert 0 < rows[1]["reward/weight_diag"] < 1
 
 
 # --------------------------------------------------------------------------------------------------

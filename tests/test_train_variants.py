@@ -9,7 +9,7 @@ import pytest
 import torch
 from trainrun import ZERO3, common, launch, train_rows
 
-from rpo_fast.train import TrainConfig, validate
+from rpo_fast.config import TrainConfig, validate
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

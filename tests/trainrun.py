@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rpo_fast.train import free_port
+from rpo_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "rpo_fast" / "train.py"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import HelpFormatter
 from . import shapes as S
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -162,17 +163,19 @@ def run(cmd: list[str], env: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m rpo_fast.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--objective", default="rpo", choices=sorted(SETTINGS))
-    ap.add_argument("--out", default="runs/demo")
+    ap = argparse.ArgumentParser(
+        prog="python -m rpo_fast.demo", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    ap.add_argument("--objective", default="rpo", choices=sorted(SETTINGS), help="the objective trained")
+    ap.add_argument("--out", default="runs/demo", help="the demo's folder (OUT/OBJECTIVE: the run)")
     ap.add_argument("--rounds", type=int, default=8, help="pairs per training caption (100 captions)")
     ap.add_argument("--steps", type=int, default=240, help="optimizer steps (16 pairs each)")
     ap.add_argument("--ranks", type=int, default=2, help="deepspeed ranks (processes) on this CPU")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of pairs, training and sampling")
     ap.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
-    ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--model", default=str(ASSETS / "base"))
-    ap.add_argument("--clip", default=str(ASSETS / "clip"))
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance when sampling")
+    ap.add_argument("--model", default=str(ASSETS / "base"), help="the base model (the shipped one)")
+    ap.add_argument("--clip", default=str(ASSETS / "clip"), help="the embedder of RPO's weights (the shipped one)")
     a = ap.parse_args(argv)
     t0 = time.time()
     out = Path(a.out)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cache, eval_cache = make_caches(out, a.model, rounds=a.rounds, seed=a.seed, embedder=a.clip)
 
-    from ..train import free_port
+    from ..distributed import free_port
 
     opts = SETTINGS[a.objective]
     launcher = Path(sys.executable).parent / "deepspeed"  # the deepspeed command of this environment
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts,
         run_dir / "eval",
         unet=run_dir / "unet",
-        scorers=["warmth"],
+        scorers=["rpo_fast.demo.shapes:WarmthScorer"],
         seed=a.seed,
         steps=a.sample_steps,
         guidance=a.guidance,

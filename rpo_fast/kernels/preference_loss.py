@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..objectives import PAIR_METRICS
+from .. import distributed
+from ..objectives import OBJECTIVE_TABLE, PAIR_METRICS
 
-OBJ_IDS = {"dpo": 0, "sft": 1, "rpo": 2, "dspo": 3, "dense-dpo": 4, "cal-dpo": 5}
 METRIC_NAMES = PAIR_METRICS + ("weight_diag",)  # the order of the metrics vector the kernels write
 K = 5  # partial sums per sample and chunk: m, r, delta, <e,d>, |d|^2
 _DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = range(6)
@@ -105,9 +105,9 @@ def _errors_fwd_kernel(
         m0, r0, d0, e0, s0 = _accumulate(P, Q, tr * N + idx, mask, t, m0, r0, d0, e0, s0, HAS_REF, DSPO)
         if SHARED:
             m1, r1, d1, e1, s1 = _accumulate(P, Q, (tr + T_ROWS) * N + idx, mask, t, m1, r1, d1, e1, s1, HAS_REF, DSPO)
-    _store_partials(PART + (tr * CHUNKS + c) * 5, m0, r0, d0, e0, s0)
+    _store_partials(PART + (tr * CHUNKS + c) * K, m0, r0, d0, e0, s0)
     if SHARED:
-        _store_partials(PART + ((tr + T_ROWS) * CHUNKS + c) * 5, m1, r1, d1, e1, s1)
+        _store_partials(PART + ((tr + T_ROWS) * CHUNKS + c) * K, m1, r1, d1, e1, s1)
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def _stats(PART, rows, mask, CHUNKS, inv_n):
     m = tl.zeros(rows.shape, dtype=tl.float32)
     r, dl, ed, dd = m, m, m, m
     for c in range(0, CHUNKS):
-        base = PART + (rows * CHUNKS + c) * 5
+        base = PART + (rows * CHUNKS + c) * K
         m += tl.load(base + 0, mask=mask, other=0.0)
         r += tl.load(base + 1, mask=mask, other=0.0)
         dl += tl.load(base + 2, mask=mask, other=0.0)
@@ -591,7 +591,7 @@ def pair_fwd(
             torch.empty(rows, device=dev),
         )
     loss, met, ge, gd = out
-    obj = OBJ_IDS[objective]
+    obj = KERNEL_BRANCH[objective][0]
     if obj == _RPO:
         b, d = embeds_w.shape
         beta, tau, inside = params
@@ -641,19 +641,24 @@ def pair_fwd(
     return out
 
 
+# Each objective's kernel branch: its OBJ id in the kernels, and the float parameters the op carries from its
+# resolved options (``pair_fwd`` turns them into the kernel's scalars)
+KERNEL_BRANCH = {
+    "dpo": (_DPO, lambda o: [o["beta"]]),
+    "sft": (_SFT, lambda o: []),
+    "rpo": (_RPO, lambda o: [o["beta"], o["tau"], float(o["weighting"] == "inside")]),
+    "dspo": (_DSPO, lambda o: [o["lam_in"], o["lam_out"], float(o["form"] == "sdxl")]),
+    "dense-dpo": (
+        _DENSE,
+        lambda o: [o["beta"], o["gamma"], float(o["num_inference_steps"]), float(o["num_train_timesteps"])],
+    ),
+    "cal-dpo": (_CAL, lambda o: [o["beta"], o["beta_cal"], o["lam_cal"]]),
+}
+
+
 def objective_params(objective: str, opts: dict) -> list[float]:
-    """The float parameters the op carries, per objective (see ``pair_fwd``)."""
-    if objective == "sft":
-        return []
-    if objective == "rpo":
-        return [opts["beta"], opts["tau"], float(opts["weighting"] == "inside")]
-    if objective == "dspo":
-        return [opts["lam_in"], opts["lam_out"], float(opts["form"] == "sdxl")]
-    if objective == "dense-dpo":
-        return [opts["beta"], opts["gamma"], float(opts["num_inference_steps"]), float(opts["num_train_timesteps"])]
-    if objective == "cal-dpo":
-        return [opts["beta"], opts["beta_cal"], opts["lam_cal"]]
-    return [opts["beta"]]
+    """The float parameters the op carries for ``objective`` with resolved options ``opts``."""
+    return KERNEL_BRANCH[objective][1](opts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,21 +666,15 @@ def objective_params(objective: str, opts: dict) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _gather_pairs(x: Tensor, world: int) -> Tensor:
+def _gather_pairs(x: Tensor) -> Tensor:
     """(2b, ...) on every rank -> (2bW, ...): all ranks' winners, then all ranks' losers."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    b = x.shape[0] // 2
-    return torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])
+    g = distributed.all_gather_rows(x).unflatten(0, (-1, 2, x.shape[0] // 2))  # (W, 2, b, ...)
+    return g.transpose(0, 1).flatten(0, 2)
 
 
 def _local_rows(g: Tensor, world: int, b: int) -> Tensor:
     """This rank's rows of a gathered per-sample tensor, times W (the all-gather's summed backward)."""
-    import torch.distributed as dist
-
-    r = dist.get_rank()
+    r = distributed.rank()
     total = world * b
     return torch.cat([g[r * b : (r + 1) * b], g[total + r * b : total + (r + 1) * b]]) * world
 
@@ -694,26 +693,18 @@ def preference_loss_op(
     world: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, metrics, ge, gd). ``world`` > 1: RPO's global scope, pairs all-gathered across ranks."""
-    part = errors_fwd(model_pred, target, ref_pred, dspo=objective == "dspo")
+    part = errors_fwd(model_pred, target, ref_pred, dspo=OBJECTIVE_TABLE[objective].score_terms)
     n = model_pred[0].numel()
     if world > 1:
         b = model_pred.shape[0] // 2
-        part = _gather_pairs(part, world)
-        embeds_w = torch.cat(_all_gather_list(embeds_w, world))
-        embeds_l = torch.cat(_all_gather_list(embeds_l, world))
+        part = _gather_pairs(part)
+        embeds_w = distributed.all_gather_rows(embeds_w)
+        embeds_l = distributed.all_gather_rows(embeds_l)
         loss, met, ge, gd = pair_fwd(part, n, objective, params, embeds_w=embeds_w, embeds_l=embeds_l)
         return loss, met, _local_rows(ge, world, b), _local_rows(gd, world, b)
     return pair_fwd(
         part, n, objective, params, embeds_w=embeds_w, embeds_l=embeds_l, weights=weights, timesteps=timesteps
     )
-
-
-def _all_gather_list(x: Tensor, world: int) -> list[Tensor]:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return parts
 
 
 @preference_loss_op.register_fake
@@ -750,7 +741,7 @@ def _setup_context(ctx, inputs, output):
     model_pred, target, ref_pred = inputs[:3]
     _, _, ge, gd = output
     ctx.save_for_backward(model_pred, target, ref_pred, ge, gd)
-    ctx.has_d = inputs[7] == "dspo"
+    ctx.has_d = OBJECTIVE_TABLE[inputs[7]].score_terms
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_ge, grad_gd):
@@ -774,11 +765,8 @@ def fused_preference_loss(
     timesteps: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The Triton backend of ``PreferenceLoss`` on validated inputs and resolved options: (loss, metrics)."""
-    world = 1
-    if objective == "rpo" and opts["scope"] == "global":
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    spec = OBJECTIVE_TABLE[objective]
+    world = distributed.world_size() if opts.get("scope") == "global" else 1
     if embeds_w is not None:
         embeds_w, embeds_l = embeds_w.detach(), embeds_l.detach()
     loss, met, _, _ = preference_loss_op(
@@ -793,8 +781,5 @@ def fused_preference_loss(
         objective_params(objective, opts),
         world,
     )
-    names = (
-        ("loss", "mse_w") if objective == "sft" else METRIC_NAMES[:9] + (("weight_diag",) if objective == "rpo" else ())
-    )
     met = met.detach()
-    return loss, {name: met[METRIC_NAMES.index(name)] for name in names}
+    return loss, {name: met[METRIC_NAMES.index(name)] for name in spec.metrics}

@@ -1,13 +1,14 @@
 """Automated preference scorers for ``python -m rpo_fast.evaluate``. Each is a small class with ``name`` and
 ``score(images, prompts) -> tensor (n,)``, loaded from local paths only (nothing downloads); adding one is a
-file plus a line in ``SCORERS``.
+file plus a line in ``SCORERS``. Any other scorer is named by its module path: ``module.path:Factory[=ARG]``
+(called with ARG where given; the demo's is ``rpo_fast.demo.shapes:WarmthScorer``).
 
     pickscore=CLIP_DIR                 PickScore: logit_scale.exp() * cos(image, text)
     hps=CHECKPOINT[:TOKENIZER_DIR]     HPSv2 / v2.1 (open_clip ViT-H-14 weights mapped into transformers): 100 * cos
     aesthetic=MLP_FILE:CLIP_DIR        LAION aesthetic predictor v2 on L2-normalised CLIP ViT-L/14 image embeddings
     clipscore=CLIP_DIR                 CLIP score: 100 * max(cos(image, text), 0)
     imagereward=CHECKPOINT             ImageReward (needs the ImageReward package); otherwise reported as not computed
-    warmth                             the demo's hidden rule (rpo_fast.demo.shapes)
+    module.path:Factory[=ARG]          any importable scorer factory
 """
 
 from __future__ import annotations
@@ -60,25 +61,27 @@ def _imagereward(arg, device):
     return ImageReward(arg, device=device)
 
 
-def _warmth(arg, device):
-    from ..demo.shapes import WarmthScorer
-
-    return WarmthScorer()
-
-
 SCORERS = {
     "pickscore": _pickscore,
     "hps": _hps,
     "aesthetic": _aesthetic,
     "clipscore": _clipscore,
     "imagereward": _imagereward,
-    "warmth": _warmth,
 }
 
 
 def load_scorer(spec: str, *, device: str | torch.device = "cpu") -> Scorer:
     """A scorer from ``NAME=ARG`` (or a bare NAME for scorers that need no file)."""
     name, _, arg = spec.partition("=")
+    if ":" in name:  # module.path:Factory
+        import importlib
+
+        module, _, factory = name.partition(":")
+        try:
+            make = getattr(importlib.import_module(module), factory)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"scorer {name!r}: cannot import {factory} from {module} ({e})") from e
+        return make(arg) if arg else make()
     if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)} or give module.path:Factory")
     return SCORERS[name](arg, device)

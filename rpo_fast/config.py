@@ -1,0 +1,295 @@
+"""Configuration as typed data, and the command lines built from it.
+
+A CLI's options are the fields of a dataclass: the field's type gives argparse's ``type`` (``Literal[...]`` its
+``choices``, ``bool`` a ``--flag/--no-flag`` pair), its default is the default shown in ``--help``, and its
+``metadata`` holds the help text (and, rarely, other flag names). ``check_choices`` applies the same choices to a
+config built in Python. ``TrainConfig`` is ``rpo_fast/train.py``'s; ``validate`` runs every check that needs no
+model, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .embed import MODES
+from .engine import OPTIMIZERS, PRECISIONS, read_ds_config
+from .loss import BACKENDS
+from .objectives import OBJECTIVE_TABLE, OBJECTIVES, objective
+
+# --------------------------------------------------------------------------------------------------
+# Dataclass -> argparse
+# --------------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows each option's default (unless it is None or hidden)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _choices(tp) -> tuple | None:
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) is Literal:
+            return typing.get_args(t)
+    return None
+
+
+def _base_type(tp):
+    """int for ``int | None``, str for a Literal of strings."""
+    choices = _choices(tp)
+    if choices is not None:
+        return type(choices[0])
+    return next(t for t in (typing.get_args(tp) or (tp,)) if t is not type(None))  # Optional[T] -> T
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        kw = dict(dest=f.name, help=f.metadata.get("help"))
+        flags = f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if tp is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(*flags, action="append", type=typing.get_args(tp)[0], default=[], **kw)
+        else:
+            default = None if required else f.default
+            parser.add_argument(
+                *flags, type=_base_type(tp), choices=_choices(tp), required=required, default=default, **kw
+            )
+
+
+def parse_config(cls, argv: list[str] | None, **parser_kw):
+    """Parse ``argv`` into an instance of the dataclass ``cls``."""
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, **parser_kw)
+    add_arguments(ap, cls)
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def check_choices(cfg) -> None:
+    """The Literal fields of a config built in Python hold one of their choices (argparse checks the CLI's)."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        choices, value = _choices(hints[f.name]), getattr(cfg, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(f"{flag_of(f)} must be one of: {', '.join(map(str, choices))}; got {value!r}")
+
+
+def flag_table(cls) -> str:
+    """The markdown table of a config's flags (flag, default, choices, help), as the README shows it."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    rows = ["| flag | default | choices | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help") or ""
+        if text == argparse.SUPPRESS:
+            continue
+        flag = flag_of(f)
+        if hints[f.name] is bool:
+            flag = f"{flag} / --no-{flag[2:]}"
+        required = f.default is dataclasses.MISSING
+        default = "required" if required else "-" if f.default is None else f"`{f.default}`"
+        choices = _choices(hints[f.name])
+        listed = " ".join(f"`{c}`" for c in choices) if choices else ""
+        rows.append(f"| `{flag}` | {default} | {listed} | {text.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
+def _options(name: str, option: str) -> tuple:
+    return OBJECTIVE_TABLE[name].options[option][1].choices
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's configuration
+# --------------------------------------------------------------------------------------------------
+
+LOSS_FLAGS = ("beta", "tau", "weighting", "form", "lam_in", "lam_out", "gamma", "num_inference_steps")
+LOSS_FLAGS += ("beta_cal", "lam_cal")
+
+
+def _help(text: str, **kw) -> dict:
+    return dict(metadata=dict(help=text), **kw)
+
+
+@dataclass
+class TrainConfig:
+    ds_config: str = field(
+        metadata=dict(help="DeepSpeed JSON config (configs/zero3_8bit.json, ...)", flags=("--ds_config",))
+    )
+    model: str = field(metadata=dict(help="local diffusers model folder (its family is detected: SD1.5 or SDXL)"))
+    data: str = field(metadata=dict(help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs"))
+    output: str = field(default="runs/rpo_fast", **_help("run folder: checkpoints, logs, the exported model"))
+    unet: str | None = field(default=None, **_help("start policy and reference from this UNet folder (MODEL/unet)"))
+    objective: Literal[OBJECTIVES] = field(default="rpo", **_help("the preference objective"))
+    # loss options (those of PreferenceLoss; None: the objective's default)
+    beta: float | None = field(default=None, **_help("beta (default 5000; dspo: by --form)"))
+    tau: float | None = field(default=None, **_help("rpo: softmax temperature (default 0.5)"))
+    weighting: Literal[_options("rpo", "weighting")] | None = field(
+        default=None, **_help("rpo: the weight inside or outside the log-sigmoid (default inside)")
+    )
+    contrast_scope: Literal[_options("rpo", "scope")] = field(
+        default="global", **_help("rpo: the matrix spans all ranks' pairs (global) or this rank's (local)")
+    )
+    embedding_mode: Literal[MODES] = field(default="multimodal", **_help("rpo: the embedding of a pair's image"))
+    form: Literal[_options("dspo", "form")] | None = field(
+        default=None, **_help("dspo: the SD1.5 or SDXL loss (default: the model's family)")
+    )
+    lam_in: float | None = field(default=None, **_help("dspo: lambda inside u (default beta / 2)"))
+    lam_out: float | None = field(default=None, **_help("dspo: lambda outside (default beta)"))
+    gamma: float | None = field(default=None, **_help("dense-dpo: temporal discount (default 0.9)"))
+    num_inference_steps: int | None = field(default=None, **_help("dense-dpo: N of k(t) (default 50)"))
+    beta_cal: float | None = field(default=None, **_help("cal-dpo: beta_cal (default 0.5)"))
+    lam_cal: float | None = field(default=None, **_help("cal-dpo: calibration weight (default 0.5)"))
+    timestep_sampling: Literal["uniform", "discounted"] = field(
+        default="uniform", **_help("t uniform, or t ~ w(t) (dense-dpo's discount)")
+    )
+    loss_backend: Literal[BACKENDS] = field(default="auto", **_help("auto: triton on CUDA, eager otherwise"))
+    # schedule
+    max_steps: int = field(default=2000, **_help("optimizer steps (the DPO recipe: 2000)"))
+    micro_batch_size: int = field(default=1, **_help("pairs per rank per micro-step"))
+    grad_accum: int = field(default=1, **_help("micro-steps per optimizer step"))
+    lr: float = field(default=2.048e-5, **_help("learning rate (the recipe's 1e-8 x 2048 pairs)"))
+    scale_lr: bool = field(default=False, **_help("multiply --lr by the pairs per optimizer step"))
+    warmup_steps: int = field(
+        default=0, **_help("linear warm-up from 0, diffusers' constant_with_warmup (recipe: 500 SD1.5, 200 SDXL)")
+    )
+    optimizer: Literal[OPTIMIZERS] = field(
+        default="adamw8bit", **_help("adamw8bit, lion8bit (bitsandbytes), adamw (torch), adafactor (transformers)")
+    )
+    weight_decay: float = field(default=1e-2, **_help("weight decay"))
+    adam_beta1: float = field(default=0.9, **_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, **_help("AdamW beta2"))
+    seed: int = field(default=0, **_help("seed of data order, noise, timesteps, caption dropping"))
+    empty_caption_prob: float = field(default=0.2, **_help("probability a pair's caption is dropped"))
+    resolution: int | None = field(default=None, **_help("pixels (default: the cache's; raw data: required)"))
+    clip: str | None = field(default=None, **_help("raw data + rpo: the embedder (as python -m rpo_fast.cache's)"))
+    # model and precision
+    gradient_checkpointing: bool = field(default=False, **_help("recompute activations in backward"))
+    mixed_precision: Literal[tuple(PRECISIONS)] = field(default="bf16", **_help("the engine's precision"))
+    ref_placement: Literal["replicated", "zero3"] = field(
+        default="replicated", **_help("a bf16 copy of the reference per rank, or sharded in its own ZeRO-3 engine")
+    )
+    lora_rank: int = field(default=0, **_help("LoRA rank (0: train the whole denoiser); reference = no adapters"))
+    lora_alpha: float | None = field(default=None, **_help("LoRA alpha (default: the rank)"))
+    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", **_help("module names that get adapters"))
+    compile: bool = field(default=False, **_help("torch.compile the denoiser's forward"))
+    compile_backend: str = field(default="inductor", **_help("torch.compile backend (inductor, aot_eager)"))
+    attention: Literal["sdpa", "xformers"] = field(default="sdpa", **_help("xformers: when installed"))
+    # checkpoints, logging, evaluation
+    resume: bool = field(default=False, **_help("continue from the newest complete checkpoint"))
+    checkpoint_every: int = field(default=500, **_help("steps between checkpoints (and at the end)"))
+    keep_checkpoints: int = field(default=3, **_help("complete checkpoints kept (the newest)"))
+    log_every: int = field(default=10, **_help("steps between log lines"))
+    eval_every: int = field(default=0, **_help("steps between evaluations on fixed pairs (0: never)"))
+    eval_pairs: int = field(default=64, **_help("pairs of the fixed evaluation set"))
+    eval_data: str | None = field(default=None, **_help("evaluation pairs (default: the first of --data)"))
+    eval_repeats: int = field(default=1, **_help("fixed noise/timestep draws per evaluation pair"))
+    max_consecutive_skips: int = field(default=20, **_help("non-finite steps in a row before stopping"))
+    export_only: bool = field(default=False, **_help("load the newest checkpoint, export, exit"))
+    export: bool = field(default=True, **_help("export the trained model to OUTPUT/unet (OUTPUT/lora) at the end"))
+    tensorboard: bool = field(default=True, **_help("also log to OUTPUT/tb (if tensorboard is installed)"))
+    progress: bool = field(default=True, **_help("progress bar on rank 0"))
+    # fault injection for tests (rpo_fast.debug; not shown in --help)
+    debug_nan_steps: str = field(default="", **_help(argparse.SUPPRESS))
+    debug_exit_after_step: int = field(default=0, **_help(argparse.SUPPRESS))
+    debug_kill_in_save: int = field(default=0, **_help(argparse.SUPPRESS))
+    local_rank: int = field(default=-1, metadata=dict(help=argparse.SUPPRESS, flags=("--local_rank", "--local-rank")))
+
+
+EXAMPLE = """example (one node, 8 GPUs; the cache from python -m rpo_fast.cache):
+  deepspeed --num_gpus 8 rpo_fast/train.py --ds_config configs/zero3_8bit.json \\
+      --model MODELS/stable-diffusion-xl-base-1.0 --data CACHE --objective rpo --output runs/rpo \\
+      --micro-batch-size 1 --grad-accum 128 --gradient-checkpointing"""
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return parse_config(
+        TrainConfig,
+        argv,
+        prog="rpo_fast/train.py",
+        description="Preference training of a diffusion model's denoiser with DeepSpeed.",
+        epilog=EXAMPLE,
+    )
+
+
+def loss_options(cfg: TrainConfig, family) -> dict:
+    """The PreferenceLoss options of this run: those given and taken by the objective, resolved (DSPO's form
+    defaults to the model family's)."""
+    spec = objective(cfg.objective)
+    given = {k: getattr(cfg, k) for k in LOSS_FLAGS if getattr(cfg, k) is not None}
+    extra = sorted(k for k in given if k not in spec.options)
+    if extra:
+        raise ValueError(f"--{extra[0].replace('_', '-')} does not apply to --objective {cfg.objective}")
+    if "form" in spec.options and "form" not in given:
+        if family.dspo_form is None:
+            raise ValueError(f"--objective {cfg.objective} does not apply to {family.name} models")
+        given["form"] = family.dspo_form
+    if "scope" in spec.options:
+        given["scope"] = cfg.contrast_scope
+    return spec.resolve(given)
+
+
+def validate(cfg: TrainConfig, world: int = 1) -> dict:
+    """Every check that needs no model: a clear error before anything is loaded. Returns the DeepSpeed config."""
+    from .checkpoint import latest_checkpoint
+    from .models import family_class
+
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"--model {cfg.model} is not a folder")
+    family = family_class(cfg.model)
+    if not (Path(cfg.model) / family.denoiser_folder / "config.json").exists():
+        raise FileNotFoundError(f"--model {cfg.model} has no {family.denoiser_folder}/ (config.json missing)")
+    if cfg.unet is not None and not (Path(cfg.unet) / "config.json").exists():
+        raise FileNotFoundError(f"--unet {cfg.unet} is not a UNet folder (config.json missing)")
+    if not Path(cfg.data).exists():
+        raise FileNotFoundError(f"--data {cfg.data} does not exist")
+    loss_options(cfg, family)
+    check_choices(cfg)
+    if cfg.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("--attention xformers: xformers is not installed (pip install 'rpo_fast[xformers]')")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.ref_placement != "replicated":
+        raise ValueError("--lora-rank: the reference is the policy without its adapters; drop --ref-placement")
+    timed = [k for k, o in OBJECTIVE_TABLE.items() if o.timesteps]
+    if cfg.timestep_sampling == "discounted" and cfg.objective not in timed:
+        raise ValueError(f"--timestep-sampling discounted applies to --objective {', '.join(timed)}")
+    at_least_one = ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
+    for name in (*at_least_one, "log_every", "eval_repeats"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.empty_caption_prob <= 1:
+        raise ValueError(f"--empty-caption-prob must be in [0, 1], got {cfg.empty_caption_prob}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.resolution is not None and cfg.resolution % 8:
+        raise ValueError(f"--resolution {cfg.resolution} must be a multiple of 8")
+    ds_config = read_ds_config(cfg, world)
+    out = Path(cfg.output)
+    if not cfg.resume and latest_checkpoint(out) is not None:
+        raise ValueError(
+            f"--output {out} already holds checkpoints: pass --resume to continue, or use another --output"
+        )
+    if cfg.export_only and latest_checkpoint(out) is None:
+        raise ValueError(f"--export-only: no complete checkpoint in {out / 'checkpoints'}")
+    return ds_config

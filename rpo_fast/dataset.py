@@ -1,0 +1,262 @@
+"""The training data: the cache's reader (``CachedPairs``), raw pairs encoded on the fly (``OnTheFlyPairs``), the
+batch collation, and the seeded, resumable sampler (``PairSampler``). The cache writer is ``rpo_fast.cache``.
+
+An item is a dict of fp32 tensors: latent_mean, latent_std (2, C, h, w) [winner, loser]; every per-caption tensor
+of the family (names ending in ``prompt_embeds``: SD1.5's (77, D), SDXL's also pooled (D2,)); the family's
+per-image conditioning (SDXL: time_ids (2, 6)); clip_text (E,) and clip_image (2, E) where embedded; caption (str).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import data as D
+from .cache import CacheError, PairEncoder, encode_pairs, model_fingerprint
+from .embed import Embedder
+from .seeding import seed_of
+
+SKIP = ("text_index", "tie", "captions")  # shard entries that are not item tensors
+
+
+def _caption_level(key: str) -> bool:
+    return key.endswith("prompt_embeds")
+
+
+class CachedPairs:
+    """Random access to a complete cache: ``ds[i]`` (or ``ds.get(i, flip)``) is pair i's item."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "index.json"
+        if not index.exists():
+            if (self.path / "cache.json").exists():
+                raise CacheError(
+                    f"{self.path}: unfinished cache (index.json missing); rerun python -m rpo_fast.cache "
+                    "with the same arguments to finish it"
+                )
+            raise CacheError(f"{self.path} is not an rpo_fast cache (no index.json)")
+        self.index = json.loads(index.read_text())
+        self.shards = [self.path / s["name"] for s in self.index["shards"]]
+        sizes = [s["pairs"] for s in self.index["shards"]]
+        self.offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
+        self._handles: dict[int, object] = {}
+        self._captions: dict[int, list[str]] = {}
+        self.kind, self.resolution = self.index["kind"], self.index["resolution"]
+        self.has_twins = self.index["flip_twin"]
+        self.has_embeddings = self.index["embedder"] is not None
+        with safe_open(str(self.path / "empty_prompt.safetensors"), framework="pt") as f:
+            self.empty_prompt = {k: f.get_tensor(k)[0].float() for k in f.keys()}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def check(self, *, model: str | Path, resolution: int) -> None:
+        """Refuse a cache made with another model or resolution than the run asks for."""
+        if self.resolution != resolution:
+            raise CacheError(f"{self.path} was cached at resolution {self.resolution}, the run asks for {resolution}")
+        fp = model_fingerprint(model)
+        if fp != self.index["model_fingerprint"]:
+            raise CacheError(
+                f"{self.path} was cached with another model ({self.index['model']}, fingerprint "
+                f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})"
+            )
+
+    def ties(self) -> int:
+        if not self.index["keep_ties"]:
+            return 0
+        handles = [self._handle(s) for s in range(len(self.shards))]
+        return sum(int(f.get_tensor("tie").sum()) for f in handles if "tie" in f.keys())
+
+    def _handle(self, s: int):
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.shards[s]), framework="pt")
+            self._captions[s] = json.loads(self._handles[s].metadata()["rpo_fast"])["captions"]
+        return self._handles[s]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get(i)
+
+    def get(self, i: int, flip: bool = False) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"pair {i} out of range ({len(self)} pairs)")
+        s = bisect.bisect_right(self.offsets, i) - 1
+        j = i - self.offsets[s]
+        f = self._handle(s)
+        keys = set(f.keys())
+        row = int(f.get_slice("text_index")[j : j + 1][0])
+        item = {"caption": self._captions[s][row]}
+        for k in sorted(keys):
+            if k in SKIP or k.endswith("_flip"):
+                continue
+            if _caption_level(k):
+                item[k] = f.get_slice(k)[row : row + 1][0].float()
+            else:
+                src = k + "_flip" if flip and self.has_twins and k + "_flip" in keys else k
+                item[k] = f.get_slice(src)[j : j + 1][0].float()
+        return item
+
+
+class OnTheFlyPairs:
+    """The same items as ``CachedPairs``, encoded when asked (for small runs from raw data): pair i gets the
+    crop, flip and seeds the cache would give it."""
+
+    has_twins = False
+
+    def __init__(
+        self,
+        model: str | Path,
+        data: str | Path,
+        *,
+        resolution: int,
+        crop: str = "center",
+        flip: bool = False,
+        seed: int = 0,
+        keep_ties: bool = False,
+        embedder: Embedder | None = None,
+        device: str = "cpu",
+        limit: int | None = None,
+        encoder: PairEncoder | None = None,
+    ):
+        self.counts: Counter = Counter()
+        self.pairs = []
+        for p in D.iter_pairs(data, keep_ties=keep_ties, counts=self.counts):
+            self.pairs.append(p)
+            if limit is not None and len(self.pairs) >= limit:
+                break
+        if not self.pairs:
+            raise D.DataError(f"no usable pairs in {data} (skipped: {dict(self.counts)})")
+        self.encoder = encoder or PairEncoder(model, device=device)
+        self.kind, self.resolution, self.crop, self.flip, self.seed = self.encoder.kind, resolution, crop, flip, seed
+        self.embedder, self.has_embeddings = embedder, embedder is not None
+        self.empty_prompt = {k: v[0] for k, v in self.encoder.encode_texts([""]).items()}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def ties(self) -> int:
+        return sum(p.tie for p in self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get(i)
+
+    def get(self, i: int, flip: bool = False) -> dict:
+        enc = encode_pairs(
+            [self.pairs[i]],
+            self.encoder,
+            resolution=self.resolution,
+            crop=self.crop,
+            flip=self.flip,
+            seed=self.seed,
+            embedder=self.embedder,
+        )
+        return {"caption": self.pairs[i].caption} | {k: v[0] for k, v in sorted(enc.items()) if k not in SKIP}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack items into a batch (captions as a list)."""
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
+    out["caption"] = [it["caption"] for it in items]
+    return out
+
+
+def open_dataset(
+    data: str | Path,
+    *,
+    model: str | Path,
+    resolution: int | None = None,
+    embedder: str | None = None,
+    seed: int = 0,
+    flag: str = "--data",
+):
+    """The cache at ``data`` (refused if made for another model or resolution), or raw pairs encoded on the fly
+    (a Pick-a-Pic parquet folder or file, or a pairs .jsonl/.csv; those need ``resolution``)."""
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    if (path / "index.json").exists() or (path / "cache.json").exists():
+        ds = CachedPairs(path)
+        ds.check(model=model, resolution=resolution or ds.resolution)
+        return ds
+    if not resolution:
+        raise ValueError(f"raw {flag} needs --resolution (a cache records its own)")
+    from .embed import load_embedder
+
+    return OnTheFlyPairs(
+        model, path, resolution=resolution, embedder=load_embedder(embedder) if embedder else None, seed=seed
+    )
+
+
+def check_dataset(dataset, *, pairs_per_rank: int, world: int, needs_embeddings: bool, objective: str) -> None:
+    """Refuse data that cannot train: fewer pairs than one micro-batch per rank, ties, missing embeddings."""
+    n = len(dataset)
+    if n < pairs_per_rank * world:
+        raise ValueError(f"--data holds {n} pairs, fewer than one micro-batch per rank ({pairs_per_rank} x {world})")
+    ties = dataset.ties()
+    if ties:
+        raise ValueError(
+            f"--data holds {ties} tie(s) (0.5/0.5): preference objectives need a winner; rebuild the cache "
+            "without --keep-ties"
+        )
+    if needs_embeddings and not dataset.has_embeddings:
+        raise ValueError(
+            f"--objective {objective} needs CLIP embeddings: build the cache with --clip (raw data: pass --clip)"
+        )
+
+
+class PairSampler:
+    """Shuffles pair indices by seed and epoch and splits them across data-parallel ranks (each rank gets
+    n // world per epoch, the tail dropped). Stateful: ``state_dict`` (epoch, position) resumes exactly.
+    With ``twins`` it also draws, per epoch and pair, which of the cached flip variants to use."""
+
+    def __init__(
+        self, n: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, twins: bool = False
+    ):
+        if n < world:
+            raise ValueError(f"{n} pairs cannot be split across {world} ranks")
+        self.n, self.seed, self.rank, self.world, self.shuffle, self.twins = n, seed, rank, world, shuffle, twins
+        self.epoch, self.position = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed_of(self.seed, self.epoch))
+        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        flips = torch.rand(self.n, generator=g) < 0.5 if self.twins else torch.zeros(self.n, dtype=torch.bool)
+        per_rank = self.n // self.world
+        mine = perm[self.rank :: self.world][:per_rank]
+        return mine, flips[mine]
+
+    def next_batch(self, size: int) -> list[tuple[int, bool]]:
+        """The next ``size`` (index, use_flip_twin) of this rank, crossing epoch boundaries as needed."""
+        out = []
+        while len(out) < size:
+            if self._order is None:
+                self._order = self._epoch_order()
+            idx, flips = self._order
+            take = min(size - len(out), len(idx) - self.position)
+            out += list(
+                zip(
+                    idx[self.position : self.position + take].tolist(),
+                    flips[self.position : self.position + take].tolist(),
+                )
+            )
+            self.position += take
+            if self.position == len(idx):
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, position=self.position, seed=self.seed, n=self.n, world=self.world)
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["world"], state["seed"]) != (self.n, self.world, self.seed):
+            raise ValueError(
+                f"sampler state is for {state['n']} pairs, {state['world']} ranks, seed {state['seed']}; "
+                f"this run has {self.n}, {self.world}, {self.seed}"
+            )
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None

@@ -1,0 +1,171 @@
+"""The DeepSpeed side of training: the JSON config filled from the flags, the client optimizer, the learning-rate
+schedule, and the engines of the policy and of a ZeRO-3-sharded reference.
+
+    ds = read_ds_config(cfg, world)                   # 'auto' filled, what the trainer provides refused
+    engine, schedule = build_engine(policy, cfg, ds, lr)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+OPTIMIZERS = ("adamw8bit", "lion8bit", "adamw", "adafactor")  # bitsandbytes 8-bit, torch, transformers
+EIGHT_BIT = ("adamw8bit", "lion8bit")
+SUB_GROUP_LIMIT = 2**31  # bitsandbytes kernels take an int n: a larger ZeRO sub-group is an invalid launch
+BUCKET_KEYS = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "allgather_bucket_size",
+    "sub_group_size",
+)
+
+
+def read_ds_config(cfg, world: int) -> dict:
+    """The DeepSpeed config of ``cfg.ds_config`` with 'auto' filled from the flags; refuses what the trainer
+    provides itself (optimizer, scheduler) and what cannot work (bucket sizes 'auto', huge sub-groups,
+    bitsandbytes with an offloaded optimizer)."""
+    path = Path(cfg.ds_config)
+    if not path.exists():
+        raise FileNotFoundError(f"--ds_config {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--ds_config {path} is not valid JSON: {e}") from e
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(
+                f"--ds_config {path} defines an {section!r} section; rpo_fast passes its own "
+                f"({'--optimizer, --lr' if section == 'optimizer' else '--lr, --warmup-steps'}): remove the section"
+            )
+    micro, gas = cfg.micro_batch_size, cfg.grad_accum
+    for key, mine in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+        if ds.get(key, "auto") not in ("auto", mine):
+            raise ValueError(f"--ds_config sets {key}={ds[key]} but the run asks for {mine}: use 'auto' or the same")
+        ds[key] = mine
+    total = micro * gas * world
+    if ds.get("train_batch_size", "auto") not in ("auto", total):
+        raise ValueError(
+            f"--ds_config train_batch_size={ds['train_batch_size']} does not divide into micro-batch {micro} x "
+            f"accumulation {gas} x {world} rank(s) = {total}"
+        )
+    ds["train_batch_size"] = total
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.mixed_precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.mixed_precision == "fp16"}
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    for key in BUCKET_KEYS:
+        if zero.get(key) == "auto":
+            raise ValueError(
+                f"--ds_config zero_optimization.{key} is 'auto': give an integer (the UNet has no hidden_size)"
+            )
+    if zero.get("stage", 0) == 3:
+        zero.setdefault("sub_group_size", 100_000_000)
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if int(zero.get("sub_group_size", 0)) >= SUB_GROUP_LIMIT:
+        raise ValueError(
+            f"zero_optimization.sub_group_size {zero['sub_group_size']} must stay under 2^31 (bitsandbytes)"
+        )
+    if cfg.optimizer in EIGHT_BIT and zero.get("offload_optimizer"):
+        raise ValueError(
+            "a bitsandbytes optimizer cannot step offloaded states: drop offload_optimizer or use --optimizer adamw"
+        )
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return ds["zero_optimization"].get("stage", 0)
+
+
+def reference_ds_config(policy: dict) -> dict:
+    """A ZeRO-3 inference config for the frozen reference: the policy's precision and ZeRO-3 buckets, no optimizer."""
+    zero = policy["zero_optimization"]
+    keep = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size")
+    return {
+        "train_micro_batch_size_per_gpu": policy["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": policy["train_batch_size"] // policy["gradient_accumulation_steps"],
+        "bf16": {"enabled": policy["bf16"]["enabled"]},
+        "fp16": {"enabled": policy["fp16"]["enabled"]},
+        "zero_optimization": {"stage": 3, **{k: zero[k] for k in keep if k in zero}},
+        "steps_per_print": 1_000_000_000,
+    }
+
+
+def build_optimizer(cfg, params, lr: float):
+    """The client optimizer. Under ZeRO it steps flat fp32 partitions (bitsandbytes' per-parameter options then do
+    nothing, and Adafactor sees 1-D tensors: it keeps an unfactored second moment). No paged optimizers: they use
+    CUDA managed memory."""
+    params = [p for p in params if p.requires_grad]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer in EIGHT_BIT:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.Lion8bit
+        return cls(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":  # the DiffusionDPO recipe's SDXL optimizer, with a fixed learning rate
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+
+
+def lr_schedule(optimizer, warmup_steps: int):
+    """diffusers' ``get_constant_schedule_with_warmup`` (the DPO recipe's "constant_with_warmup"): the learning
+    rate is lr * s / warmup at optimizer step s < warmup (0 at the first step), then lr."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+
+
+def build_engine(policy: torch.nn.Module, cfg, ds_config: dict, lr: float):
+    """The policy's DeepSpeed engine with the client optimizer and schedule: (engine, lr scheduler)."""
+    import deepspeed
+
+    optimizer = build_optimizer(cfg, policy.parameters(), lr)  # the trainable ones (LoRA: the adapters)
+    engine, _, _, schedule = deepspeed.initialize(
+        model=policy, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg.warmup_steps), config=ds_config
+    )
+    if cfg.compile:  # torch.compile of the UNet forward, through DeepSpeed (ZeRO-3 aware)
+        engine.compile(backend=cfg.compile_backend)
+    return engine, schedule
+
+
+def build_reference_engine(reference: torch.nn.Module, ds_config: dict):
+    """The frozen reference sharded like the policy: its own ZeRO-3 inference engine (TRL's pattern); every rank
+    calls it together."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=reference, config=reference_ds_config(ds_config))
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine
+
+
+def check_fp16(cfg) -> None:
+    """DeepSpeed runs fp16 only where its accelerator supports it (on a CPU: mkldnn fp16 hardware). Tests set
+    RPO_FAST_CPU_FP16=1 to let a CPU without it run fp16 anyway (slowly), so loss scaling is tested in CI."""
+    if cfg.mixed_precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.is_fp16_supported():
+        return
+    if os.environ.get("RPO_FAST_CPU_FP16") == "1" and acc.device_name() == "cpu":
+        acc.is_fp16_supported = lambda: True
+        acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+        return
+    raise ValueError(f"--mixed-precision fp16: DeepSpeed does not support fp16 on this {acc.device_name()}; use bf16")
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,195 @@
+"""Model families: everything rpo_fast knows about a kind of diffusion model, behind one small interface.
+
+    family = load_family("path/to/sdxl")        # detected from the folder: an SDXLFamily
+    family.name, family.denoiser_folder          # "sdxl", "unet"
+
+A family knows how to load its denoiser, text encoders and VAE from a local diffusers folder, encode captions for
+the cache, build the conditioning of a batch (caption dropping, SDXL's pooled embeddings and time ids), noise a
+latent and give the training target, sample timesteps, run the denoiser, and load the sampling pipeline. The
+trainer, the cache, evaluation and the benchmark go through it.
+
+Adding a family is one new file in this folder with a ``ModelFamily`` subclass: every module here is imported on
+first use, and each subclass with a ``name`` registers itself. ``detect`` decides which family a folder is; the
+first match in registration order wins (subclasses before their bases, so SDXL is tried before SD1.5).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+class ModelFamily:
+    """The interface; see ``unet.py`` for SD1.5 and SDXL."""
+
+    name: ClassVar[str]
+    denoiser_folder: ClassVar[str] = "unet"  # subfolder of the model folder
+    encoder_folders: ClassVar[tuple[str, ...]] = ()  # what the cache depends on (besides vae/): its fingerprint
+    dspo_form: ClassVar[str | None] = None  # DSPO's form for this family (None: DSPO does not apply)
+    guidance: ClassVar[float] = 7.5  # classifier-free guidance of the papers' evaluation
+    image_keys: ClassVar[tuple[str, ...]] = ()  # per-image conditioning stored by the cache (n, 2, ...)
+    vae_fp16: ClassVar[bool] = True  # the VAE encodes in fp16 without overflowing
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            FAMILIES[cls.name] = cls
+
+    @classmethod
+    def detect(cls, model_index: dict | None, denoiser_config: dict | None) -> bool:
+        """Whether a folder with this ``model_index.json`` (None if absent) and denoiser config is this family."""
+        raise NotImplementedError
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def config(self, sub: str) -> dict:
+        """The JSON config of a subfolder (scheduler/, vae/, the denoiser's)."""
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        return json.loads((self.path / sub / name).read_text())
+
+    # ---------------------------------------------------------------- loading
+    def load_denoiser(self, folder: str | Path | None = None, *, dtype=torch.float32) -> torch.nn.Module:
+        """The denoiser from ``folder`` (default: MODEL/<denoiser_folder>)."""
+        cls = self.denoiser_class()
+        if folder:
+            return cls.from_pretrained(folder, dtype=dtype)
+        return cls.from_pretrained(self.path, subfolder=self.denoiser_folder, dtype=dtype)
+
+    def denoiser_class(self) -> type:
+        raise NotImplementedError
+
+    def load_text_encoders(self, *, device="cpu", dtype=torch.float32) -> Any:
+        """Whatever ``encode_texts`` needs (tokenizers and encoders), on ``device``."""
+        raise NotImplementedError
+
+    def load_vae(self, *, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", dtype=dtype).to(device).eval()
+
+    def load_pipeline(self, *, dtype=torch.float32) -> Any:
+        """The diffusers sampling pipeline of the folder."""
+        raise NotImplementedError
+
+    @cached_property
+    def default_resolution(self) -> int:
+        """Pixels of the model's native resolution: the denoiser's sample size times the VAE's downsampling."""
+        vae = self.config("vae")
+        return self.config(self.denoiser_folder)["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    # ---------------------------------------------------------------- the cache side
+    def encode_texts(self, encoders: Any, captions: list[str]) -> dict[str, Tensor]:
+        """Per-caption tensors (n, ...) in fp32 on the encoders' device; their names end in ``prompt_embeds``."""
+        raise NotImplementedError
+
+    def image_conditioning(self, crops: list, resolution: int) -> dict[str, Tensor]:
+        """Per-pair conditioning from the two images' crops (``data.Crop``): tensors (2, ...); none by default."""
+        return {}
+
+    # ---------------------------------------------------------------- the training side
+    @property
+    def num_train_timesteps(self) -> int:
+        raise NotImplementedError
+
+    @cached_property
+    def latent_shift_scale(self) -> tuple[float, float]:
+        """The VAE's shift_factor (0 where it has none) and scaling_factor."""
+        vae = self.config("vae")
+        return vae.get("shift_factor") or 0.0, vae.get("scaling_factor", 0.18215)
+
+    def latents(self, sample: Tensor) -> Tensor:
+        """A sample of the VAE's latent distribution -> the latent the denoiser sees: (z - shift) * scale."""
+        shift, scale = self.latent_shift_scale
+        return (sample - shift) * scale
+
+    def sample_timesteps(self, gens: list[torch.Generator], device, probs: Tensor | None = None) -> Tensor:
+        """One timestep per pair (B,), from each pair's generator: uniform, or from ``probs`` where given."""
+        if probs is not None:
+            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens])
+        T = self.num_train_timesteps
+        return torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in gens])
+
+    def noisy_and_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x0 (2B, ...) [winners; losers], noise and t (B, ...) shared by a pair -> the noisy input (2B, ...) and
+        the training target: (B, ...) where it does not depend on x0 (shared by winner and loser), else (2B, ...)."""
+        raise NotImplementedError
+
+    def conditioning(self, batch: dict, drop: Tensor, empty: dict, *, pairs: bool = True) -> dict:
+        """The denoiser's keyword inputs for ``batch``, fp32: rows [winners; losers] (``pairs``) or winners only.
+        ``drop`` (B,) bool: the captions replaced by the empty caption's encoding ``empty``."""
+        raise NotImplementedError
+
+    def set_attention(self, denoiser, attention: str) -> None:
+        """SDPA (the default), or xformers' memory-efficient attention where xformers is installed."""
+        if attention == "xformers":
+            denoiser.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            denoiser.set_attn_processor(AttnProcessor2_0())
+
+    def predict(self, denoiser, noisy: Tensor, t: Tensor, cond: dict) -> Tensor:
+        """The denoiser's prediction (the objective's model_pred / ref_pred)."""
+        return denoiser(noisy, t, **cond).sample
+
+    def dummy_inputs(self, rows: int) -> tuple[Tensor, Tensor, dict]:
+        """Random denoiser inputs (noisy, t, cond) for ``rows`` images at the denoiser config's sample size, on the
+        current default device (the meta device counts FLOPs without memory)."""
+        raise NotImplementedError
+
+    def save_lora(self, folder: str | Path, layers: dict) -> None:
+        """A LoRA state dict (diffusers naming) in the format the pipeline's ``load_lora_weights`` reads."""
+        raise NotImplementedError
+
+
+def family_class(model: str | Path) -> type[ModelFamily]:
+    """The family of a local diffusers folder, from its model_index.json or its denoiser's config."""
+    model = Path(model)
+    index = model / "model_index.json"
+    spec = _read_json(index) if index.exists() else None
+    folders = dict.fromkeys(f.denoiser_folder for f in FAMILIES.values())
+    configs = {
+        sub: _read_json(model / sub / "config.json") for sub in folders if (model / sub / "config.json").exists()
+    }
+    if spec is None and not configs:
+        raise FileNotFoundError(
+            f"{model} is not a diffusers model folder (no model_index.json, and no "
+            f"{' or '.join(f'{s}/config.json' for s in folders)})"
+        )
+    for cls in sorted(FAMILIES.values(), key=lambda c: -len(c.__mro__)):  # subclasses first
+        if cls.detect(spec, configs.get(cls.denoiser_folder)):
+            return cls
+    raise ValueError(f"{model}: not a model family rpo_fast knows ({', '.join(FAMILIES)})")
+
+
+def load_family(model: str | Path) -> ModelFamily:
+    return family_class(model)(model)
+
+
+def model_kind(model: str | Path) -> str:
+    """The family name of a model folder: 'sd15' or 'sdxl' (or a later family)."""
+    return family_class(model).name
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+for _m in pkgutil.iter_modules(__path__):  # every family file registers its class (they import only torch here)
+    importlib.import_module(f"{__name__}.{_m.name}")

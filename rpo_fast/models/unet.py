@@ -1,0 +1,173 @@
+"""The UNet families: Stable Diffusion 1.5 (``sd15``) and SDXL (``sdxl``), DDPM noising with an epsilon or
+v-prediction target (the scheduler's ``prediction_type``).
+
+    noisy = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          (diffusers' DDPMScheduler.add_noise)
+    target = eps  (epsilon)   or   sqrt(abar_t) eps - sqrt(1 - abar_t) x0  (v_prediction, get_velocity)
+
+SD1.5 conditions on the CLIP-L text encoder's last hidden state (77, 768). SDXL concatenates the penultimate
+hidden states of both encoders (77, 2048) and adds the second encoder's pooled projection and six time ids per
+image (original size, crop top-left, target size).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from . import ModelFamily
+
+
+class SD15Family(ModelFamily):
+    name = "sd15"
+    encoder_folders = ("text_encoder", "tokenizer")
+    dspo_form = "sd15"
+    guidance = 7.5
+
+    @classmethod
+    def detect(cls, model_index, denoiser_config):
+        if model_index is not None:
+            return "unet" in model_index
+        return denoiser_config is not None
+
+    # ---------------------------------------------------------------- loading
+    def denoiser_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def _text_models(self):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return [("tokenizer", "text_encoder", CLIPTokenizer, CLIPTextModel)]
+
+    def load_text_encoders(self, *, device="cpu", dtype=torch.float32):
+        out = []
+        for tok_dir, enc_dir, tok_cls, enc_cls in self._text_models():
+            tok = tok_cls.from_pretrained(self.path, subfolder=tok_dir)
+            enc = enc_cls.from_pretrained(self.path, subfolder=enc_dir, dtype=dtype).to(device).eval()
+            out.append((tok, enc))
+        return out
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load_pipeline(self, *, dtype=torch.float32):
+        return self.pipeline_class().from_pretrained(
+            self.path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+
+    def save_lora(self, folder, layers):
+        self.pipeline_class().save_lora_weights(Path(folder), unet_lora_layers=layers, safe_serialization=True)
+
+    # ---------------------------------------------------------------- the cache side
+    @staticmethod
+    def _ids(tok, captions, device):
+        return tok(
+            captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+
+    @torch.no_grad()
+    def encode_texts(self, encoders, captions):
+        """prompt_embeds (n, 77, D): the last hidden state of CLIP-L."""
+        ((tok, enc),) = encoders
+        return {"prompt_embeds": enc(self._ids(tok, captions, enc.device))[0].float().cpu()}
+
+    # ---------------------------------------------------------------- the training side
+    @cached_property
+    def scheduler(self):
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(self.config("scheduler"))
+        if sched.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r} in {self.path}/scheduler")
+        return sched
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def noisy_and_target(self, x0, noise, t):
+        noise2, t2 = noise.repeat(2, *[1] * (noise.dim() - 1)), t.repeat(2)
+        noisy = self.scheduler.add_noise(x0, noise2, t2)
+        if self.scheduler.config.prediction_type == "epsilon":
+            return noisy, noise  # shared by winner and loser: the loss reads it once per pair
+        return noisy, self.scheduler.get_velocity(x0, noise2, t2)
+
+    def dummy_inputs(self, rows):
+        cfg = self.config(self.denoiser_folder)
+        size = cfg["sample_size"]
+        x = torch.randn(rows, cfg["in_channels"], size, size)
+        t = torch.full((rows,), self.num_train_timesteps // 2)
+        return x, t, dict(encoder_hidden_states=torch.randn(rows, 77, cfg["cross_attention_dim"]))
+
+    def conditioning(self, batch, drop, empty, *, pairs=True):
+        ehs = torch.where(drop[:, None, None], empty["prompt_embeds"], batch["prompt_embeds"])
+        return dict(encoder_hidden_states=ehs.repeat(2, 1, 1) if pairs else ehs)
+
+
+class SDXLFamily(SD15Family):
+    name = "sdxl"
+    encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    dspo_form = "sdxl"
+    guidance = 5.0
+    image_keys = ("time_ids",)
+    vae_fp16 = False  # SDXL's VAE overflows in fp16: the reference scripts keep it in fp32
+
+    @classmethod
+    def detect(cls, model_index, denoiser_config):
+        if model_index is not None:
+            return "text_encoder_2" in model_index or "XL" in model_index.get("_class_name", "")
+        return denoiser_config is not None and denoiser_config.get("addition_embed_type") == "text_time"
+
+    def _text_models(self):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        return [
+            ("tokenizer", "text_encoder", CLIPTokenizer, CLIPTextModel),
+            ("tokenizer_2", "text_encoder_2", CLIPTokenizer, CLIPTextModelWithProjection),
+        ]
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def load_pipeline(self, *, dtype=torch.float32):
+        return self.pipeline_class().from_pretrained(self.path, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_texts(self, encoders, captions):
+        """prompt_embeds (n, 77, D1 + D2): both encoders' penultimate hidden states, concatenated;
+        pooled_prompt_embeds (n, D2): the second encoder's pooled (projected) embedding."""
+        states, pooled = [], None
+        for tok, enc in encoders:
+            out = enc(self._ids(tok, captions, enc.device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        return {"prompt_embeds": torch.cat(states, dim=-1).float(), "pooled_prompt_embeds": pooled.float()}
+
+    def dummy_inputs(self, rows):
+        x, t, cond = super().dummy_inputs(rows)
+        cfg = self.config(self.denoiser_folder)
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        cond["added_cond_kwargs"] = dict(text_embeds=torch.randn(rows, pooled), time_ids=torch.randn(rows, 6))
+        return x, t, cond
+
+    def image_conditioning(self, crops, resolution):
+        """time_ids (2, 6) of [winner, loser]: original (h, w), crop (top, left), target (h, w)."""
+        return {"time_ids": torch.tensor([c.time_ids(resolution) for c in crops])}
+
+    def conditioning(self, batch, drop, empty, *, pairs=True):
+        cond = super().conditioning(batch, drop, empty, pairs=pairs)
+        pooled = torch.where(drop[:, None], empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"])
+        time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1)  # (2B, 6) [winners; losers]
+        b = pooled.shape[0]
+        cond["added_cond_kwargs"] = dict(
+            text_embeds=pooled.repeat(2, 1) if pairs else pooled, time_ids=time_ids if pairs else time_ids[:b]
+        )
+        return cond
