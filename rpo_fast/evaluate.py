@@ -565,7 +565,7 @@ def evaluate(
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m rpo_fast.evaluate",
         description=__doc__.split("\n\n")[0],
@@ -613,7 +613,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--style-clip", default=None, help="CLIP folder for CLIP-FID and the style score")
     ap.add_argument("--inception", default=None, help="pytorch-fid Inception weights file (needs torchvision)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     s = evaluate(
         a.model,
         a.prompts,

@@ -195,7 +195,7 @@ def _finish(out: Path, settings: dict, shards: list[Path], counts: dict) -> dict
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m rpo_fast.style_data", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the edit of row i uses seed_of(seed, i)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     build_style_set(
         a.src,
         a.style,

@@ -215,3 +215,33 @@ def test_train_help_shows_defaults_and_choices():
     assert "--objective {dpo,sft,rpo,dspo,dense-dpo,cal-dpo}" in text and "(default: rpo)" in text
     assert "--optimizer {adamw8bit,lion8bit,adamw,adafactor}" in text and "(default: adamw8bit)" in text
     assert "example" in text and "--debug" not in text
+
+
+def test_every_flag_of_every_cli_has_help_and_shows_its_default():
+    import argparse
+    import importlib
+
+    from rpo_fast.cache import CacheConfig
+    from rpo_fast.config import HelpFormatter, TrainConfig, add_arguments
+
+    parsers = []
+    for cls in (TrainConfig, CacheConfig):
+        ap = argparse.ArgumentParser(formatter_class=HelpFormatter)
+        add_arguments(ap, cls)
+        parsers.append((cls.__name__, ap))
+    for name in ("rpo_fast.evaluate", "rpo_fast.style_data", "rpo_fast.demo.__main__", "rpo_fast.demo.pretrain"):
+        parsers.append((name, importlib.import_module(name).parser()))
+    for name, ap in parsers:
+        assert ap.formatter_class is HelpFormatter, name
+        for action in ap._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name}: {action.option_strings} has no help"
+        text = ap.format_help()
+        shown = [
+            a
+            for a in ap._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and a.default not in (None, False, argparse.SUPPRESS)
+        ]
+        for action in shown:
+            assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)

@@ -162,7 +162,7 @@ def run(cmd: list[str], env: dict) -> None:
     subprocess.run([str(c) for c in cmd], env=env, check=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m rpo_fast.demo", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance when sampling")
     ap.add_argument("--model", default=str(ASSETS / "base"), help="the base model (the shipped one)")
     ap.add_argument("--clip", default=str(ASSETS / "clip"), help="the embedder of RPO's weights (the shipped one)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parser().parse_args(argv)
     t0 = time.time()
     out = Path(a.out)
     run_dir = out / a.objective

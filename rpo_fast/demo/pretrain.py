@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as T
+from ..config import HelpFormatter
 from . import shapes as S
 
 RES = 32
@@ -221,15 +222,21 @@ def save(out: Path, vae, unet, text, tok, sched, clip, clip_tok) -> None:
     clip_tok.save_pretrained(out / "clip")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rpo_fast.demo.pretrain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
-    ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--unet-steps", type=int, default=4500)
-    ap.add_argument("--clip-steps", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m rpo_fast.demo.pretrain", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"), help="where base/ and clip/ are written")
+    ap.add_argument("--vae-steps", type=int, default=2000, help="training steps of the VAE")
+    ap.add_argument("--unet-steps", type=int, default=4500, help="training steps of the UNet (with the text encoder)")
+    ap.add_argument("--clip-steps", type=int, default=1000, help="training steps of the CLIP embedder")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed: results do not follow the machine)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
