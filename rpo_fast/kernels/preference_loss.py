@@ -34,6 +34,7 @@ from ..objectives import OBJECTIVE_TABLE, PAIR_METRICS
 
 METRIC_NAMES = PAIR_METRICS + ("weight_diag",)  # the order of the metrics vector the kernels write
 K = 5  # partial sums per sample and chunk: m, r, delta, <e,d>, |d|^2
+K_PARTS = tl.constexpr(K)  # the same, as the kernels may read a global (Triton compiles only constexpr globals)
 _DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = range(6)
 
 
@@ -105,9 +106,9 @@ def _errors_fwd_kernel(
         m0, r0, d0, e0, s0 = _accumulate(P, Q, tr * N + idx, mask, t, m0, r0, d0, e0, s0, HAS_REF, DSPO)
         if SHARED:
             m1, r1, d1, e1, s1 = _accumulate(P, Q, (tr + T_ROWS) * N + idx, mask, t, m1, r1, d1, e1, s1, HAS_REF, DSPO)
-    _store_partials(PART + (tr * CHUNKS + c) * K, m0, r0, d0, e0, s0)
+    _store_partials(PART + (tr * CHUNKS + c) * K_PARTS, m0, r0, d0, e0, s0)
     if SHARED:
-        _store_partials(PART + ((tr + T_ROWS) * CHUNKS + c) * K, m1, r1, d1, e1, s1)
+        _store_partials(PART + ((tr + T_ROWS) * CHUNKS + c) * K_PARTS, m1, r1, d1, e1, s1)
 
 
 @triton.jit
@@ -152,7 +153,7 @@ def _stats(PART, rows, mask, CHUNKS, inv_n):
     m = tl.zeros(rows.shape, dtype=tl.float32)
     r, dl, ed, dd = m, m, m, m
     for c in range(0, CHUNKS):
-        base = PART + (rows * CHUNKS + c) * K
+        base = PART + (rows * CHUNKS + c) * K_PARTS
         m += tl.load(base + 0, mask=mask, other=0.0)
         r += tl.load(base + 1, mask=mask, other=0.0)
         dl += tl.load(base + 2, mask=mask, other=0.0)
