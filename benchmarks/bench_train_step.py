@@ -116,7 +116,7 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
 
     from rpo_fast import PreferenceLoss
     from rpo_fast.data import Crop
-    from rpo_fast.models import load_family
+    from rpo_fast.models import cast_conditioning, load_family
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     half = torch.float16 if dev == "cuda" else torch.bfloat16
@@ -149,7 +149,7 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
         with torch.autocast(dev, dtype=half):
             pred = family.predict(policy, noisy, t2, cond)
         with torch.no_grad():
-            ref = family.predict(reference, noisy.to(half), t2, _cast(cond, half))
+            ref = family.predict(reference, noisy.to(half), t2, cast_conditioning(cond, half))
         loss = loss_fn(pred.float(), target, ref.float()).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -158,10 +158,6 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
 
     sec, peak = _timed(step, steps, warmup)
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)
-
-
-def _cast(cond: dict, dtype: torch.dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
 def measure(side: str, model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:

@@ -70,6 +70,12 @@ SETTINGS = (
 )
 
 
+def is_caption_key(key: str) -> bool:
+    """A per-caption tensor of a shard (one row per unique caption, indexed by text_index): its name ends in
+    ``prompt_embeds`` (the families' text encodings); every other tensor has one row per pair."""
+    return key.endswith("prompt_embeds")
+
+
 class CacheError(ValueError):
     """A cache that does not fit the run asking for it, or an unfinished one."""
 
@@ -181,7 +187,7 @@ def _concat(batches: list[dict]) -> dict:
         for j, c in enumerate(b["captions"]):
             first.setdefault(c, (bi, j))
     for key in batches[0]:
-        if key.endswith("prompt_embeds"):  # per caption
+        if is_caption_key(key):
             out[key] = torch.stack([batches[bi][key][j] for bi, j in (first[c] for c in captions)])
     out["text_index"] = torch.cat(
         [torch.tensor([rows[b["captions"][i]] for i in b["text_index"].tolist()]) for b in batches]
@@ -216,7 +222,7 @@ def write_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict) -> No
     for k, v in shard.items():
         if k == "captions":
             continue
-        if k.startswith(("latent_", "clip_")) or k.endswith("prompt_embeds"):
+        if k.startswith(("latent_", "clip_")) or is_caption_key(k):
             v = v.to(storage)
         tensors[k] = v.contiguous()
     # one metadata key: safetensors keeps metadata in a hash map whose order changes from run to run

@@ -54,8 +54,13 @@ def _base_type(tp):
     return next(t for t in (typing.get_args(tp) or (tp,)) if t is not type(None))  # Optional[T] -> T
 
 
+def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
+    """A field's option strings: ``metadata["flags"]``, or --the-name."""
+    return f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))
+
+
 def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))[0]
+    return flags_of(f)[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -64,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         kw = dict(dest=f.name, help=f.metadata.get("help"))
-        flags = f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))
+        flags = flags_of(f)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **kw)

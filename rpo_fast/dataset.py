@@ -17,15 +17,11 @@ import torch
 from safetensors import safe_open
 
 from . import data as D
-from .cache import CacheError, PairEncoder, encode_pairs, model_fingerprint
+from .cache import CacheError, PairEncoder, encode_pairs, is_caption_key, model_fingerprint
 from .embed import Embedder
 from .seeding import seed_of
 
 SKIP = ("text_index", "tie", "captions")  # shard entries that are not item tensors
-
-
-def _caption_level(key: str) -> bool:
-    return key.endswith("prompt_embeds")
 
 
 class CachedPairs:
@@ -47,6 +43,7 @@ class CachedPairs:
         self.offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
         self._handles: dict[int, object] = {}
         self._captions: dict[int, list[str]] = {}
+        self._keys: dict[int, set[str]] = {}
         self.kind, self.resolution = self.index["kind"], self.index["resolution"]
         self.has_twins = self.index["flip_twin"]
         self.has_embeddings = self.index["embedder"] is not None
@@ -77,6 +74,7 @@ class CachedPairs:
         if s not in self._handles:
             self._handles[s] = safe_open(str(self.shards[s]), framework="pt")
             self._captions[s] = json.loads(self._handles[s].metadata()["rpo_fast"])["captions"]
+            self._keys[s] = set(self._handles[s].keys())
         return self._handles[s]
 
     def __getitem__(self, i: int) -> dict:
@@ -88,13 +86,13 @@ class CachedPairs:
         s = bisect.bisect_right(self.offsets, i) - 1
         j = i - self.offsets[s]
         f = self._handle(s)
-        keys = set(f.keys())
+        keys = self._keys[s]
         row = int(f.get_slice("text_index")[j : j + 1][0])
         item = {"caption": self._captions[s][row]}
         for k in sorted(keys):
             if k in SKIP or k.endswith("_flip"):
                 continue
-            if _caption_level(k):
+            if is_caption_key(k):
                 item[k] = f.get_slice(k)[row : row + 1][0].float()
             else:
                 src = k + "_flip" if flip and self.has_twins and k + "_flip" in keys else k

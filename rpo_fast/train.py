@@ -50,7 +50,7 @@ from rpo_fast.metrics import (  # noqa: E402
     progress_bar,
     run_environment,
 )
-from rpo_fast.models import load_family  # noqa: E402
+from rpo_fast.models import cast_conditioning, load_family  # noqa: E402
 from rpo_fast.objectives import discounted_timestep_probs, objective  # noqa: E402
 from rpo_fast.seeding import seed_of  # noqa: E402
 
@@ -217,9 +217,9 @@ class Trainer:
         noisy = noisy.to(self.dtype)
         loss_fn = self.loss_fn if train else self.eval_loss_fn
         if not self.spec.reference:  # winners only, no reference
-            cond = _cast(fam.conditioning(batch, drop, self.empty, pairs=False), self.dtype)
+            cond = cast_conditioning(fam.conditioning(batch, drop, self.empty, pairs=False), self.dtype)
             return loss_fn(fam.predict(self.engine, noisy[:b], t, cond), target[:b])
-        cond = _cast(fam.conditioning(batch, drop, self.empty), self.dtype)
+        cond = cast_conditioning(fam.conditioning(batch, drop, self.empty), self.dtype)
         t2 = t.repeat(2)
         ref = self.reference_forward(noisy, t2, cond)
         pred = fam.predict(self.engine, noisy, t2, cond)
@@ -373,10 +373,6 @@ class Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
-
-
-def _cast(cond: dict, dtype: torch.dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

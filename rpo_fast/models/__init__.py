@@ -155,6 +155,11 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def cast_conditioning(cond: dict, dtype: torch.dtype) -> dict:
+    """A family's conditioning (tensors, and dicts of tensors such as SDXL's added_cond_kwargs) in ``dtype``."""
+    return {k: cast_conditioning(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
+
+
 def family_class(model: str | Path) -> type[ModelFamily]:
     """The family of a local diffusers folder, from its model_index.json or its denoiser's config."""
     model = Path(model)
