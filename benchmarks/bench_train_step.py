@@ -1,19 +1,21 @@
 """End-to-end preference-training step: rpo_fast against a step in the style of the reference DPO scripts.
 
-    python benchmarks/bench_train_step.py --kind sdxl --pairs 1 2 4 [--no-gradient-checkpointing] [--compile]
-        [--ref-placement zero3] [--lora-rank 8]            (GPU: full-size UNets with random weights)
+    python benchmarks/bench_train_step.py --kind sdxl --pairs 1 2 4 [--recompute none|selective|full]
+        [--ds-config single_gpu|zero2_8bit|zero3_8bit] [--compile] [--ref-placement zero3] [--lora-rank 8]
+                                                           (GPU: full-size UNets with random weights)
     python benchmarks/bench_train_step.py --quick          (CPU: tiny models; checks that it runs)
 
-rpo_fast: ``rpo_fast.train.Trainer`` itself (DeepSpeed ZeRO-3, bitsandbytes AdamW8bit, bf16, the replicated bf16
-reference, one concatenated forward per model, latents and text encodings read from a cache, the loss backend
-"auto"). Baseline, what train_diffusion_dpo.py / DiffusionDPO's train.py do every step on one GPU: both images
-through the VAE and the caption through the text encoder(s) on the fly, the policy in fp32 under fp16 autocast
-with bitsandbytes AdamW8bit, the reference in fp16, the eager loss, no compile, no cache. Same model, batch and
-GPU, measured side by side.
+rpo_fast: ``rpo_fast.train.Trainer`` itself (the DeepSpeed config for one GPU, ``configs/single_gpu.json``, unless
+``--ds-config`` names another; bitsandbytes AdamW8bit, bf16, the replicated bf16 reference, one concatenated forward per
+model, latents and text encodings read from a cache, the loss backend "auto"). Baseline, what train_diffusion_dpo.py /
+DiffusionDPO's train.py do every step on one GPU: both images through the VAE and the caption through the text
+encoder(s) on the fly, the policy in fp32 under fp16 autocast with bitsandbytes AdamW8bit, the reference in fp16, the
+eager loss, no compile, no cache. Same model, batch and GPU, measured side by side.
 
-Reported per configuration: pairs/s, seconds per step, peak memory, and model FLOP utilisation: model FLOPs per
-pair (policy forward + backward on winner and loser, reference forward on both; counted with
-torch.utils.flop_counter on meta tensors, so no recomputation) over the bf16 matmul rate measured in the same run.
+Reported per configuration: pairs/s, seconds per step, peak memory, and FLOP utilisation over the bf16 matmul rate
+measured in the same run: MFU counts the model FLOPs of a pair (policy forward + backward on winner and loser as 3
+forwards, the reference forward on both), HFU the hardware FLOPs (recompute and flash attention's backward as they run).
+Both are counted with torch.utils.flop_counter on the meta device (``rpo_fast.recompute.step_cost``).
 """
 
 from __future__ import annotations
@@ -55,21 +57,15 @@ def matmul_rate(dtype=torch.bfloat16, n: int = 8192) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def model_flops_per_pair(model: Path) -> float:
-    """Policy forward + backward on [winner; loser] and reference forward on both, on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def flops_per_pair(model: Path, recompute: str) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one pair's step: policy forward + backward on [winner; loser] and the
+    reference forward on both, counted on the meta device."""
     from rpo_fast.models import load_family
+    from rpo_fast.recompute import step_cost
 
-    family = load_family(model)
-    with torch.device("meta"):
-        denoiser = family.denoiser_class().from_config(family.config(family.denoiser_folder))
-        x, t, cond = family.dummy_inputs(2)
-        with FlopCounterMode(display=False) as counter:
-            family.predict(denoiser, x, t, cond).sum().backward()
-            with torch.no_grad():
-                family.predict(denoiser, x, t, cond)
-    return float(counter.get_total_flops())
+    cost = step_cost(load_family(model), recompute)
+    reference = cost["forward_flops"]
+    return 3 * cost["forward_flops"] + reference, cost["hardware_flops"] + reference
 
 
 def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
@@ -90,9 +86,10 @@ def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: 
     from rpo_fast.config import TrainConfig
     from rpo_fast.train import Trainer
 
+    ds_config = flags.pop("ds_config")
     with tempfile.TemporaryDirectory(prefix="rpo_fast_bench_") as out:  # logs only: no checkpoint in these steps
         cfg = TrainConfig(
-            ds_config=str(ROOT / "configs" / "zero3_8bit.json"),
+            ds_config=str(ROOT / "configs" / f"{ds_config}.json"),
             model=str(model),
             data=str(cache),
             output=out,
@@ -111,7 +108,8 @@ def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: 
 
 
 def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
-    """The reference scripts' step: VAE + text encoders every step, fp16 reference, fp16 autocast, eager loss."""
+    """The reference scripts' step: VAE + text encoders every step, fp16 reference, fp16 autocast, eager loss, and
+    diffusers' gradient checkpointing where the rpo_fast side recomputes (the scripts know no other)."""
     import bitsandbytes as bnb
 
     from rpo_fast import PreferenceLoss
@@ -184,26 +182,25 @@ def _measure_here(a) -> None:
         if a.measure == "rpo_fast":
             out = bench_rpo_fast(Path(a.model), Path(a.cache), pairs, **kw, **flags)
         else:
-            out = bench_baseline(Path(a.model), pairs, **kw, gradient_checkpointing=flags["gradient_checkpointing"])
+            out = bench_baseline(Path(a.model), pairs, **kw, gradient_checkpointing=flags["recompute"] != "none")
     except torch.OutOfMemoryError as e:
         peak = torch.cuda.max_memory_allocated() / 2**30
         out = dict(error=f"out of memory (peak {peak:.1f} GiB allocated): {str(e).splitlines()[0]}")
     Path(a.result).write_text(json.dumps(out))
 
 
-def run(
-    kinds, pairs_list, *, gradient_checkpointing=True, steps=5, warmup=2, table=None, command="", **flags
-) -> ResultTable:
+def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=None, command="", **flags) -> ResultTable:
     from rpo_fast import testing as T
 
-    flags = dict(ref_placement="replicated", lora_rank=0, compile=False) | flags  # one spelling per configuration
+    # one spelling per configuration
+    flags = dict(ds_config="single_gpu", ref_placement="replicated", lora_rank=0, compile=False) | flags
     table = table or ResultTable(
         "train_step",
         "End-to-end training step: rpo_fast vs a reference-script step",
         [
             "kind",
             "pairs",
-            "gradient_checkpointing",
+            "recompute",
             "flags",
             "rpo_fast_pairs_s",
             "baseline_pairs_s",
@@ -211,24 +208,27 @@ def run(
             "rpo_fast_peak_gb",
             "baseline_peak_gb",
             "model_tflop_per_pair",
+            "hardware_tflop_per_pair",
             "matmul_tflops",
             "rpo_fast_mfu",
+            "rpo_fast_hfu",
             "baseline_mfu",
             "errors",
             "command",
         ],
         notes="Command: python benchmarks/bench_train_step.py (or pytest benchmarks/ --benchmark). MFU: model FLOPs "
-        "(policy fwd+bwd on 2 images + reference fwd on 2, no recomputation) x pairs/s over the bf16 matmul rate "
-        "measured in the same run. Each measurement runs in its own process (peak memory is its own; an out-of-memory "
-        "is reported in errors).",
-        key=("kind", "pairs", "gradient_checkpointing", "flags"),
+        "(policy fwd+bwd on 2 images as 3 forwards + reference fwd on 2) x pairs/s over the bf16 matmul rate "
+        "measured in the same run; HFU: hardware FLOPs (recompute and flash attention's backward included) x pairs/s "
+        "over the same rate. The baseline recomputes (diffusers' gradient checkpointing) wherever rpo_fast does. Each "
+        "measurement runs in its own process (peak memory is its own; an out-of-memory is reported in errors).",
+        key=("kind", "pairs", "recompute", "flags"),
     )
     rate = matmul_rate()
     keep = os.environ.get("RPO_FAST_BENCH_MODELS")  # a folder to keep the random models in, for the next run
     # without it, a temporary folder removed at the end (an SDXL model folder is 7 GB)
     with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="rpo_fast_models_") as root:
         for kind in kinds:
-            key = dict(kind=kind, gradient_checkpointing=gradient_checkpointing, flags=json.dumps(flags))
+            key = dict(kind=kind, recompute=recompute, flags=json.dumps(flags))
             todo = [p for p in pairs_list if not table.measured(pairs=p, **key)]
             if not todo:
                 print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
@@ -240,7 +240,7 @@ def run(
                 dtype = torch.bfloat16 if not QUICK else torch.float32
                 T.save_random_model(model, kind, full=not QUICK, dtype=dtype, device=dev)
                 (model / ".complete").touch()
-            flops = model_flops_per_pair(model)
+            flops, hw_flops = flops_per_pair(model, recompute)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
             for pairs in todo:
@@ -248,7 +248,7 @@ def run(
                 cache = T.write_synthetic_cache(
                     model, Path(root) / f"cache-{kind}-{pairs}", max(8, 2 * pairs), resolution=res
                 )
-                kw = dict(steps=steps, warmup=warmup, gradient_checkpointing=gradient_checkpointing)
+                kw = dict(steps=steps, warmup=warmup, recompute=recompute)
                 ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
                 base = measure("baseline", model, cache, pairs, **kw)
                 ok = "error" not in ours and "error" not in base
@@ -261,8 +261,10 @@ def run(
                     rpo_fast_peak_gb=ours.get("peak_gb"),
                     baseline_peak_gb=base.get("peak_gb"),
                     model_tflop_per_pair=flops / 1e12,
+                    hardware_tflop_per_pair=hw_flops / 1e12,
                     matmul_tflops=rate / 1e12,
                     rpo_fast_mfu=ours["pairs_per_s"] * flops / rate if "error" not in ours else None,
+                    rpo_fast_hfu=ours["pairs_per_s"] * hw_flops / rate if "error" not in ours else None,
                     baseline_mfu=base["pairs_per_s"] * flops / rate if "error" not in base else None,
                     errors="; ".join(
                         f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
@@ -286,7 +288,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl"])
     ap.add_argument("--pairs", nargs="+", type=int, default=[1])
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
+    ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ref-placement", default="replicated", choices=["replicated", "zero3"])
     ap.add_argument("--lora-rank", type=int, default=0)
@@ -298,13 +301,13 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.measure:
         return _measure_here(a)
-    flags = dict(ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
+    flags = dict(ds_config=a.ds_config, ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")
     table = run(
         a.kind if not QUICK else ["sd15"],
         a.pairs,
-        gradient_checkpointing=a.gradient_checkpointing,
+        recompute=a.recompute,
         steps=a.steps if not QUICK else 1,
         warmup=a.warmup if not QUICK else 1,
         command="python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -83,6 +83,30 @@ def zero_stage(ds: dict) -> int:
     return ds["zero_optimization"].get("stage", 0)
 
 
+# Which config for which scale (the README's table says the same):
+CONFIG_FOR_SCALE = {
+    "one GPU": "configs/single_gpu.json",  # stage 0: nothing to shard; 8-bit states from --optimizer
+    "one node": "configs/zero2_8bit.json",  # gradients and optimizer states sharded, parameters replicated
+    "policy states do not fit": "configs/zero3_8bit.json",  # parameters sharded too: hooks and gathers per module
+}
+
+
+class ZeroOneRankWarning(UserWarning):
+    """ZeRO-3 in a run of one rank: nothing is sharded, and every module call pays a hook and a gather."""
+
+
+def warn_on_zero3_alone(ds: dict, world: int) -> None:
+    if zero_stage(ds) == 3 and world == 1:
+        import warnings
+
+        warnings.warn(
+            f"stage 3 on one GPU only adds cost; use {CONFIG_FOR_SCALE['one GPU']} (ZeRO-3 shards nothing on one "
+            "rank, and still hooks every module call to fetch and release its parameters)",
+            ZeroOneRankWarning,
+            stacklevel=3,
+        )
+
+
 def reference_ds_config(policy: dict) -> dict:
     """A ZeRO-3 inference config for the frozen reference: the policy's precision and ZeRO-3 buckets, no optimizer."""
     zero = policy["zero_optimization"]

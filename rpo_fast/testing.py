@@ -488,6 +488,29 @@ def save_random_model(
     return path
 
 
+def save_model_configs(path: str | Path, kind: str, *, full: bool = True) -> Path:
+    """A model folder of configs only (model_index.json, unet/, vae/, scheduler/; no weights): enough for a
+    ``ModelFamily`` to build its denoiser on the meta device and count FLOPs and memory (``rpo_fast.recompute``)."""
+    import json
+
+    _check_kind(kind)
+    path = Path(path)
+    pipeline = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
+    index = {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"]}
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    if kind == "sdxl":
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    unet = (FULL_UNET_CONFIGS if full else TINY_UNET_CONFIGS)[kind]
+    vae = FULL_VAE_CONFIGS[kind] if full else TINY_VAE_CONFIG
+    configs = {"unet": dict(unet, _class_name="UNet2DConditionModel"), "vae": dict(vae, _class_name="AutoencoderKL")}
+    for sub, config in configs.items():
+        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub / "config.json").write_text(json.dumps(config, indent=1))
+    (path / "model_index.json").write_text(json.dumps(index, indent=1))
+    build_scheduler().save_config(path / "scheduler")
+    return path
+
+
 def write_synthetic_cache(
     model: str | Path, out: str | Path, n: int, *, resolution: int, embed_dim: int = 768, seed: int = 0
 ) -> Path:

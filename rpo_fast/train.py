@@ -1,6 +1,6 @@
 """Preference training of a diffusion model's denoiser (SD1.5 / SDXL UNets) with DeepSpeed.
 
-    deepspeed rpo_fast/train.py --ds_config configs/zero3_8bit.json --model MODEL_DIR --data CACHE_DIR \\
+    deepspeed rpo_fast/train.py --ds_config configs/zero2_8bit.json --model MODEL_DIR --data CACHE_DIR \\
         --objective rpo --output runs/rpo
     python rpo_fast/train.py ...                     (one process)
 
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
-from rpo_fast.config import TrainConfig, loss_options, parse_args, validate  # noqa: E402
+from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, validate  # noqa: E402
 from rpo_fast.dataset import PairSampler, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
@@ -52,6 +52,7 @@ from rpo_fast.metrics import (  # noqa: E402
 )
 from rpo_fast.models import cast_conditioning, load_family  # noqa: E402
 from rpo_fast.objectives import discounted_timestep_probs, objective  # noqa: E402
+from rpo_fast.recompute import apply_recompute  # noqa: E402
 from rpo_fast.seeding import seed_of  # noqa: E402
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
@@ -63,6 +64,7 @@ class Trainer:
         self.cfg = cfg
         self.ds_config = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is loaded
         self.rank, self.world, self.local_rank = distributed.init_distributed()
+        E.warn_on_zero3_alone(self.ds_config, self.world)
         E.check_fp16(cfg)
         self.family = load_family(cfg.model)
         self.spec = objective(cfg.objective)
@@ -167,8 +169,7 @@ class Trainer:
                     target_modules=targets,
                 )
             )
-        if cfg.gradient_checkpointing:
-            policy.enable_gradient_checkpointing()
+        apply_recompute(policy, recompute_mode(cfg))
         return policy.train()
 
     def _summary(self) -> str:
@@ -184,7 +185,7 @@ class Trainer:
             f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch) | steps {self.step}->{cfg.max_steps}, "
             f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
-            f"{', compiled' if cfg.compile else ''}, {cfg.attention} attention"
+            f"{', compiled' if cfg.compile else ''}, {cfg.attention} attention, recompute {recompute_mode(cfg)}"
         )
 
     # ---------------------------------------------------------------- one step

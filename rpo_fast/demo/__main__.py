@@ -5,7 +5,8 @@ object colours) through the same ``deepspeed rpo_fast/train.py --ds_config ...``
 
 1. pairs: two pictures of each of the 100 training captions per round, the winner chosen by the rule's scorer;
 2. cache: VAE latents, text encodings and the shipped embedder's CLIP embeddings (python -m rpo_fast.cache);
-3. training: ``deepspeed --num_gpus 2 rpo_fast/train.py --ds_config configs/zero3_8bit.json ...`` on 2 CPU ranks;
+3. training: ``deepspeed --num_gpus 2 rpo_fast/train.py --ds_config configs/zero2_8bit.json ...`` on 2 CPU ranks
+   (one node: ZeRO-2);
 4. evaluation: the 200 held-out captions sampled from the base and the tuned model with the same seeds, scored
    by the rule: the win rate of tuned over base (ties half) with its Wilson 95% interval;
 5. pictures: ``grid.png`` (base | tuned, side by side) and ``training.png`` (loss and implicit accuracy).
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         str(free_port()),
         ROOT / "rpo_fast" / "train.py",
         "--ds_config",
-        ROOT / "configs" / "zero3_8bit.json",
+        ROOT / "configs" / ("zero2_8bit.json" if a.ranks > 1 else "single_gpu.json"),  # the config for the scale
         "--model",
         a.model,
         "--data",
