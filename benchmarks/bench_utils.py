@@ -121,13 +121,19 @@ class ResultTable:
     their rows to the same file, a row replacing the earlier row of its configuration. Every row carries the
     commit and time of its run and, where given, its command."""
 
-    def __init__(self, name: str, title: str, columns: list[str], notes: str = "", key: tuple[str, ...] = ()):
-        self.name, self.title, self.notes, self.key = name, title, notes, key
+    def __init__(
+        self, name: str, title: str, columns: list[str], notes: str = "", key: tuple[str, ...] = (), device: str = ""
+    ):
+        """``device``: a name for the file (``NAME-DEVICE``) that puts it in benchmarks/results/ even on a CPU: for
+        figures a CPU gives honestly (host overhead, counts), not the quick mode's."""
+        self.name, self.title, self.notes, self.key, self.device = name, title, notes, key, device
         self.columns = [*columns, "run"]
         self.rows: list[dict] = []
         self.env = environment()
 
     def _path(self, suffix: str) -> Path:
+        if self.device:
+            return ROOT / "results" / f"{self.name}-{self.device}{suffix}"
         folder = ROOT.parent / ".benchmarks" if QUICK else ROOT / "results"
         return folder / f"{self.name}-{'quick-cpu' if QUICK else self.env['device'].replace(' ', '_')}{suffix}"
 

@@ -190,6 +190,7 @@ class TrainConfig:
     empty_caption_prob: float = field(default=0.2, **_help("probability a pair's caption is dropped"))
     resolution: int | None = field(default=None, **_help("pixels (default: the cache's; raw data: required)"))
     clip: str | None = field(default=None, **_help("raw data + rpo: the embedder (as python -m rpo_fast.cache's)"))
+    prefetch: int = field(default=2, **_help("micro-batches read ahead by a background thread (0: on the main thread)"))
     # model and precision
     recompute: Literal[RECOMPUTE] = field(
         default="none",
@@ -207,7 +208,15 @@ class TrainConfig:
     lora_rank: int = field(default=0, **_help("LoRA rank (0: train the whole denoiser); reference = no adapters"))
     lora_alpha: float | None = field(default=None, **_help("LoRA alpha (default: the rank)"))
     lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", **_help("module names that get adapters"))
-    compile: bool = field(default=False, **_help("torch.compile the denoiser's forward"))
+    compile: bool = field(default=False, **_help("torch.compile the denoiser's forward (--compile-mode whole)"))
+    compile_mode: Literal["whole", "regional"] | None = field(
+        default=None,
+        **_help(
+            "whole: the denoiser's forward through DeepSpeed's engine.compile; regional: diffusers' "
+            "compile_repeated_blocks, each BasicTransformerBlock compiled alone (one graph reused by all; resnets "
+            "stay eager), before DeepSpeed wraps the model (implies --compile)"
+        ),
+    )
     compile_backend: str = field(default="inductor", **_help("torch.compile backend (inductor, aot_eager)"))
     attention: Literal["sdpa", "xformers"] = field(default="sdpa", **_help("xformers: when installed"))
     # checkpoints, logging, evaluation
@@ -301,6 +310,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
     if cfg.timestep_sampling == "discounted" and cfg.objective not in timed:
         raise ValueError(f"--timestep-sampling discounted applies to --objective {', '.join(timed)}")
     at_least_one = ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
+    if cfg.prefetch < 0:
+        raise ValueError(f"--prefetch must be 0 (off) or more, got {cfg.prefetch}")
     for name in (*at_least_one, "log_every", "eval_repeats"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

@@ -1,5 +1,6 @@
 """The training data: the cache's reader (``CachedPairs``), raw pairs encoded on the fly (``OnTheFlyPairs``), the
-batch collation, and the seeded, resumable sampler (``PairSampler``). The cache writer is ``rpo_fast.cache``.
+batch collation, the seeded, resumable sampler (``PairSampler``) and the prefetching loader over it
+(``PrefetchLoader``). The cache writer is ``rpo_fast.cache``.
 
 An item is a dict of fp32 tensors: latent_mean, latent_std (2, C, h, w) [winner, loser]; every per-caption tensor
 of the family (names ending in ``prompt_embeds``: SD1.5's (77, D), SDXL's also pooled (D2,)); the family's
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -258,3 +260,70 @@ class PairSampler:
                 f"this run has {self.n}, {self.world}, {self.seed}"
             )
         self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+class PrefetchLoader:
+    """The training batches, read ahead: each micro-step's pairs are drawn from the sampler on the main thread (so
+    its order is the sampler's), read from the dataset by a background thread ``depth`` batches ahead, pinned when
+    the device is a GPU, and copied with ``non_blocking``: the step never waits for the disk, and no copy waits for
+    the stream. ``depth=0`` reads on the main thread.
+
+    ``state_dict`` is the sampler's position after the last batch handed out, not after the ones read ahead: a run
+    resumed from a checkpoint continues at the exact pair.
+    """
+
+    def __init__(self, dataset, sampler: PairSampler, batch_size: int, device: torch.device, *, depth: int = 2):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be 0 or more, got {depth}")
+        self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
+        self.depth = depth
+        self.pin = device.type == "cuda"
+        self.lock = threading.Lock()  # one reader of the dataset at a time (evaluation reads it too)
+        self._ahead: deque = deque()  # (picks, sampler state after them, future batch)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rpo_fast_prefetch") if depth else None
+        self._state = sampler.state_dict()
+
+    def _read(self, picks: list[tuple[int, bool]]) -> dict:
+        with self.lock:
+            batch = collate([self.dataset.get(i, flip) for i, flip in picks])
+        if self.pin:
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def next(self) -> tuple[list[tuple[int, bool]], dict]:
+        """The next batch's (picks, tensors on the device)."""
+        if not self.depth:
+            picks = self.sampler.next_batch(self.batch_size)
+            self._state = self.sampler.state_dict()
+            return picks, self.to_device(self._read(picks))
+        while len(self._ahead) < self.depth:
+            picks = self.sampler.next_batch(self.batch_size)
+            self._ahead.append((picks, self.sampler.state_dict(), self._pool.submit(self._read, picks)))
+        picks, self._state, future = self._ahead.popleft()
+        return picks, self.to_device(future.result())
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_ahead()
+        self.sampler.load_state_dict(state)
+        self._state = self.sampler.state_dict()
+
+    def _drop_ahead(self) -> None:
+        for _, _, future in self._ahead:
+            future.cancel()
+            if not future.cancelled():
+                future.result()  # wait for a read in flight (its batch is dropped)
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

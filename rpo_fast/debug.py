@@ -1,6 +1,6 @@
 """Fault injection, for the tests of skipping, stopping and resuming (the trainer's ``--debug-*`` flags, hidden
 from ``--help``). Everything here is a hook the trainer calls at one named point; none of it is in the step's
-arithmetic.
+arithmetic. And ``HostSyncs``, which counts the host reads of tensor values in a region (the step has none).
 
     --debug-nan-steps "STEP[@RANK],..."   that step's loss (and so its gradient) is NaN, on one rank with @RANK
     --debug-exit-after-step N            the process dies (exit 137, as a kill) after step N and its checkpoint
@@ -50,3 +50,82 @@ class FaultInjection:
     def after_step(self, step: int) -> None:
         if step == self.exit_after_step:
             os._exit(137)  # a kill after this step (and its checkpoint, if one was due)
+
+
+class HostSyncs:
+    """Counts what in a region needs a tensor's value on the host (on a GPU each of these waits for the stream to
+    finish): ``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()``, and the ops whose output size depends
+    on the values (``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask, ...). Works on a CPU,
+    where nothing actually waits:
+
+        with HostSyncs() as syncs:
+            trainer.forward_loss(...)
+        assert not syncs.calls, syncs.calls          # [(what, where), ...]
+    """
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__")
+
+    def __init__(self):
+        import torch
+
+        aten = torch.ops.aten
+        self.ops = {
+            aten._local_scalar_dense.default,
+            aten.nonzero.default,
+            aten.masked_select.default,
+            aten._unique2.default,
+            aten.unique_consecutive.default,
+            aten.unique_dim.default,
+            aten.repeat_interleave.Tensor,
+        }
+        self.masked = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}  # x[mask]: a nonzero
+        self.calls: list[tuple[str, str]] = []
+
+    def _record(self, what: str) -> None:
+        import traceback
+
+        stack = traceback.extract_stack()[:-2]
+        frames = [f for f in stack if "rpo_fast" in f.filename and "debug.py" not in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        self.calls.append((what, where))
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in counter.ops or (func in counter.masked and _has_bool_index(args)):
+                    counter._record(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._wrap(name, method))
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def _wrap(self, name, method):
+        def call(t, *args, **kwargs):
+            self._record(f"Tensor.{name}")
+            return method(t, *args, **kwargs)
+
+        return call
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._mode.__exit__(*exc)
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return False
+
+
+def _has_bool_index(args) -> bool:
+    import torch
+
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())

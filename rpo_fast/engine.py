@@ -150,15 +150,22 @@ def lr_schedule(optimizer, warmup_steps: int):
     return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
 
 
+def compile_mode(cfg) -> str | None:
+    """--compile-mode, with --compile meaning whole; None: eager."""
+    return cfg.compile_mode or ("whole" if cfg.compile else None)
+
+
 def build_engine(policy: torch.nn.Module, cfg, ds_config: dict, lr: float):
     """The policy's DeepSpeed engine with the client optimizer and schedule: (engine, lr scheduler)."""
     import deepspeed
 
+    if compile_mode(cfg) == "regional":  # each repeated block compiled in place, before DeepSpeed's hooks
+        policy.compile_repeated_blocks(backend=cfg.compile_backend)
     optimizer = build_optimizer(cfg, policy.parameters(), lr)  # the trainable ones (LoRA: the adapters)
     engine, _, _, schedule = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg.warmup_steps), config=ds_config
     )
-    if cfg.compile:  # torch.compile of the UNet forward, through DeepSpeed (ZeRO-3 aware)
+    if compile_mode(cfg) == "whole":  # torch.compile of the UNet forward, through DeepSpeed (ZeRO-3 aware)
         engine.compile(backend=cfg.compile_backend)
     return engine, schedule
 

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
 from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, validate  # noqa: E402
-from rpo_fast.dataset import PairSampler, check_dataset, collate, open_dataset  # noqa: E402
+from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
     MetricMean,
@@ -86,6 +86,7 @@ class Trainer:
         self.sampler = PairSampler(
             len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world, twins=self.dataset.has_twins
         )
+        self.loader = PrefetchLoader(self.dataset, self.sampler, cfg.micro_batch_size, self.device, depth=cfg.prefetch)
         if cfg.eval_data:  # at the training resolution
             self.eval_dataset = self._open(cfg.eval_data, "--eval-data", self.dataset.resolution)
         else:
@@ -185,15 +186,17 @@ class Trainer:
             f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch) | steps {self.step}->{cfg.max_steps}, "
             f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
-            f"{', compiled' if cfg.compile else ''}, {cfg.attention} attention, recompute {recompute_mode(cfg)}"
+            f"{f', compiled ({E.compile_mode(cfg)})' if E.compile_mode(cfg) else ''}"
+            f", {cfg.attention} attention, recompute {recompute_mode(cfg)}"
         )
 
     # ---------------------------------------------------------------- one step
     def batch(self, picks: list[tuple[int, bool]], dataset=None) -> dict:
         """The pairs ``picks`` ((index, mirrored twin)) of ``dataset`` (the training set by default), on the device."""
         dataset = self.dataset if dataset is None else dataset
-        items = [dataset.get(i, flip) for i, flip in picks]
-        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
+        with self.loader.lock:
+            items = [dataset.get(i, flip) for i, flip in picks]
+        return self.loader.to_device(collate(items))
 
     def pair_seeds(self, step: int, indices: list[int], salt: int = 0) -> list[int]:
         """One seed per pair: every random draw of a pair (latent sample, noise, timestep, caption drop) comes from
@@ -250,8 +253,8 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step: ``grad_accum`` micro-steps, their metrics added to ``self.metrics``."""
         for _ in range(self.cfg.grad_accum):
-            picks = self.sampler.next_batch(self.cfg.micro_batch_size)
-            out = self.forward_loss(self.batch(picks), self.pair_seeds(self.step, [i for i, _ in picks]))
+            picks, batch = self.loader.next()  # read ahead by the loader's thread
+            out = self.forward_loss(batch, self.pair_seeds(self.step, [i for i, _ in picks]))
             self.engine.backward(out.loss)
             self.engine.step()  # an optimizer step at the accumulation boundary
             self.metrics.add(out.metrics)
@@ -293,7 +296,7 @@ class Trainer:
     def save(self) -> None:
         state = dict(
             step=self.step,
-            sampler=self.sampler.state_dict(),
+            sampler=self.loader.state_dict(),  # the position after the last batch trained on, not the ones read ahead
             config=dataclasses.asdict(self.cfg),
             skipped_total=self.skipped_total,
             consecutive_skips=self.consecutive_skips,
@@ -311,7 +314,7 @@ class Trainer:
     def load(self, step: int) -> None:
         state = checkpoint.load(self.engine, self.out, step)
         self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
+        self.loader.load_state_dict(state["sampler"])
         self.skipped_total, self.consecutive_skips = state["skipped_total"], state["consecutive_skips"]
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {self.out / 'checkpoints' / f'step-{step}'}")
@@ -372,6 +375,7 @@ class Trainer:
             print(f"[rpo_fast] {msg}", flush=True)
 
     def close(self) -> None:
+        self.loader.close()
         if self.logger is not None:
             self.logger.close()
 

@@ -1,0 +1,349 @@
+"""The GPU check's measurements, one stage per command (``benchmarks/gpu_session.sh`` runs them in two calls).
+
+    python benchmarks/gpu_check.py loss-check            every loss backend against float64 eager, SDXL latents
+    python benchmarks/gpu_check.py matmul                the bf16 matmul rate: 8192^3 and UNet-like shapes
+    python benchmarks/gpu_check.py step --kind sdxl --pairs 1 [--ds-config single_gpu] [--recompute selective]
+        [--compile] [--baseline] [--profile]         one training-step configuration: per-phase times, peak memory
+
+With ``--dry`` (or on a machine without CUDA) every stage runs at tiny shapes on the CPU (the CI's check that the
+stages run end to end); its rows go to ``.benchmarks/`` (ignored by git), a GPU's to ``benchmarks/results/``.
+
+Per-phase times of a step come from CUDA events around each phase (``time.perf_counter`` on the CPU): data (the
+loader's next batch, host to device), reference forward, policy forward and loss, backward, optimizer step, summed
+over the timed steps and divided by their number. ``--profile`` also records 3 steps with ``torch.profiler``: the
+top kernels by GPU time and the GPU-busy fraction (the union of kernel intervals over the wall time of the 3 steps)
+go to the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import ResultTable, sync  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------
+# loss-check
+# --------------------------------------------------------------------------------------------------
+
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # the gradient's max error over its max magnitude
+
+
+def loss_check(dry: bool) -> ResultTable:
+    """Every objective x backend at SDXL latents (B = 4 pairs, bf16; dry: 4x8x8, fp32) against float64 eager:
+    the loss's absolute error and the gradient's largest error relative to its largest magnitude."""
+    from rpo_fast import PreferenceLoss
+    from rpo_fast.objectives import OBJECTIVES, objective
+
+    dev = "cuda" if CUDA and not dry else "cpu"
+    c, h, w = (4, 8, 8) if dry else (4, 128, 128)
+    dtype = torch.float32 if dry else torch.bfloat16
+    b = 4
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    p0 = torch.randn(2 * b, c, h, w, device=dev, generator=g)
+    t = torch.randn(b, c, h, w, device=dev, generator=g)
+    q = p0 + 0.05 * torch.randn(2 * b, c, h, w, device=dev, generator=g)
+    emb = dict(
+        embeds_w=torch.randn(b, 16, device=dev, generator=g), embeds_l=torch.randn(b, 16, device=dev, generator=g)
+    )
+    steps = torch.randint(0, 1000, (b,), device=dev, generator=g)
+    for name in OBJECTIVES:
+        spec = objective(name)
+        opts = {k: v for k, v in (("beta", 100.0), ("scope", "local"), ("form", "sdxl")) if k in spec.options}
+        kw = {}
+        if spec.embeddings:
+            kw |= emb
+        if spec.timesteps:
+            kw["timesteps"] = steps
+        inputs = (p0, t, q) if spec.reference else (p0[:b], t)  # SFT: winners only
+        ref_in = [x.double().requires_grad_(i == 0) for i, x in enumerate(inputs)]
+        ref_kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+        r = PreferenceLoss(name, backend="eager", **opts)(*ref_in, **ref_kw)
+        (ref_grad,) = torch.autograd.grad(r.loss, ref_in[0])
+        for backend in ("eager", "triton", "compile"):
+            if backend == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+            p = inputs[0].to(dtype).requires_grad_(True)
+            out = PreferenceLoss(name, backend=backend, **opts)(p, *(x.to(dtype) for x in inputs[1:]), **kw)
+            (grad,) = torch.autograd.grad(out.loss, p)
+            loss, ref_loss = float(out.loss.detach()), float(r.loss.detach())
+            err = (grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-30)
+            rows.append(
+                dict(
+                    objective=name,
+                    backend=backend,
+                    dtype=str(dtype).removeprefix("torch."),
+                    shape=f"{2 * b}x{c}x{h}x{w}",
+                    loss=loss,
+                    loss_float64=ref_loss,
+                    loss_abs_err=abs(loss - ref_loss),
+                    grad_rel_err=float(err),
+                    ok=bool(float(err) <= GRAD_TOL[dtype] and abs(loss - ref_loss) <= 1e-3 * abs(ref_loss) + 1e-5),
+                )
+            )
+    return _table(
+        "gpu_loss_check", "Every loss backend against float64 eager", ("objective", "backend", "dtype", "shape"), rows
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# matmul
+# --------------------------------------------------------------------------------------------------
+
+# (m, k, n): 8192^3, then the largest GEMMs of an SDXL 1024px step for 2 images: the 64x64 level's projections
+# (8192 tokens x 640), its feed-forward (GEGLU: 640 -> 5120), the 32x32 level's (2048 tokens x 1280, 1280 -> 10240)
+MATMULS = [(8192, 8192, 8192), (8192, 640, 640), (8192, 640, 5120), (2048, 1280, 1280), (2048, 1280, 10240)]
+
+
+def matmul(dry: bool) -> ResultTable:
+    dev = "cuda" if CUDA and not dry else "cpu"
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    rows = []
+    shapes = [(256, 256, 256), (128, 64, 64)] if dry else MATMULS
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=dev, dtype=dtype)
+        bm = torch.randn(k, n, device=dev, dtype=dtype)
+        for _ in range(3):
+            a @ bm
+        sync()
+        reps = 3 if dry else 50
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ bm
+        sync()
+        sec = (time.perf_counter() - t0) / reps
+        rows.append(
+            dict(shape=f"{m}x{k}x{n}", dtype=str(dtype).removeprefix("torch."), tflops=2 * m * k * n / sec / 1e12)
+        )
+    return _table("gpu_matmul", "Matmul rate (bf16 on a GPU)", ("shape", "dtype"), rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# step
+# --------------------------------------------------------------------------------------------------
+
+
+class PhaseTimes:
+    """Times of named phases of a step: CUDA events around each call on a GPU (the stream's time), perf_counter on a
+    CPU. ``wrap(obj, method, phase)`` times every call of ``obj.method``."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, object, object]] = []
+        self.on = False
+
+    def _now(self):
+        if CUDA:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def wrap(self, obj, method: str, phase: str) -> None:
+        inner = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            if not self.on:
+                return inner(*args, **kwargs)
+            start = self._now()
+            out = inner(*args, **kwargs)
+            self.marks.append((phase, start, self._now()))
+            return out
+
+        setattr(obj, method, timed)
+
+    def totals_ms(self) -> dict[str, float]:
+        sync()
+        out: dict[str, float] = {}
+        for phase, a, b in self.marks:
+            out[phase] = out.get(phase, 0.0) + (a.elapsed_time(b) if CUDA else 1e3 * (b - a))
+        return out
+
+
+def step(a) -> ResultTable:
+    """One training-step configuration of rpo_fast's Trainer on the random full-size model (dry: the tiny one)."""
+    import bench_train_step as B
+
+    from rpo_fast import testing as T
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.train import Trainer
+
+    dry = a.dry or not CUDA
+    root = Path(os.environ.get("RPO_FAST_BENCH_MODELS") or tempfile.mkdtemp(prefix="rpo_fast_models_"))
+    model = root / (f"tiny-{a.kind}" if dry else a.kind)
+    if not (model / ".complete").exists():
+        t0 = time.perf_counter()
+        T.save_random_model(
+            model,
+            a.kind,
+            full=not dry,
+            dtype=torch.bfloat16 if not dry else torch.float32,
+            device="cuda" if not dry else "cpu",
+        )
+        (model / ".complete").touch()
+        print(f"[gpu_check] built {model} in {time.perf_counter() - t0:.0f} s", flush=True)
+    res = 32 if dry else B.RESOLUTION[a.kind]
+    cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
+    flops, hw_flops = B.flops_per_pair(model, a.recompute)
+    rate = B.matmul_rate()
+    key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=a.compile)
+    if a.baseline:
+        r = B.bench_baseline(
+            model, a.pairs, steps=a.steps, warmup=a.warmup, gradient_checkpointing=a.recompute != "none"
+        )
+        row = dict(
+            **key,
+            side="baseline",
+            step_ms=1e3 * r["step_s"],
+            pairs_per_s=r["pairs_per_s"],
+            peak_gb=r["peak_gb"],
+            mfu=r["pairs_per_s"] * flops / rate,
+            matmul_tflops=rate / 1e12,
+        )
+        return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            ds_config=str(ROOT / "configs" / f"{a.ds_config}.json"),
+            model=str(model),
+            data=str(cache),
+            output=out,
+            objective="rpo",
+            micro_batch_size=a.pairs,
+            max_steps=10**6,
+            recompute=a.recompute,
+            compile=a.compile,
+            mixed_precision="no" if dry else "bf16",
+            export=False,
+            progress=False,
+            tensorboard=False,
+        )
+        trainer = Trainer(cfg)
+        phases = PhaseTimes()
+        phases.wrap(trainer.loader, "next", "data")
+        phases.wrap(trainer, "reference_forward", "reference_forward")
+        phases.wrap(trainer, "forward_loss", "forward_total")
+        phases.wrap(trainer.engine, "backward", "backward")
+        phases.wrap(trainer.engine, "step", "optimizer")
+        for _ in range(a.warmup):
+            trainer.train_step()
+        sync()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        phases.on = True
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            trainer.train_step()
+        sync()
+        sec = (time.perf_counter() - t0) / a.steps
+        ms = {k: v / a.steps for k, v in phases.totals_ms().items()}
+        ms["policy_forward_and_loss"] = ms.pop("forward_total") - ms["reference_forward"]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+        pairs_s = a.pairs / sec
+        row = dict(
+            **key,
+            side="rpo_fast",
+            step_ms=1e3 * sec,
+            pairs_per_s=pairs_s,
+            peak_gb=peak,
+            mfu=pairs_s * flops / rate,
+            hfu=pairs_s * hw_flops / rate,
+            matmul_tflops=rate / 1e12,
+            **{f"{k}_ms": v for k, v in ms.items()},
+        )
+        if a.profile:
+            profile(trainer, a, dry)
+        trainer.close()
+    return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
+
+
+STEP_TITLE = "Training step: per-phase times (ms per step), peak memory, MFU/HFU"
+STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "side")
+
+
+def profile(trainer, a, dry: bool) -> None:
+    """3 steps under torch.profiler: the top kernels (GPU time) and the GPU-busy fraction, to the results folder."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    sync()
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            trainer.train_step()
+        sync()
+    wall_us = 1e6 * (time.perf_counter() - t0)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA] if CUDA else []
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    sort = "cuda_time_total" if CUDA else "cpu_time_total"
+    summary = prof.key_averages().table(sort_by=sort, row_limit=25)
+    folder = ROOT.parent / ".benchmarks" if dry else ROOT / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"gpu_profile-{a.kind}-{a.pairs}-{a.ds_config}-{a.recompute}{'-compiled' if a.compile else ''}"
+    text = (
+        f"# {name}\n\n3 training steps under torch.profiler; GPU busy {busy / wall_us:.1%} of {wall_us / 1e3:.0f} ms "
+        f"wall ({len(kernels)} kernels)\n\n```\n{summary}\n```\n"
+    )
+    (folder / f"{name}.md").write_text(text)
+    print(text, flush=True)
+
+
+def _table(name: str, title: str, key: tuple[str, ...], rows: list[dict]) -> ResultTable:
+    """The rows as a result table keyed by ``key`` (a later run's rows of the same configuration replace these):
+    benchmarks/results/ on a GPU, .benchmarks/ on a CPU."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = ResultTable(
+        name, title, columns, notes=f"Command: python benchmarks/gpu_check.py ({' '.join(sys.argv[1:])})", key=key
+    )
+    for r in rows:
+        table.add(**r)
+    return table
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=["loss-check", "matmul", "step"])
+    ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--kind", default="sdxl", choices=["sd15", "sdxl"])
+    ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
+    ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--baseline", action="store_true", help="the reference-script step instead of rpo_fast's")
+    ap.add_argument("--profile", action="store_true", help="also 3 profiled steps: top kernels, GPU-busy fraction")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    a = ap.parse_args(argv)
+    dry = a.dry or not CUDA
+    if dry:
+        a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
+    table = {"loss-check": lambda: loss_check(dry), "matmul": lambda: matmul(dry), "step": lambda: step(a)}[a.stage]()
+    for row in table.rows:
+        print("[gpu_check]", json.dumps(row), flush=True)
+    for p in table.write():
+        print(f"[gpu_check] wrote {p}")
+    failed = [r for r in table.rows if r.get("ok") is False]
+    if failed:
+        sys.exit(f"[gpu_check] {len(failed)} row(s) outside the tolerance: {failed}")
+
+
+if __name__ == "__main__":
+    main()

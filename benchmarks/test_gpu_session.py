@@ -1,0 +1,37 @@
+"""The GPU slot's two calls (benchmarks/gpu_session.sh call1 call2) run end to end in their dry mode: every stage
+at tiny shapes on this CPU, each step's exit code recorded, the results tarball written."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["loss-check", "matmul", "sdxl-1-fast", "sdxl-1-baseline", "sdxl-4-none", "sdxl-4-selective"]
+STEPS += ["sdxl-4-full", "sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
+
+
+@pytest.mark.bench
+def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
+    env = dict(
+        os.environ,
+        RPO_FAST_GPU_DRY="1",
+        PYTHON=sys.executable,
+        OUT=str(tmp_path / "out"),
+        RPO_FAST_GPU_ROOT=str(tmp_path / "session"),
+        OMP_NUM_THREADS="1",
+    )
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "call1", "call2"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert res.returncode == 0, log[-4000:]
+    lines = (tmp_path / "session" / "work" / "steps.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == STEPS, lines
+    assert all(line.split()[1] == "rc=0" for line in lines), lines
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert any(n.endswith("steps.txt") for n in tar.getnames())
+    assert "GPU busy" in log  # the profiled step's summary
