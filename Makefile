@@ -14,5 +14,5 @@ demo: env
 # Lint, the test suite, and the benchmark suite in its quick CPU mode.
 test: env
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=20
 	$(PY) -m pytest benchmarks --benchmark -q

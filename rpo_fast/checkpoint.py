@@ -65,6 +65,21 @@ def load(engine, output: Path, step: int) -> dict:
     return state
 
 
+def unfused_state(state: dict) -> dict:
+    """A state dict with diffusers' fused projections (``--fuse-qkv``) split back into the layers a plain model has:
+    ``X.to_qkv.{weight,bias}`` -> ``X.to_q``, ``X.to_k``, ``X.to_v`` (equal thirds of the rows), ``X.to_kv`` ->
+    ``X.to_k``, ``X.to_v`` (halves). The stale copies of those layers, frozen during training, are overwritten."""
+    out = dict(state)
+    for key in list(state):
+        for fused, parts in ((".to_qkv.", ("to_q", "to_k", "to_v")), (".to_kv.", ("to_k", "to_v"))):
+            if fused in key:
+                prefix, suffix = key.split(fused)
+                for name, chunk in zip(parts, state[key].chunk(len(parts), dim=0)):
+                    out[f"{prefix}.{name}.{suffix}"] = chunk.clone()
+                del out[key]
+    return out
+
+
 def export(engine, family, output: Path, *, zero3: bool, lora: bool) -> Path:
     """The trained weights, gathered from the ZeRO shards: the denoiser as a diffusers folder (OUTPUT/unet) or,
     with LoRA, the adapter in the format diffusers' ``load_lora_weights`` reads (OUTPUT/lora). A finished export
@@ -75,6 +90,7 @@ def export(engine, family, output: Path, *, zero3: bool, lora: bool) -> Path:
         state = engine.module.state_dict() if distributed.rank() == 0 else None
     dest = Path(output) / ("lora" if lora else family.denoiser_folder)
     if distributed.rank() == 0:
+        state = unfused_state(state)  # --fuse-qkv: the plain layers a diffusers model loads
         with torch.device("meta"):
             model = family.denoiser_class().from_config(dict(engine.module.config))
             if lora:

@@ -219,6 +219,13 @@ class TrainConfig:
     )
     compile_backend: str = field(default="inductor", **_help("torch.compile backend (inductor, aot_eager)"))
     attention: Literal["sdpa", "xformers"] = field(default="sdpa", **_help("xformers: when installed"))
+    fuse_qkv: bool = field(
+        default=False,
+        **_help(
+            "fuse each attention's q/k/v projections into one matmul (diffusers' fuse_qkv_projections) in policy "
+            "and reference; the export splits them back"
+        ),
+    )
     # checkpoints, logging, evaluation
     resume: bool = field(default=False, **_help("continue from the newest complete checkpoint"))
     checkpoint_every: int = field(default=500, **_help("steps between checkpoints (and at the end)"))
@@ -302,6 +309,10 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
 
         if importlib.util.find_spec("xformers") is None:
             raise ValueError("--attention xformers: xformers is not installed (pip install 'rpo_fast[xformers]')")
+    if cfg.fuse_qkv and cfg.lora_rank:
+        raise ValueError("--fuse-qkv with --lora-rank: the adapters sit on to_q/to_k/to_v, which --fuse-qkv replaces")
+    if cfg.fuse_qkv and cfg.attention == "xformers":
+        raise ValueError("--fuse-qkv runs diffusers' fused SDPA processor: drop --attention xformers")
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.ref_placement != "replicated":

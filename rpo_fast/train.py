@@ -55,6 +55,8 @@ from rpo_fast.objectives import discounted_timestep_probs, objective  # noqa: E4
 from rpo_fast.recompute import apply_recompute  # noqa: E402
 from rpo_fast.seeding import seed_of  # noqa: E402
 
+LORA_INIT = -1  # the seed_of salt of the LoRA adapters' init (training pairs use 0, evaluation draws 1, 2, ...)
+
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 
@@ -103,6 +105,8 @@ class Trainer:
         if self.spec.reference and not cfg.lora_rank:
             reference = self.family.load_denoiser(cfg.unet, dtype=self.dtype).eval()
             self.family.set_attention(reference, cfg.attention)
+            if cfg.fuse_qkv:  # the policy's kernels: step 0 still ties
+                self.family.fuse_qkv(reference)
             # Its parameters keep requires_grad (it only runs under no_grad, and no optimizer holds them):
             # torch.matmul picks its kernel by the weight's requires_grad (a non-contiguous 3-D input is folded
             # into one mm only when it is set), so the reference runs the policy's kernels, and at step 0 the two
@@ -157,19 +161,20 @@ class Trainer:
         cfg = self.cfg
         policy = self.family.load_denoiser(cfg.unet, dtype=torch.float32)
         self.family.set_attention(policy, cfg.attention)
+        if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
+            self.family.fuse_qkv(policy)
         if cfg.lora_rank:
             from peft import LoraConfig
 
             policy.requires_grad_(False)
             targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-            policy.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=targets,
-                )
-            )
+            lora = LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+                target_modules=targets,
+            )  # fmt: skip
+            with torch.random.fork_rng(devices=[]):  # the adapters' random init from --seed, not the process's RNG
+                torch.manual_seed(seed_of(cfg.seed, LORA_INIT))
+                policy.add_adapter(lora)
         apply_recompute(policy, recompute_mode(cfg))
         return policy.train()
 
@@ -239,8 +244,10 @@ class Trainer:
 
     @torch.no_grad()
     def reference_forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The frozen reference: a replicated copy, a ZeRO-3 inference engine (every rank calls it together), or,
-        with LoRA, the policy itself with its adapters disabled (no second copy)."""
+        """The frozen reference: a replicated copy (run in inference mode: no autograd or version-counter
+        bookkeeping), a ZeRO-3 inference engine (every rank calls it together; under no_grad, as its gathered
+        parameters must stay ordinary tensors), or, with LoRA, the policy itself with its adapters disabled (no
+        second copy)."""
         if self.cfg.lora_rank:
             module = self.engine.module
             module.disable_adapters()
@@ -248,6 +255,10 @@ class Trainer:
                 return self.family.predict(module, noisy, t, cond)
             finally:
                 module.enable_adapters()
+        if self.cfg.ref_placement == "replicated":
+            with torch.inference_mode():
+                ref = self.family.predict(self.reference, noisy, t, cond)
+            return ref.clone()  # an ordinary tensor again: the loss may save it for its backward
         return self.family.predict(self.reference, noisy, t, cond)
 
     def train_step(self) -> None:

@@ -30,6 +30,22 @@ def _seed():
     yield
 
 
+# What a one-process Trainer (rpo_fast.distributed.init_distributed) writes into os.environ: left there, every later
+# test's subprocess would inherit this process's rendezvous port (EADDRINUSE) and rank.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_env_left_behind():
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     """A tiny random SD1.5-style pipeline folder (epsilon prediction), written once per session."""

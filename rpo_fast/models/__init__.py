@@ -141,6 +141,11 @@ class ModelFamily:
 
             denoiser.set_attn_processor(AttnProcessor2_0())
 
+    def fuse_qkv(self, denoiser) -> None:
+        """Fuse each attention's q/k/v projections into one linear layer (fewer, larger matmuls); the replaced
+        layers stay in the module (frozen, unused): ``checkpoint.unfused_state`` splits the fused weights back."""
+        raise ValueError(f"--fuse-qkv is not supported for {self.name} models")
+
     def predict(self, denoiser, noisy: Tensor, t: Tensor, cond: dict) -> Tensor:
         """The denoiser's prediction (the objective's model_pred / ref_pred)."""
         return denoiser(noisy, t, **cond).sample

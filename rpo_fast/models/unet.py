@@ -97,6 +97,19 @@ class SD15Family(ModelFamily):
             return noisy, noise  # shared by winner and loser: the loss reads it once per pair
         return noisy, self.scheduler.get_velocity(x0, noise2, t2)
 
+    def fuse_qkv(self, denoiser):
+        """diffusers' ``fuse_qkv_projections``: self-attention's to_q/to_k/to_v become one ``to_qkv``, cross-attention's
+        to_k/to_v one ``to_kv`` (its to_q stays), with diffusers' fused SDPA processor. The replaced layers are frozen
+        (no gradient, kept out of the optimizer)."""
+        from diffusers.models.attention_processor import Attention
+
+        denoiser.fuse_qkv_projections()
+        for m in denoiser.modules():
+            if isinstance(m, Attention):
+                stale = (m.to_k, m.to_v) if m.is_cross_attention else (m.to_q, m.to_k, m.to_v)
+                for layer in stale:
+                    layer.requires_grad_(False)
+
     def dummy_inputs(self, rows):
         cfg = self.config(self.denoiser_folder)
         size = cfg["sample_size"]
