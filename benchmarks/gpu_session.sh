@@ -93,7 +93,7 @@ check() {  # check SECONDS NAME ARGS...: one stage of benchmarks/gpu_check.py
     shift 2
     local dry=()
     [ "$DRY" = 1 ] && dry=(--dry)
-    step "$limit" "$name" "$PY" benchmarks/gpu_check.py "$@" "${dry[@]}"
+    step "$limit" "$name" "$PY" benchmarks/gpu_check.py "$@" ${dry[@]+"${dry[@]}"}
 }
 
 FAILED=0
