@@ -250,7 +250,7 @@ class TrainConfig:
 EXAMPLE = """example (one node, 8 GPUs; the cache from python -m rpo_fast.cache):
   deepspeed --num_gpus 8 rpo_fast/train.py --ds_config configs/zero2_8bit.json \\
       --model MODELS/stable-diffusion-xl-base-1.0 --data CACHE --objective rpo --output runs/rpo \\
-      --micro-batch-size 1 --grad-accum 128 --recompute selective"""
+      --micro-batch-size 1 --grad-accum 128"""
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
