@@ -82,26 +82,31 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, peak
 
 
-def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
+def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: str, **flags):
+    """The TrainConfig of a benchmarked step: RPO on the cache, ``pairs`` per micro-step, ``configs/DS_CONFIG.json``,
+    no export, progress bar or TensorBoard; ``flags`` are further TrainConfig fields."""
     from rpo_fast.config import TrainConfig
+
+    return TrainConfig(
+        ds_config=str(ROOT / "configs" / f"{ds_config}.json"),
+        model=str(model),
+        data=str(cache),
+        output=out,
+        objective="rpo",
+        micro_batch_size=pairs,
+        max_steps=10**6,
+        export=False,
+        progress=False,
+        tensorboard=False,
+        **flags,
+    )
+
+
+def bench_rpo_fast(model: Path, cache: Path, pairs: int, *, steps: int, warmup: int, **flags) -> dict:
     from rpo_fast.train import Trainer
 
-    ds_config = flags.pop("ds_config")
     with tempfile.TemporaryDirectory(prefix="rpo_fast_bench_") as out:  # logs only: no checkpoint in these steps
-        cfg = TrainConfig(
-            ds_config=str(ROOT / "configs" / f"{ds_config}.json"),
-            model=str(model),
-            data=str(cache),
-            output=out,
-            objective="rpo",
-            micro_batch_size=pairs,
-            max_steps=10**6,
-            export=False,
-            progress=False,
-            tensorboard=False,
-            **flags,
-        )
-        trainer = Trainer(cfg)
+        trainer = Trainer(bench_config(model, cache, pairs, out, **flags))
         sec, peak = _timed(trainer.train_step, steps, warmup)
         trainer.close()
     return dict(step_s=sec, pairs_per_s=pairs / sec, peak_gb=peak)

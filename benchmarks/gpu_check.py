@@ -178,7 +178,6 @@ def step(a) -> ResultTable:
     import bench_train_step as B
 
     from rpo_fast import testing as T
-    from rpo_fast.config import TrainConfig
     from rpo_fast.train import Trainer
 
     dry = a.dry or not CUDA
@@ -215,22 +214,8 @@ def step(a) -> ResultTable:
         )
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            ds_config=str(ROOT / "configs" / f"{a.ds_config}.json"),
-            model=str(model),
-            data=str(cache),
-            output=out,
-            objective="rpo",
-            micro_batch_size=a.pairs,
-            max_steps=10**6,
-            recompute=a.recompute,
-            compile=a.compile,
-            mixed_precision="no" if dry else "bf16",
-            export=False,
-            progress=False,
-            tensorboard=False,
-        )
-        trainer = Trainer(cfg)
+        flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
+        trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
         phases = PhaseTimes()
         phases.wrap(trainer.loader, "next", "data")
         phases.wrap(trainer, "reference_forward", "reference_forward")
