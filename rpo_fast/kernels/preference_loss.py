@@ -21,21 +21,18 @@ Nothing of size C*H*W is saved for backward beyond the inputs.
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import distributed
-from ..objectives import OBJECTIVE_TABLE, PAIR_METRICS
+from . import shared
+from .shared import METRIC_NAMES, K, define_fused_op, fused_loss, objective_params, pair_scalars, same_layout
 
-METRIC_NAMES = PAIR_METRICS + ("weight_diag",)  # the order of the metrics vector the kernels write
-K = 5  # partial sums per sample and chunk: m, r, delta, <e,d>, |d|^2
-K_PARTS = tl.constexpr(K)  # the same, as the kernels may read a global (Triton compiles only constexpr globals)
-_DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = range(6)
+__all__ = ["METRIC_NAMES", "errors_bwd", "errors_fwd", "fused_preference_loss", "objective_params", "pair_fwd"]
+
+K_PARTS = tl.constexpr(K)  # partial sums per sample and chunk, as the kernels may read a global (constexpr only)
+_DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = shared.DPO, shared.SFT, shared.RPO, shared.DSPO, shared.DENSE, shared.CAL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,27 +462,9 @@ BLOCK_ERR = 1024
 BLOCK_BWD = 2048
 
 
-@lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _grid_target(device: torch.device) -> int:
-    """Programs that cover the device: 4 per SM (4 on CPU, where the interpreter runs)."""
-    return 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
-
-
-def _layout(p: Tensor, t: Tensor, q: Tensor | None):
-    """Pair the right elements: all three in p's memory format (contiguous or channels_last), each row a
-    dense block of N elements in the same order. Anything else is copied, never reinterpreted."""
-    fmt = torch.contiguous_format
-    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-
-    def fix(x):
-        return x if x is None or x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
-
-    return fix(p), fix(t), fix(q)
+    """Programs that cover the device (tests/compile_kernels.py replaces it to chunk as on an H100)."""
+    return shared.grid_target(device)
 
 
 def default_num_chunks(rows: int, n: int, device: torch.device) -> int:
@@ -506,7 +485,7 @@ def errors_fwd(
 ) -> Tensor:
     """Chunk partial sums (R, CHUNKS, 5) of m, r, delta, <e,d>, |d|^2 (not yet divided by N).
     ``num_chunks`` and ``block`` default to the tuned values; tests set them to exercise the chunking."""
-    p, t, q = _layout(p, t, q)
+    p, t, q = same_layout(p, t, q)
     rows, n = p.shape[0], p[0].numel()
     t_rows = t.shape[0]
     block = min(block, triton.next_power_of_2(n))
@@ -545,7 +524,7 @@ def errors_bwd(
     out: Tensor | None = None,
 ) -> Tensor:
     """dL/dp = grad_loss * (ge * (p - t) + gd * (p - q)), in p's dtype and memory format."""
-    p, t, q = _layout(p, t, q)
+    p, t, q = same_layout(p, t, q)
     rows, n = p.shape[0], p[0].numel()
     t_rows = t.shape[0]
     if out is None:
@@ -592,7 +571,7 @@ def pair_fwd(
             torch.empty(rows, device=dev),
         )
     loss, met, ge, gd = out
-    obj = KERNEL_BRANCH[objective][0]
+    obj = shared.KERNEL_BRANCH[objective][0]
     if obj == _RPO:
         b, d = embeds_w.shape
         beta, tau, inside = params
@@ -607,16 +586,7 @@ def pair_fwd(
         )
         return out
     b = rows if obj == _SFT else rows // 2
-    a0 = a1 = a2 = 0.0
-    nsteps = ttrain = 1
-    if obj in (_DPO, _CAL, _DENSE):
-        a0 = params[0] / 2
-    if obj == _DENSE:
-        a1, nsteps, ttrain = math.log2(params[1]), int(params[2]), int(params[3])
-    if obj == _CAL:
-        a1, a2 = 1.0 / (2.0 * params[1]), params[2]
-    if obj == _DSPO:
-        a0, a1 = params[0], params[1]
+    obj, a0, a1, a2, nsteps, ttrain, sdxl = pair_scalars(objective, params)
     _pair_kernel[(1,)](
         part,
         ge if weights is None else weights,
@@ -635,152 +605,23 @@ def pair_fwd(
         ttrain,
         OBJ=obj,
         HAS_W=weights is not None,
-        SDXL=obj == _DSPO and bool(params[2]),
+        SDXL=sdxl,
         BLOCK_B=min(1024, max(16, triton.next_power_of_2(b))),
         num_warps=4,
     )
     return out
 
 
-# Each objective's kernel branch: its OBJ id in the kernels, and the float parameters the op carries from its
-# resolved options (``pair_fwd`` turns them into the kernel's scalars)
-KERNEL_BRANCH = {
-    "dpo": (_DPO, lambda o: [o["beta"]]),
-    "sft": (_SFT, lambda o: []),
-    "rpo": (_RPO, lambda o: [o["beta"], o["tau"], float(o["weighting"] == "inside")]),
-    "dspo": (_DSPO, lambda o: [o["lam_in"], o["lam_out"], float(o["form"] == "sdxl")]),
-    "dense-dpo": (
-        _DENSE,
-        lambda o: [o["beta"], o["gamma"], float(o["num_inference_steps"]), float(o["num_train_timesteps"])],
-    ),
-    "cal-dpo": (_CAL, lambda o: [o["beta"], o["beta_cal"], o["lam_cal"]]),
-}
-
-
-def objective_params(objective: str, opts: dict) -> list[float]:
-    """The float parameters the op carries for ``objective`` with resolved options ``opts``."""
-    return KERNEL_BRANCH[objective][1](opts)
-
-
 # --------------------------------------------------------------------------------------------------
 # The custom op (torch.library: opaque to torch.compile, checked with opcheck)
 # --------------------------------------------------------------------------------------------------
 
-
-def _gather_pairs(x: Tensor) -> Tensor:
-    """(2b, ...) on every rank -> (2bW, ...): all ranks' winners, then all ranks' losers."""
-    g = distributed.all_gather_rows(x).unflatten(0, (-1, 2, x.shape[0] // 2))  # (W, 2, b, ...)
-    return g.transpose(0, 1).flatten(0, 2)
+preference_loss_op, preference_loss_backward_op = define_fused_op(
+    "rpo_fast::preference_loss", errors_fwd, pair_fwd, errors_bwd
+)
 
 
-def _local_rows(g: Tensor, world: int, b: int) -> Tensor:
-    """This rank's rows of a gathered per-sample tensor, times W (the all-gather's summed backward)."""
-    r = distributed.rank()
-    total = world * b
-    return torch.cat([g[r * b : (r + 1) * b], g[total + r * b : total + (r + 1) * b]]) * world
-
-
-@torch.library.custom_op("rpo_fast::preference_loss", mutates_args=())
-def preference_loss_op(
-    model_pred: Tensor,
-    target: Tensor,
-    ref_pred: Tensor | None,
-    embeds_w: Tensor | None,
-    embeds_l: Tensor | None,
-    weights: Tensor | None,
-    timesteps: Tensor | None,
-    objective: str,
-    params: list[float],
-    world: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, metrics, ge, gd). ``world`` > 1: RPO's global scope, pairs all-gathered across ranks."""
-    part = errors_fwd(model_pred, target, ref_pred, dspo=OBJECTIVE_TABLE[objective].score_terms)
-    n = model_pred[0].numel()
-    if world > 1:
-        b = model_pred.shape[0] // 2
-        part = _gather_pairs(part)
-        embeds_w = distributed.all_gather_rows(embeds_w)
-        embeds_l = distributed.all_gather_rows(embeds_l)
-        loss, met, ge, gd = pair_fwd(part, n, objective, params, embeds_w=embeds_w, embeds_l=embeds_l)
-        return loss, met, _local_rows(ge, world, b), _local_rows(gd, world, b)
-    return pair_fwd(
-        part, n, objective, params, embeds_w=embeds_w, embeds_l=embeds_l, weights=weights, timesteps=timesteps
-    )
-
-
-@preference_loss_op.register_fake
-def _(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps, objective, params, world):
-    rows = model_pred.shape[0]
-    new = model_pred.new_empty
-    return (
-        new((), dtype=torch.float32),
-        new(len(METRIC_NAMES), dtype=torch.float32),
-        new(rows, dtype=torch.float32),
-        new(rows, dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("rpo_fast::preference_loss_backward", mutates_args=())
-def preference_loss_backward_op(
-    grad_loss: Tensor,
-    model_pred: Tensor,
-    target: Tensor,
-    ref_pred: Tensor | None,
-    ge: Tensor,
-    gd: Tensor,
-    has_d: bool,
-) -> Tensor:
-    return errors_bwd(grad_loss, model_pred, target, ref_pred, ge, gd, has_d=has_d)
-
-
-@preference_loss_backward_op.register_fake
-def _(grad_loss, model_pred, target, ref_pred, ge, gd, has_d):
-    return torch.empty_like(model_pred)
-
-
-def _setup_context(ctx, inputs, output):
-    model_pred, target, ref_pred = inputs[:3]
-    _, _, ge, gd = output
-    ctx.save_for_backward(model_pred, target, ref_pred, ge, gd)
-    ctx.has_d = OBJECTIVE_TABLE[inputs[7]].score_terms
-
-
-def _backward(ctx, grad_loss, grad_metrics, grad_ge, grad_gd):
-    model_pred, target, ref_pred, ge, gd = ctx.saved_tensors
-    grad = preference_loss_backward_op(grad_loss, model_pred, target, ref_pred, ge, gd, ctx.has_d)
-    return grad, None, None, None, None, None, None, None, None, None
-
-
-preference_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fused_preference_loss(
-    objective: str,
-    opts: dict,
-    model_pred: Tensor,
-    target: Tensor,
-    ref_pred: Tensor | None = None,
-    embeds_w: Tensor | None = None,
-    embeds_l: Tensor | None = None,
-    weights: Tensor | None = None,
-    timesteps: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The Triton backend of ``PreferenceLoss`` on validated inputs and resolved options: (loss, metrics)."""
-    spec = OBJECTIVE_TABLE[objective]
-    world = distributed.world_size() if opts.get("scope") == "global" else 1
-    if embeds_w is not None:
-        embeds_w, embeds_l = embeds_w.detach(), embeds_l.detach()
-    loss, met, _, _ = preference_loss_op(
-        model_pred,
-        target.detach(),
-        None if ref_pred is None else ref_pred.detach(),
-        embeds_w,
-        embeds_l,
-        weights,
-        timesteps,
-        objective,
-        objective_params(objective, opts),
-        world,
-    )
-    met = met.detach()
-    return loss, {name: met[METRIC_NAMES.index(name)] for name in spec.metrics}
+def fused_preference_loss(objective: str, opts: dict, *args: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The Triton backend of ``PreferenceLoss`` on validated inputs (``LossInputs`` order) and resolved
+    options: (loss, metrics)."""
+    return fused_loss(preference_loss_op, objective, opts, *args)
