@@ -170,7 +170,9 @@ class TrainConfig:
     timestep_sampling: Literal["uniform", "discounted"] = field(
         default="uniform", **_help("t uniform, or t ~ w(t) (dense-dpo's discount)")
     )
-    loss_backend: Literal[BACKENDS] = field(default="auto", **_help("auto: triton on CUDA, eager otherwise"))
+    loss_backend: Literal[BACKENDS] = field(
+        default="auto", **_help("auto: triton on CUDA, eager otherwise; native: the C++/CUDA op of csrc/")
+    )
     # schedule
     max_steps: int = field(default=2000, **_help("optimizer steps (the DPO recipe: 2000)"))
     micro_batch_size: int = field(default=1, **_help("pairs per rank per micro-step"))

@@ -1,7 +1,8 @@
 """``PreferenceLoss``: one module for every objective, validated once, dispatched to a backend.
 
-The call chain is PreferenceLoss -> backend (eager functions in ``objectives``, or the Triton custom op in
-``rpo_fast.kernels``) -> kernels. Nothing here imports deepspeed.
+The call chain is PreferenceLoss -> backend (eager functions in ``objectives``, the Triton custom op in
+``rpo_fast.kernels.preference_loss`` or the C++/CUDA one in ``rpo_fast.kernels.native``) -> kernels. Nothing
+here imports deepspeed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from . import objectives as O
 from .objectives import OBJECTIVE_TABLE, LossInputs, LossOutput, Objective, objective
 
-BACKENDS = ("auto", "eager", "compile", "triton")
+BACKENDS = ("auto", "eager", "compile", "triton", "native")
 
 
 def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +131,8 @@ class PreferenceLoss(nn.Module):
         objective: "dpo" | "sft" | "rpo" | "dspo" | "dense-dpo" | "cal-dpo".
         backend: "auto" (Triton for CUDA tensors, eager otherwise) | "eager" | "compile" (torch.compile of
             the eager code, static shapes; past Dynamo's recompile_limit of shapes and objectives in one
-            process it runs eagerly) | "triton" (the fused kernels; on CPU only under ``TRITON_INTERPRET=1``).
+            process it runs eagerly) | "triton" (the fused kernels; on CPU only under ``TRITON_INTERPRET=1``) |
+            "native" (the same fused algorithm in C++ for CPU and CUDA C++ for GPUs, from csrc/, built on first use).
         **options: the objective's options (defaults in ``OPTIONS``):
             dpo: beta=5000. rpo: beta=5000, tau=0.5, weighting="inside"|"outside",
             scope="global"|"local" (global all-gathers pairs across the default process group; the same as
@@ -185,6 +187,10 @@ class PreferenceLoss(nn.Module):
             backend = "triton" if model_pred.is_cuda and _triton_available() else "eager"
         if backend == "triton":
             from .kernels import fused_preference_loss
+
+            loss, metrics = fused_preference_loss(self.objective, self.options, *args)
+        elif backend == "native":
+            from .kernels.native import fused_preference_loss
 
             loss, metrics = fused_preference_loss(self.objective, self.options, *args)
         elif backend == "compile":

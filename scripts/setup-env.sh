@@ -2,6 +2,8 @@
 # Create or reuse the project's virtual environment and install rpo_fast into it.
 #
 #   scripts/setup-env.sh [VENV_DIR]        (default: .venv; prints nothing when already up to date)
+#   RPO_FAST_BUILD_NATIVE=1 scripts/setup-env.sh   also builds the native (C++/CUDA) loss backend now rather
+#                                                  than on its first use (csrc/README.md)
 #
 # Order matters on a CPU machine: torch goes in FIRST, pinned to torch==2.13.0 (the local CPU build);
 # every later install is constrained to the torch that is present, so no dependency can pull the
@@ -15,7 +17,14 @@ py=$venv/bin/python
 stamp=$venv/.rpo_fast-installed
 want=$(cat pyproject.toml scripts/setup-env.sh | sha256sum | cut -c1-16)
 
+build_native() {  # the opt-in build of csrc/ at install time (else it builds on first use)
+  if [ "${RPO_FAST_BUILD_NATIVE:-0}" = "1" ]; then
+    "$py" -m rpo_fast.kernels.native
+  fi
+}
+
 if [ -x "$py" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_native
   exit 0
 fi
 
@@ -66,4 +75,5 @@ fi
 "$py" -c "import rpo_fast, diffusers, transformers, deepspeed, bitsandbytes" \
   || { echo "[setup] an import failed after installation" >&2; exit 1; }
 echo "$want" > "$stamp"
+build_native
 echo "[setup] ready: $venv"

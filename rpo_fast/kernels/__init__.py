@@ -1,5 +1,12 @@
-"""Triton kernels. ``preference_loss``: the fused error pass, pairwise loss and backward of every objective."""
+"""Fused backends of ``PreferenceLoss``: ``preference_loss`` (Triton) and ``native`` (C++/CUDA from csrc/), over
+``shared``. Imported lazily: the native backend and the package work where Triton is not installed."""
 
-from .preference_loss import fused_preference_loss, preference_loss_op
+import importlib
 
 __all__ = ["fused_preference_loss", "preference_loss_op"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return getattr(importlib.import_module(".preference_loss", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
