@@ -71,21 +71,22 @@ void check_inputs(const at::Tensor& p, const at::Tensor& t, const c10::optional<
 // CPU kernels
 // ------------------------------------------------------------------------------------------------------------
 
-// The five sums of one row over [lo, hi), in kLanes lanes reduced in lane order.
-template <typename T>
-void row_sums(const T* P, const T* Tg, const T* Q, int64_t lo, int64_t hi, bool has_ref, bool dspo, float* out) {
+// The five sums of one row over [lo, hi), in kLanes lanes reduced in lane order. HasRef and Dspo are template
+// arguments so that the inner loop has no branch and vectorises.
+template <typename T, bool HasRef, bool Dspo>
+void row_sums(const T* P, const T* Tg, const T* Q, int64_t lo, int64_t hi, float* out) {
   float m[kLanes] = {}, r[kLanes] = {}, dl[kLanes] = {}, ed[kLanes] = {}, dd[kLanes] = {};
   int64_t i = lo;
   for (; i + kLanes <= hi; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      float q = has_ref ? static_cast<float>(Q[i + l]) : 0.0f;
-      accumulate(static_cast<float>(P[i + l]), static_cast<float>(Tg[i + l]), q, has_ref, dspo, &m[l], &r[l],
-                 &dl[l], &ed[l], &dd[l]);
+      float q = HasRef ? static_cast<float>(Q[i + l]) : 0.0f;
+      accumulate(static_cast<float>(P[i + l]), static_cast<float>(Tg[i + l]), q, HasRef, Dspo, &m[l], &r[l], &dl[l],
+                 &ed[l], &dd[l]);
     }
   }
   for (int l = 0; i < hi; ++i, ++l) {
-    float q = has_ref ? static_cast<float>(Q[i]) : 0.0f;
-    accumulate(static_cast<float>(P[i]), static_cast<float>(Tg[i]), q, has_ref, dspo, &m[l], &r[l], &dl[l], &ed[l],
+    float q = HasRef ? static_cast<float>(Q[i]) : 0.0f;
+    accumulate(static_cast<float>(P[i]), static_cast<float>(Tg[i]), q, HasRef, Dspo, &m[l], &r[l], &dl[l], &ed[l],
                &dd[l]);
   }
   float s[kParts] = {};
@@ -113,7 +114,11 @@ void errors_fwd_cpu_typed(const at::Tensor& p, const at::Tensor& t, const c10::o
     for (int64_t job = begin; job < end; ++job) {
       const int64_t row = job / chunks, c = job % chunks, tr = row % t_rows;
       const int64_t lo = std::min(n, c * chunk), hi = std::min(n, lo + chunk);
-      row_sums(P + row * n, Tg + tr * n, Q + row * n, lo, hi, has_ref, dspo, out + job * kParts);
+      const T *pr = P + row * n, *tg = Tg + tr * n, *qr = Q + row * n;
+      float* o = out + job * kParts;
+      if (!has_ref) row_sums<T, false, false>(pr, tg, qr, lo, hi, o);
+      else if (dspo) row_sums<T, true, true>(pr, tg, qr, lo, hi, o);
+      else row_sums<T, true, false>(pr, tg, qr, lo, hi, o);
     }
   });
 }
@@ -133,6 +138,15 @@ void errors_fwd_cpu(const at::Tensor& p, const at::Tensor& t, const c10::optiona
   }
 }
 
+// One row's block of the gradient, branch-free for the inner loop (HasD a template argument).
+template <typename T, bool HasD>
+void grad_block(const T* P, const T* Tg, const T* Q, T* O, int64_t lo, int64_t hi, float ge, float gd, float go) {
+  for (int64_t i = lo; i < hi; ++i) {
+    float qv = HasD ? static_cast<float>(Q[i]) : 0.0f;
+    O[i] = static_cast<T>(grad_element(static_cast<float>(P[i]), static_cast<float>(Tg[i]), qv, ge, gd, go, HasD));
+  }
+}
+
 template <typename T>
 void errors_bwd_cpu_typed(float go, const at::Tensor& p, const at::Tensor& t, const c10::optional<at::Tensor>& q,
                           const float* ge, const float* gd, bool has_d, at::Tensor& out, int64_t rows,
@@ -147,12 +161,9 @@ void errors_bwd_cpu_typed(float go, const at::Tensor& p, const at::Tensor& t, co
     for (int64_t job = begin; job < end; ++job) {
       const int64_t row = job / blocks, tr = row % t_rows;
       const int64_t lo = (job % blocks) * kBlock, hi = std::min(n, lo + kBlock);
-      const float e = ge[row], d = gd[row];
-      for (int64_t i = lo; i < hi; ++i) {
-        float qv = has_d ? static_cast<float>(Q[row * n + i]) : 0.0f;
-        O[row * n + i] = static_cast<T>(
-            grad_element(static_cast<float>(P[row * n + i]), static_cast<float>(Tg[tr * n + i]), qv, e, d, go, has_d));
-      }
+      const T *pr = P + row * n, *tg = Tg + tr * n, *qr = Q + row * n;
+      if (has_d) grad_block<T, true>(pr, tg, qr, O + row * n, lo, hi, ge[row], gd[row], go);
+      else grad_block<T, false>(pr, tg, qr, O + row * n, lo, hi, ge[row], gd[row], go);
     }
   });
 }
