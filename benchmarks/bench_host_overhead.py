@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import ResultTable  # noqa: E402
+from bench_utils import ResultTable, cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (DeepSpeed config, recompute)
@@ -184,7 +184,7 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
         key=("ds_config", "recompute"),
         device="cpu",
     )
-    table.env["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
+    table.env["device"] = cpu_name()
     table.env["mode"] = "host overhead on a CPU: the arithmetic is small, this is no GPU speed"
     with tempfile.TemporaryDirectory(prefix="rpo_fast_host_") as tmp:
         model, cache = build(Path(tmp))
@@ -207,16 +207,6 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
             )
             print(f"[bench] {table.rows[-1]}", flush=True)
     return table
-
-
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown"
 
 
 def _child(tmp: Path, model: Path, cache: Path, ds_config: str, recompute: str, steps: int) -> dict:

@@ -90,6 +90,16 @@ def count_launches(fn) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def cpu_name() -> str:
+    """'CPU: <model name>, <n> cores', for tables of CPU figures."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown"
+    return f"CPU: {name}, {os.cpu_count()} cores"
+
+
 def commit() -> str:
     """The code's commit: RPO_FAST_COMMIT where set (a copied tree without .git, as on the GPU machine), else git's."""
     if os.environ.get("RPO_FAST_COMMIT"):

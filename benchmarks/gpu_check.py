@@ -1,6 +1,7 @@
 """The GPU check's measurements, one stage per command (``benchmarks/gpu_session.sh`` runs them in two calls).
 
-    python benchmarks/gpu_check.py loss-check            every loss backend against float64 eager, SDXL latents
+    python benchmarks/gpu_check.py loss-check [--backends eager,triton,compile,native]
+                                                         each loss backend against float64 eager, SDXL latents
     python benchmarks/gpu_check.py matmul                the bf16 matmul rate: 8192^3 and UNet-like shapes
     python benchmarks/gpu_check.py step --kind sdxl --pairs 1 [--ds-config single_gpu] [--recompute selective]
         [--compile] [--baseline] [--profile]         one training-step configuration: per-phase times, peak memory
@@ -42,7 +43,10 @@ CUDA = torch.cuda.is_available()
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # the gradient's max error over its max magnitude
 
 
-def loss_check(dry: bool) -> ResultTable:
+BACKENDS = ("eager", "triton", "compile", "native")
+
+
+def loss_check(dry: bool, backends=BACKENDS) -> ResultTable:
     """Every objective x backend at SDXL latents (B = 4 pairs, bf16; dry: 4x8x8, fp32) against float64 eager:
     the loss's absolute error and the gradient's largest error relative to its largest magnitude."""
     from rpo_fast import PreferenceLoss
@@ -74,7 +78,7 @@ def loss_check(dry: bool) -> ResultTable:
         ref_kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
         r = PreferenceLoss(name, backend="eager", **opts)(*ref_in, **ref_kw)
         (ref_grad,) = torch.autograd.grad(r.loss, ref_in[0])
-        for backend in ("eager", "triton", "compile"):
+        for backend in backends:
             if backend == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                 continue
             p = inputs[0].to(dtype).requires_grad_(True)
@@ -307,6 +311,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=["loss-check", "matmul", "step"])
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument(
+        "--backends", default=",".join(BACKENDS), help="loss-check: the loss backends, comma-separated (default: all)"
+    )
     ap.add_argument("--kind", default="sdxl", choices=["sd15", "sdxl"])
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
@@ -320,7 +327,12 @@ def main(argv=None) -> None:
     dry = a.dry or not CUDA
     if dry:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
-    table = {"loss-check": lambda: loss_check(dry), "matmul": lambda: matmul(dry), "step": lambda: step(a)}[a.stage]()
+    backends = tuple(b for b in a.backends.split(",") if b)
+    unknown = [b for b in backends if b not in BACKENDS] or ([] if backends else ["(none)"])
+    if unknown:
+        ap.error(f"--backends {a.backends!r}: {', '.join(unknown)} is not one of {', '.join(BACKENDS)}")
+    stages = {"loss-check": lambda: loss_check(dry, backends), "matmul": lambda: matmul(dry), "step": lambda: step(a)}
+    table = stages[a.stage]()
     for row in table.rows:
         print("[gpu_check]", json.dumps(row), flush=True)
     for p in table.write():

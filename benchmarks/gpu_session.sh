@@ -10,7 +10,9 @@
 #   (8192^3 and the UNet's largest GEMMs); the random full-size SDXL folder built once to local disk (about a
 #   minute, counted here); the SDXL 1024px step at 1 pair, the fast path (configs/single_gpu.json, --recompute
 #   selective) with per-phase CUDA-event times, peak memory and 3 profiled steps (top kernels, GPU-busy fraction),
-#   then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every step).
+#   then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every step);
+#   last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
+#   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096).
 # call2 (BUDGET 240 s): SDXL at 4 pairs with --recompute none, selective, full; ZeRO-3 on one GPU at 1 pair (its
 #   cost against call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64.
 #   (--fp8 has no row yet: the option is not built.)
@@ -39,6 +41,7 @@ mkdir -p "$OUT" "$WORK"
 # tree has no .git
 export RPO_FAST_COMMIT=${RPO_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export RPO_FAST_BENCH_MODELS=$SESSION/models  # the random SDXL/SD1.5 folders, built once per machine
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # the native backend's CUDA build: Hopper only (shorter)
 export RPO_FAST_BENCH_RESUME=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_DEFAULT_FP_FUSION=1
 exec > >(tee -a "$OUT/session.log") 2>&1
 
@@ -109,10 +112,15 @@ for stage in "$@"; do
             --benchmark -k "${stage#micro-}" --benchmark-json "$WORK/$stage-pytest-benchmark.json"
         ;;
     call1)
-        check 60 loss-check loss-check
+        # the native backend (csrc/) compiles on the CPU while the GPU stages run; its checks come last
+        "$PY" -m rpo_fast.kernels.native > "$WORK/native-build.log" 2>&1 &
+        check 60 loss-check loss-check --backends eager,triton,compile
         check 30 matmul matmul
         check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
         check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
+        check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
+        step 40 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_native.py -m gpu \
+            --junitxml "$WORK/native-gpu.xml"
         ;;
     call2)
         for r in none selective full; do check 60 "sdxl-4-$r" step --kind sdxl --pairs 4 --recompute "$r"; done

@@ -1,4 +1,4 @@
-"""Forward+backward of the preference loss: triton vs eager vs torch.compile(eager), side by side.
+"""Forward+backward of the preference loss: triton vs native vs eager vs torch.compile(eager), side by side.
 
 Per (objective family, latent shape, pairs B, dtype): seconds per call from CUDA events over many
 back-to-back calls and from CUDA-graph replay (reported separately), speedups, achieved bytes/s against the
@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from rpo_fast import PreferenceLoss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PROVIDERS = ("triton", "eager", "compile")
+PROVIDERS = ("triton", "native", "eager", "compile")
 ITERS = 2 if QUICK else 50
 COLUMNS = [
     "family",
@@ -26,17 +26,22 @@ COLUMNS = [
     "B",
     "dtype",
     "triton_ms",
+    "native_ms",
     "eager_ms",
     "compile_ms",
     "triton_graph_ms",
+    "native_graph_ms",
     "eager_graph_ms",
     "compile_graph_ms",
     "speedup_vs_eager",
     "speedup_vs_compile",
+    "native_vs_triton",
     "MB",
     "triton_GBps",
+    "native_GBps",
     "copy_fraction",
     "launches_triton",
+    "launches_native",
     "launches_eager",
     "launches_compile",
 ]
@@ -78,10 +83,11 @@ def test_preference_loss(benchmark, results, family, shape, b, dtype):
         "loss",
         ResultTable(
             "preference_loss",
-            "Preference loss, forward + backward: triton vs eager vs torch.compile(eager)",
+            "Preference loss, forward + backward: triton vs native vs eager vs torch.compile(eager)",
             COLUMNS,
             notes="Times: ms per call, CUDA events over back-to-back calls (no sync per call); *_graph_ms: CUDA "
-            "graph replay of one call. MB: minimum bytes moved (reads + writes). copy_fraction: triton_GBps over "
+            "graph replay of one call. native: the C++/CUDA op of csrc/; native_vs_triton: native_ms over triton_ms. "
+            "MB: minimum bytes moved (reads + writes). copy_fraction: triton_GBps over "
             "a device-to-device copy measured in the same run. Command: pytest benchmarks/ --benchmark",
             key=("family", "latents", "B", "dtype"),
         ),
@@ -116,6 +122,9 @@ def test_preference_loss(benchmark, results, family, shape, b, dtype):
     row["MB"] = nbytes / 1e6
     best = min(x for x in (row["triton_ms"], row["triton_graph_ms"]) if x is not None)
     row["triton_GBps"] = nbytes / (best / 1e3) / 1e9
+    native = min(x for x in (row["native_ms"], row["native_graph_ms"]) if x is not None)
+    row["native_GBps"] = nbytes / (native / 1e3) / 1e9
+    row["native_vs_triton"] = row["native_ms"] / row["triton_ms"]
     rate = _copy_rate["rate"]
     row["copy_fraction"] = None if rate is None else row["triton_GBps"] * 1e9 / rate
     table.add(**row)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["loss-check", "matmul", "sdxl-1-fast", "sdxl-1-baseline", "sdxl-4-none", "sdxl-4-selective"]
-STEPS += ["sdxl-4-full", "sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
+STEPS = ["loss-check", "matmul", "sdxl-1-fast", "sdxl-1-baseline", "native-check", "native-gpu", "sdxl-4-none"]
+STEPS += ["sdxl-4-selective", "sdxl-4-full", "sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
 
 
 @pytest.mark.bench

@@ -191,32 +191,18 @@ void errors_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& p, const at::
   }
 }
 
-// Running sums of the pair metrics, in METRIC_NAMES order from implicit_acc (index 1) to ref_mse_l (8).
-struct MetricSums {
-  float v[kMetrics] = {};
-  void add_pair(const PairTerms& o, const float* w, const float* l) {
-    v[kAcc] += implicit_acc(o.u);
-    v[kMargin] += o.u;
-    v[kRewardW] += o.hw;
-    v[kRewardL] += o.hl;
-    v[kMseW] += w[0];
-    v[kMseL] += l[0];
-    v[kRefMseW] += w[1];
-    v[kRefMseL] += l[1];
-  }
-};
-
-void store_metrics(const MetricSums& s, float loss, float inv_b, float* LOSS, float* MET) {
+// loss and metrics from the sums v (v[kLoss] ignored: loss is given, already divided as it must be).
+void store_metrics(const float* v, float loss, float inv_b, float* LOSS, float* MET) {
   *LOSS = loss;
   MET[kLoss] = loss;
-  for (int k = 1; k < kMetrics; ++k) MET[k] = s.v[k] * inv_b;
+  for (int k = 1; k < kMetrics; ++k) MET[k] = v[k] * inv_b;
 }
 
 void pair_cpu(const float* part, const float* W, const int64_t* TS, float* GE, float* GD, float* LOSS, float* MET,
               int64_t b, int64_t n, int64_t chunks, const PairScalars& s) {
   const float inv_n = 1.0f / static_cast<float>(n), two_n = 2.0f / static_cast<float>(n);
   const float inv_b = 1.0f / static_cast<float>(b);
-  float w[kParts], l[kParts];
+  float w[kParts];
   bool big = false;
   if (s.obj == kDSPO && s.sdxl) {  // DSPO sdxl switches on the batch mean of |d^w|^2 / N
     float acc = 0.0f;
@@ -226,27 +212,9 @@ void pair_cpu(const float* part, const float* W, const int64_t* TS, float* GE, f
     }
     big = acc * inv_b >= 0.1f;
   }
-  MetricSums sums;
-  float loss = 0.0f;
-  for (int64_t i = 0; i < b; ++i) {
-    sample_stats(part, i, chunks, inv_n, w);
-    if (s.obj == kSFT) {  // L = mean m^w, dL/dp = (2 / N B)(p - t)
-      loss += w[0];
-      sums.v[kMseW] += w[0];
-      GE[i] = two_n * inv_b;
-      GD[i] = 0.0f;
-      continue;
-    }
-    sample_stats(part, i + b, chunks, inv_n, l);
-    PairTerms o = pair_terms(s, w, l, W ? W[i] : 1.0f, TS ? TS[i] : 0, big);
-    GE[i] = two_n * inv_b * o.ge_w;
-    GD[i] = two_n * inv_b * o.gd_w;
-    GE[i + b] = two_n * inv_b * o.ge_l;
-    GD[i + b] = 0.0f;
-    loss += o.loss;
-    sums.add_pair(o, w, l);
-  }
-  store_metrics(sums, loss * inv_b, inv_b, LOSS, MET);
+  float v[kMetrics] = {};
+  for (int64_t i = 0; i < b; ++i) pair_sample(part, i, b, chunks, inv_n, two_n * inv_b, s, W, TS, big, GE, GD, v);
+  store_metrics(v, v[kLoss] * inv_b, inv_b, LOSS, MET);
 }
 
 // RPO: cos_ij of the normalised embeddings (F.normalize's eps of 1e-12), the row softmax, the B x B terms.
@@ -298,7 +266,7 @@ void rpo_cpu(const float* part, const float* EW, const float* EL, float* GE, flo
       GD[b + j] = 0.0f;
     }
   });
-  MetricSums sums;
+  float v[kMetrics] = {};
   float loss = 0.0f;
   float w[kParts], l[kParts];
   for (int64_t i = 0; i < b; ++i) {
@@ -308,11 +276,11 @@ void rpo_cpu(const float* part, const float* EW, const float* EL, float* GE, flo
     o.hw = -half_beta * w[2];
     o.hl = -half_beta * l[2];
     o.u = o.hw - o.hl;
-    sums.add_pair(o, w, l);
-    sums.v[kWeightDiag] += wdiag[i];
+    add_pair_metrics(v, o, w, l);
+    v[kWeightDiag] += wdiag[i];
     loss += rloss[i];  // row terms already carry 1/B (outside) or 1/B^2 (inside)
   }
-  store_metrics(sums, loss, inv_b, LOSS, MET);
+  store_metrics(v, loss, inv_b, LOSS, MET);
 }
 
 PairScalars make_scalars(int64_t obj, const std::vector<double>& s) {

@@ -169,4 +169,41 @@ RPO_HD RpoTerm rpo_term(float cos, float rmax, float rsum, float dw, float dl, f
 // Implicit accuracy of one pair: 1 if u > 0, 1/2 on a tie, else 0.
 RPO_HD float implicit_acc(float u) { return u > 0.0f ? 1.0f : (u == 0.0f ? 0.5f : 0.0f); }
 
+// A pair's metric sums (METRIC_NAMES from implicit_acc to ref_mse_l) into v[kMetrics].
+RPO_HD void add_pair_metrics(float* v, const PairTerms& o, const float* w, const float* l) {
+  v[kAcc] += implicit_acc(o.u);
+  v[kMargin] += o.u;
+  v[kRewardW] += o.hw;
+  v[kRewardL] += o.hl;
+  v[kMseW] += w[0];
+  v[kMseL] += l[0];
+  v[kRefMseW] += w[1];
+  v[kRefMseL] += l[1];
+}
+
+// Pair i of a per-pair objective (or winner i of SFT): its gradient coefficients into GE/GD (rows i and i + b),
+// scaled by scale = 2 / (N B); its loss term into v[kLoss] and its metrics into v. SFT: L = mean m^w,
+// dL/dp = (2 / N B)(p - t). big: DSPO sdxl's switch (the batch mean of |d^w|^2 / N >= 0.1).
+RPO_HD void pair_sample(const float* part, int64_t i, int64_t b, int64_t chunks, float inv_n, float scale,
+                        const PairScalars& s, const float* W, const int64_t* TS, bool big, float* GE, float* GD,
+                        float* v) {
+  float w[kParts], l[kParts];
+  sample_stats(part, i, chunks, inv_n, w);
+  if (s.obj == kSFT) {
+    v[kLoss] += w[0];
+    v[kMseW] += w[0];
+    GE[i] = scale;
+    GD[i] = 0.0f;
+    return;
+  }
+  sample_stats(part, i + b, chunks, inv_n, l);
+  PairTerms o = pair_terms(s, w, l, W ? W[i] : 1.0f, TS ? TS[i] : 0, big);
+  GE[i] = scale * o.ge_w;
+  GD[i] = scale * o.gd_w;
+  GE[i + b] = scale * o.ge_l;
+  GD[i + b] = 0.0f;
+  v[kLoss] += o.loss;
+  add_pair_metrics(v, o, w, l);
+}
+
 }  // namespace rpo_fast

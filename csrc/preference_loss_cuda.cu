@@ -118,17 +118,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ __forceinline__ void add_pair(float* v, const PairTerms& o, const float* w, const float* l) {
-  v[kAcc] += implicit_acc(o.u);
-  v[kMargin] += o.u;
-  v[kRewardW] += o.hw;
-  v[kRewardL] += o.hl;
-  v[kMseW] += w[0];
-  v[kMseL] += l[0];
-  v[kRefMseW] += w[1];
-  v[kRefMseL] += l[1];
-}
-
 // One block: every pair's terms, gradient coefficients and the metrics' sums.
 __global__ void __launch_bounds__(kThreads)
     pair_kernel(const float* __restrict__ part, const float* __restrict__ W, const int64_t* __restrict__ TS,
@@ -137,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ bool big_s;
   const float inv_n = 1.0f / static_cast<float>(n), two_n = 2.0f / static_cast<float>(n);
   const float inv_b = 1.0f / static_cast<float>(b);
-  float w[kParts], l[kParts];
+  float w[kParts];
   if (threadIdx.x == 0) big_s = false;
   if (s.obj == kDSPO && s.sdxl) {  // the batch mean of |d^w|^2 / N
     float acc[1] = {0.0f};
@@ -151,24 +140,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const bool big = big_s;
   float v[kMetrics] = {};  // v[kLoss]: the loss sum
-  for (int64_t i = threadIdx.x; i < b; i += kThreads) {
-    sample_stats(part, i, chunks, inv_n, w);
-    if (s.obj == kSFT) {
-      v[kLoss] += w[0];
-      v[kMseW] += w[0];
-      GE[i] = two_n * inv_b;
-      GD[i] = 0.0f;
-      continue;
-    }
-    sample_stats(part, i + b, chunks, inv_n, l);
-    PairTerms o = pair_terms(s, w, l, W ? W[i] : 1.0f, TS ? TS[i] : 0, big);
-    GE[i] = two_n * inv_b * o.ge_w;
-    GD[i] = two_n * inv_b * o.gd_w;
-    GE[i + b] = two_n * inv_b * o.ge_l;
-    GD[i + b] = 0.0f;
-    v[kLoss] += o.loss;
-    add_pair(v, o, w, l);
-  }
+  for (int64_t i = threadIdx.x; i < b; i += kThreads)
+    pair_sample(part, i, b, chunks, inv_n, two_n * inv_b, s, W, TS, big, GE, GD, v);
   block_reduce(v, smem, Sum());
   if (threadIdx.x == 0) {
     *LOSS = v[kLoss] * inv_b;
@@ -287,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
     o.hw = -half_beta * w[2];
     o.hl = -half_beta * l[2];
     o.u = o.hw - o.hl;
-    add_pair(v, o, w, l);
+    add_pair_metrics(v, o, w, l);
     v[kLoss] += row[i * 4 + 2];
     v[kWeightDiag] += row[i * 4 + 3];
   }

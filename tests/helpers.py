@@ -193,3 +193,34 @@ def call_case(objective, opts, needs, b, p, t, q, seed=0, backend="eager"):
     if objective == "sft":
         p, t, q = p[:b], (t[:b] if t.shape[0] == 2 * b else t), None
     return loss_fn, kw, ref_kw, p, t, q
+
+
+def run_loss(loss_fn, p, t, q, kw, grad_out=1.7):
+    """(the loss's output, dL/dp) of one call on a fresh leaf copy of p, with the upstream gradient grad_out."""
+    p = p.clone().requires_grad_(True)
+    out = loss_fn(p, t, q, **kw)
+    (out.loss * grad_out).backward()
+    return out, p.grad
+
+
+def layouts(p, t, q):
+    """(name, p, t, q) in the layouts a fused backend must pair correctly or copy: channels_last, mixed, strided,
+    transposed (the values unchanged)."""
+    cl = torch.channels_last
+    yield (
+        "channels_last",
+        p.contiguous(memory_format=cl),
+        t.contiguous(memory_format=cl),
+        q.contiguous(memory_format=cl),
+    )
+    yield "mixed", p.contiguous(memory_format=cl), t, q.contiguous(memory_format=cl)
+    yield "mixed2", p, t.contiguous(memory_format=cl), q
+    big = torch.randn(p.shape[0], p.shape[1], p.shape[2], p.shape[3] + 3, dtype=p.dtype, device=p.device)
+    big[..., 1:-2] = p
+    yield "strided", big[..., 1:-2], t, q
+    yield (
+        "transposed",
+        p.transpose(2, 3).contiguous().transpose(2, 3),
+        t,
+        q.transpose(2, 3).contiguous().transpose(2, 3),
+    )

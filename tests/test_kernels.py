@@ -24,10 +24,12 @@ from helpers import (
     LOSS_TOL,
     assert_close,
     call_case,
+    layouts,
     make_embeds,
     make_pairs,
     ref_errors,
     ref_loss_and_grad,
+    run_loss,
 )
 
 from rpo_fast import PreferenceLoss
@@ -35,13 +37,6 @@ from rpo_fast.kernels import preference_loss as K
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAN = float("nan")
-
-
-def _run(loss_fn, p, t, q, kw, grad_out=1.7):
-    p = p.clone().requires_grad_(True)
-    out = loss_fn(p, t, q, **kw)
-    (out.loss * grad_out).backward()
-    return out, p.grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,8 +47,8 @@ def test_triton_matches_eager_and_float64(objective, opts, needs, b, shared, dty
     tri_fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, seed=b, backend="triton")
     kw = {k: v.to(DEV) for k, v in kw.items()}
     eager_fn = PreferenceLoss(objective, backend="eager", **opts)
-    tri, tri_g = _run(tri_fn, p, t, q, kw)
-    eag, eag_g = _run(eager_fn, p, t, q, kw)
+    tri, tri_g = run_loss(tri_fn, p, t, q, kw)
+    eag, eag_g = run_loss(eager_fn, p, t, q, kw)
     ref, ref_g = ref_loss_and_grad(
         objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **tri_fn.options
     )
@@ -116,7 +111,7 @@ def test_pair_and_backward_write_every_output(objective, opts, needs):
     grad = torch.full_like(p, NAN)
     K.errors_bwd(torch.tensor(1.0, device=DEV), p, t, q, ge, gd, has_d=objective == "dspo", out=grad)
     assert not grad.isnan().any()
-    eager = _run(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw, grad_out=1.0)
+    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw, grad_out=1.0)
     assert_close("poisoned-path grad", grad, eager[1], atol=1e-6, rtol=1e-4)
     assert_close("poisoned-path loss", loss, eager[0].loss, atol=1e-6, rtol=1e-5)
 
@@ -126,27 +121,6 @@ def test_pair_and_backward_write_every_output(objective, opts, needs):
 # --------------------------------------------------------------------------------------------------
 
 
-def _layouts(p, t, q):
-    cl = torch.channels_last
-    yield (
-        "channels_last",
-        p.contiguous(memory_format=cl),
-        t.contiguous(memory_format=cl),
-        q.contiguous(memory_format=cl),
-    )
-    yield "mixed", p.contiguous(memory_format=cl), t, q.contiguous(memory_format=cl)
-    yield "mixed2", p, t.contiguous(memory_format=cl), q
-    big = torch.randn(p.shape[0], p.shape[1], p.shape[2], p.shape[3] + 3, dtype=p.dtype, device=p.device)
-    big[..., 1:-2] = p
-    yield "strided", big[..., 1:-2], t, q
-    yield (
-        "transposed",
-        p.transpose(2, 3).contiguous().transpose(2, 3),
-        t,
-        q.transpose(2, 3).contiguous().transpose(2, 3),
-    )
-
-
 @pytest.mark.parametrize("objective", ["dpo", "dspo", "rpo"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_layouts_pair_the_right_elements(objective, shared):
@@ -154,10 +128,10 @@ def test_layouts_pair_the_right_elements(objective, shared):
     p0, t0, q0 = (x.to(DEV) for x in make_pairs(b, dtype=torch.float32, shared_target=shared, seed=43))
     kw = dict(zip(("embeds_w", "embeds_l"), (e.to(DEV) for e in make_embeds(b)))) if objective == "rpo" else {}
     opts = dict(beta=BETA) if objective != "dspo" else dict(beta=BETA, lam_out=1.0)
-    eager = _run(PreferenceLoss(objective, backend="eager", **opts), p0, t0, q0, kw)
-    for name, p, t, q in _layouts(p0, t0, q0):
+    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p0, t0, q0, kw)
+    for name, p, t, q in layouts(p0, t0, q0):
         assert torch.equal(p, p0) and torch.equal(t, t0) and torch.equal(q, q0)
-        tri = _run(PreferenceLoss(objective, backend="triton", **opts), p, t, q, kw)
+        tri = run_loss(PreferenceLoss(objective, backend="triton", **opts), p, t, q, kw)
         assert_close(f"{name} loss", tri[0].loss, eager[0].loss, atol=1e-6, rtol=1e-5)
         assert_close(f"{name} grad", tri[1], eager[1], atol=1e-6, rtol=1e-4)
 
@@ -166,7 +140,7 @@ def test_same_input_gives_the_same_bits():
     p, t, q = (x.to(DEV) for x in make_pairs(7, dtype=torch.bfloat16, seed=44))
     ew, el = (e.to(DEV) for e in make_embeds(7))
     fn = PreferenceLoss("rpo", backend="triton", beta=BETA, scope="local")
-    runs = [_run(fn, p, t, q, dict(embeds_w=ew, embeds_l=el)) for _ in range(2)]
+    runs = [run_loss(fn, p, t, q, dict(embeds_w=ew, embeds_l=el)) for _ in range(2)]
     assert torch.equal(runs[0][0].loss, runs[1][0].loss)
     assert torch.equal(runs[0][1], runs[1][1])
 
@@ -179,8 +153,8 @@ def test_rpo_many_tiles(weighting):
     ew, el = (e.to(DEV) for e in make_embeds(b, d=80))  # D = 80: two D tiles of 64, the last partial
     kw = dict(embeds_w=ew, embeds_l=el)
     opts = dict(beta=BETA, tau=0.5, weighting=weighting, scope="local")
-    tri = _run(PreferenceLoss("rpo", backend="triton", **opts), p, t, q, kw)
-    eag = _run(PreferenceLoss("rpo", backend="eager", **opts), p, t, q, kw)
+    tri = run_loss(PreferenceLoss("rpo", backend="triton", **opts), p, t, q, kw)
+    eag = run_loss(PreferenceLoss("rpo", backend="eager", **opts), p, t, q, kw)
     assert_close("loss", tri[0].loss, eag[0].loss, atol=1e-6, rtol=1e-5)
     assert_close("grad", tri[1], eag[1], atol=1e-6, rtol=1e-4)
     for name, v in eag[0].metrics.items():
@@ -259,7 +233,7 @@ def test_launch_count_and_no_sync():
     try:
         for objective, kw, expected in (("dpo", {}, 3), ("rpo", dict(embeds_w=ew, embeds_l=el), 4)):
             counts.clear()
-            _run(
+            run_loss(
                 PreferenceLoss(objective, backend="triton", beta=BETA, **({"scope": "local"} if kw else {})),
                 p,
                 t,
@@ -327,11 +301,11 @@ def test_gpu_sdxl_shape_against_float64(objective, opts, needs, dtype):
     p, t, q = (x.cuda() for x in make_pairs(b, 4, 128, 128, dtype=dtype, shared_target=True, ref_noise=0.02, seed=50))
     fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, backend="triton")
     kw = {k: v.cuda() for k, v in kw.items()}
-    tri, tri_g = _run(fn, p, t, q, kw)
+    tri, tri_g = run_loss(fn, p, t, q, kw)
     ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **fn.options)
     assert_close("loss", tri.loss, ref, atol=LOSS_TOL[dtype][0], rtol=1e-4)
     assert_close("grad", tri_g, 1.7 * ref_g, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
-    again = _run(fn, p, t, q, kw)
+    again = run_loss(fn, p, t, q, kw)
     assert torch.equal(again[0].loss, tri.loss) and torch.equal(again[1], tri_g)  # deterministic
 
 
@@ -343,8 +317,8 @@ def test_gpu_rpo_b4096(weighting):
     ew, el = (e.cuda() for e in make_embeds(b, d=768))
     kw = dict(embeds_w=ew, embeds_l=el)
     opts = dict(beta=BETA, weighting=weighting, scope="local")
-    tri = _run(PreferenceLoss("rpo", backend="triton", **opts), p, t, q, kw)
-    eag = _run(
+    tri = run_loss(PreferenceLoss("rpo", backend="triton", **opts), p, t, q, kw)
+    eag = run_loss(
         PreferenceLoss("rpo", backend="eager", **opts),
         p.double(),
         t.double(),

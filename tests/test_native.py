@@ -28,10 +28,12 @@ from helpers import (
     LOSS_TOL,
     assert_close,
     call_case,
+    layouts,
     make_embeds,
     make_pairs,
     ref_errors,
     ref_loss_and_grad,
+    run_loss,
 )
 
 from rpo_fast import PreferenceLoss
@@ -44,13 +46,6 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 PTXAS_FIGURES = CSRC / "ptxas_figures.json"
 
 
-def _run(loss_fn, p, t, q, kw, grad_out=1.7):
-    p = p.clone().requires_grad_(True)
-    out = loss_fn(p, t, q, **kw)
-    (out.loss * grad_out).backward()
-    return out, p.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("b,shared", [(1, False), (3, True), (7, False)], ids=["B1", "B3-shared", "B7"])
@@ -58,8 +53,8 @@ def test_native_matches_eager_and_float64(objective, opts, needs, b, shared, dty
     p, t, q = (x.to(DEV) for x in make_pairs(b, dtype=dtype, shared_target=shared, seed=30 + b))
     nat_fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, seed=b, backend="native")
     kw = {k: v.to(DEV) for k, v in kw.items()}
-    nat, nat_g = _run(nat_fn, p, t, q, kw)
-    eag, eag_g = _run(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw)
+    nat, nat_g = run_loss(nat_fn, p, t, q, kw)
+    eag, eag_g = run_loss(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw)
     ref, ref_g = ref_loss_and_grad(
         objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **nat_fn.options
     )
@@ -112,7 +107,7 @@ def test_pair_and_backward_write_every_output(objective, opts, needs):
     kw = {k: v.to(DEV) for k, v in kw.items()}
     params = N.shared.objective_params(objective, fn.options)
     part = N.errors_fwd(p, t, q, dspo=objective == "dspo", num_chunks=3)
-    outs = tuple(torch.full(s, NAN, device=DEV) for s in ((), (len(N.METRIC_NAMES),), (p.shape[0],), (p.shape[0],)))
+    outs = tuple(torch.full_like(x, NAN) for x in N.shared.pair_outputs(p.shape[0], p.device))
     N.pair_fwd(part, p[0].numel(), objective, params, out=outs, **kw)
     loss, met, ge, gd = outs
     assert not met.isnan().any(), met  # every metric written (zeros where an objective has none)
@@ -120,7 +115,7 @@ def test_pair_and_backward_write_every_output(objective, opts, needs):
     grad = torch.full_like(p, NAN)
     N.errors_bwd(torch.tensor(1.0, device=DEV), p, t, q, ge, gd, has_d=objective == "dspo", out=grad)
     assert not grad.isnan().any()
-    eager = _run(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw, grad_out=1.0)
+    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw, grad_out=1.0)
     assert_close("poisoned-path grad", grad, eager[1], atol=1e-6, rtol=1e-4)
     assert_close("poisoned-path loss", loss, eager[0].loss, atol=1e-6, rtol=1e-5)
 
@@ -130,27 +125,6 @@ def test_pair_and_backward_write_every_output(objective, opts, needs):
 # --------------------------------------------------------------------------------------------------
 
 
-def _layouts(p, t, q):
-    cl = torch.channels_last
-    yield (
-        "channels_last",
-        p.contiguous(memory_format=cl),
-        t.contiguous(memory_format=cl),
-        q.contiguous(memory_format=cl),
-    )
-    yield "mixed", p.contiguous(memory_format=cl), t, q.contiguous(memory_format=cl)
-    yield "mixed2", p, t.contiguous(memory_format=cl), q
-    big = torch.randn(p.shape[0], p.shape[1], p.shape[2], p.shape[3] + 3, dtype=p.dtype, device=p.device)
-    big[..., 1:-2] = p
-    yield "strided", big[..., 1:-2], t, q
-    yield (
-        "transposed",
-        p.transpose(2, 3).contiguous().transpose(2, 3),
-        t,
-        q.transpose(2, 3).contiguous().transpose(2, 3),
-    )
-
-
 @pytest.mark.parametrize("objective", ["dpo", "dspo", "rpo"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_layouts_pair_the_right_elements(objective, shared):
@@ -158,10 +132,10 @@ def test_layouts_pair_the_right_elements(objective, shared):
     p0, t0, q0 = (x.to(DEV) for x in make_pairs(b, dtype=torch.float32, shared_target=shared, seed=43))
     kw = dict(zip(("embeds_w", "embeds_l"), (e.to(DEV) for e in make_embeds(b)))) if objective == "rpo" else {}
     opts = dict(beta=BETA) if objective != "dspo" else dict(beta=BETA, lam_out=1.0)
-    eager = _run(PreferenceLoss(objective, backend="eager", **opts), p0, t0, q0, kw)
-    for name, p, t, q in _layouts(p0, t0, q0):
+    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p0, t0, q0, kw)
+    for name, p, t, q in layouts(p0, t0, q0):
         assert torch.equal(p, p0) and torch.equal(t, t0) and torch.equal(q, q0)
-        nat = _run(PreferenceLoss(objective, backend="native", **opts), p, t, q, kw)
+        nat = run_loss(PreferenceLoss(objective, backend="native", **opts), p, t, q, kw)
         assert nat[1].shape == p.shape
         assert_close(f"{name} loss", nat[0].loss, eager[0].loss, atol=1e-6, rtol=1e-5)
         assert_close(f"{name} grad", nat[1], eager[1], atol=1e-6, rtol=1e-4)
@@ -169,7 +143,7 @@ def test_layouts_pair_the_right_elements(objective, shared):
 
 def test_channels_last_gradient_keeps_the_layout():
     p, t, q = (x.to(DEV).contiguous(memory_format=torch.channels_last) for x in make_pairs(2, seed=52))
-    _, g = _run(PreferenceLoss("dpo", backend="native", beta=BETA), p, t, q, {})
+    _, g = run_loss(PreferenceLoss("dpo", backend="native", beta=BETA), p, t, q, {})
     assert g.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -178,8 +152,8 @@ def test_mixed_and_float64_inputs(dtypes):
     """Mixed dtypes (a bf16 prediction, an fp32 target) and float64 go through fp32 copies: exact upcasts."""
     p, t, q = make_pairs(3, seed=53)
     p, t, q = (x.to(DEV, dt) for x, dt in zip((p, t, q), dtypes))
-    nat = _run(PreferenceLoss("dpo", backend="native", beta=BETA), p, t, q, {})
-    eag = _run(PreferenceLoss("dpo", backend="eager", beta=BETA), p, t, q, {})
+    nat = run_loss(PreferenceLoss("dpo", backend="native", beta=BETA), p, t, q, {})
+    eag = run_loss(PreferenceLoss("dpo", backend="eager", beta=BETA), p, t, q, {})
     assert nat[1].dtype == p.dtype
     assert_close("loss", nat[0].loss, eag[0].loss, atol=1e-6, rtol=1e-5)
     assert_close("grad", nat[1], eag[1], atol=1e-5 if p.dtype == torch.bfloat16 else 1e-6, rtol=1e-3)
@@ -195,7 +169,7 @@ def test_same_bits_whatever_the_thread_count():
         runs = []
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            runs.append(_run(fn, p, t, q, dict(embeds_w=ew, embeds_l=el)))
+            runs.append(run_loss(fn, p, t, q, dict(embeds_w=ew, embeds_l=el)))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(runs[0][0].loss, runs[1][0].loss)
@@ -210,8 +184,8 @@ def test_rpo_b70_d80(weighting):
     ew, el = (e.to(DEV) for e in make_embeds(b, d=80))
     kw = dict(embeds_w=ew, embeds_l=el)
     opts = dict(beta=BETA, tau=0.5, weighting=weighting, scope="local")
-    nat = _run(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
-    eag = _run(PreferenceLoss("rpo", backend="eager", **opts), p, t, q, kw)
+    nat = run_loss(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
+    eag = run_loss(PreferenceLoss("rpo", backend="eager", **opts), p, t, q, kw)
     assert_close("loss", nat[0].loss, eag[0].loss, atol=1e-6, rtol=1e-5)
     assert_close("grad", nat[1], eag[1], atol=1e-6, rtol=1e-4)
     for name, v in eag[0].metrics.items():
@@ -445,11 +419,11 @@ def test_gpu_sdxl_shape_against_float64(objective, opts, needs, dtype):
     p, t, q = (x.cuda() for x in make_pairs(b, 4, 128, 128, dtype=dtype, shared_target=True, ref_noise=0.02, seed=50))
     fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, backend="native")
     kw = {k: v.cuda() for k, v in kw.items()}
-    nat, nat_g = _run(fn, p, t, q, kw)
+    nat, nat_g = run_loss(fn, p, t, q, kw)
     ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **fn.options)
     assert_close("loss", nat.loss, ref, atol=LOSS_TOL[dtype][0], rtol=1e-4)
     assert_close("grad", nat_g, 1.7 * ref_g, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
-    again = _run(fn, p, t, q, kw)
+    again = run_loss(fn, p, t, q, kw)
     assert torch.equal(again[0].loss, nat.loss) and torch.equal(again[1], nat_g)  # deterministic
 
 
@@ -461,8 +435,8 @@ def test_gpu_rpo_b4096(weighting):
     ew, el = (e.cuda() for e in make_embeds(b, d=768))
     kw = dict(embeds_w=ew, embeds_l=el)
     opts = dict(beta=BETA, weighting=weighting, scope="local")
-    nat = _run(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
-    eag = _run(
+    nat = run_loss(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
+    eag = run_loss(
         PreferenceLoss("rpo", backend="eager", **opts),
         p.double(),
         t.double(),

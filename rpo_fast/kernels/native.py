@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import shared
-from .shared import METRIC_NAMES, K, define_fused_op, fused_loss, pair_scalars, same_layout
+from .shared import K, define_fused_op, fused_loss, pair_scalars, same_layout
 
 CPU_CHUNK = 8192  # elements per chunk of the CPU error pass (fixed: the reduction order depends on shapes only)
 GPU_MIN_CHUNK = 1024  # the fewest elements per chunk on a GPU (as the Triton op's BLOCK_ERR)
@@ -176,12 +176,7 @@ def pair_fwd(
     """Loss, metrics (10,), ge (R,), gd (R,) from the partial sums."""
     rows, dev = part.shape[0], part.device
     if out is None:
-        out = (
-            torch.empty((), dtype=torch.float32, device=dev),
-            torch.empty(len(METRIC_NAMES), device=dev),
-            torch.empty(rows, device=dev),
-            torch.empty(rows, device=dev),
-        )
+        out = shared.pair_outputs(rows, dev)
     obj, *scalars = pair_scalars(objective, params)
     f32 = lambda x: None if x is None else x.detach().to(torch.float32).contiguous()
     ts = None if timesteps is None else timesteps.to(torch.int64).contiguous()

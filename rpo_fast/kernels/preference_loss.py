@@ -564,12 +564,7 @@ def pair_fwd(
     rows, chunks = part.shape[0], part.shape[1]
     dev = part.device
     if out is None:
-        out = (
-            torch.empty((), dtype=torch.float32, device=dev),
-            torch.empty(len(METRIC_NAMES), device=dev),
-            torch.empty(rows, device=dev),
-            torch.empty(rows, device=dev),
-        )
+        out = shared.pair_outputs(rows, dev)
     loss, met, ge, gd = out
     obj = shared.KERNEL_BRANCH[objective][0]
     if obj == _RPO:

@@ -108,6 +108,13 @@ def local_rows(g: Tensor, world: int, b: int) -> Tensor:
     return torch.cat([g[r * b : (r + 1) * b], g[total + r * b : total + (r + 1) * b]]) * world
 
 
+def pair_outputs(rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pairwise step's outputs, unwritten: loss (), metrics (len(METRIC_NAMES),), ge (rows,), gd (rows,), fp32."""
+    loss, metrics = (torch.empty(shape, dtype=torch.float32, device=device) for shape in ((), len(METRIC_NAMES)))
+    ge, gd = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(2))
+    return loss, metrics, ge, gd
+
+
 def define_fused_op(name: str, errors_fwd: Callable, pair_fwd: Callable, errors_bwd: Callable):
     """Register ``name`` (forward: (loss, metrics, ge, gd)) and ``name + "_backward"`` as custom ops over one
     backend's three steps, with fake kernels and the autograd formula. Returns (op, backward_op)."""
@@ -141,14 +148,7 @@ def define_fused_op(name: str, errors_fwd: Callable, pair_fwd: Callable, errors_
 
     @op.register_fake
     def _(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps, objective, params, world):
-        rows = model_pred.shape[0]
-        new = model_pred.new_empty
-        return (
-            new((), dtype=torch.float32),
-            new(len(METRIC_NAMES), dtype=torch.float32),
-            new(rows, dtype=torch.float32),
-            new(rows, dtype=torch.float32),
-        )
+        return pair_outputs(model_pred.shape[0], model_pred.device)
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(
