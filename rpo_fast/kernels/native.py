@@ -8,13 +8,14 @@ ge/gd; the backward is one elementwise pass, dL/dp = ge (p - t) + gd (p - q). Th
 this module gives them fake kernels and builds the autograd op on them with ``shared.define_fused_op``.
 
 The library builds on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; CUDA
-sources too where torch has CUDA and nvcc is found), cached in ``$RPO_FAST_NATIVE_DIR`` or
-``~/.cache/rpo_fast/native``. ``python -m rpo_fast.kernels.native`` builds it ahead of time. Nothing here
-imports Triton.
+sources too where torch has CUDA and nvcc is found), cached in ``$RPO_FAST_NATIVE_DIR`` or a folder per torch
+build and checkout under ``~/.cache/rpo_fast/native/``. ``python -m rpo_fast.kernels.native`` builds it ahead of
+time. Nothing here imports Triton.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -44,9 +45,13 @@ def source_dir() -> Path:
 
 
 def build_dir() -> Path:
+    """``$RPO_FAST_NATIVE_DIR``, else one folder per torch build and source folder under ``~/.cache/rpo_fast/native``
+    (two checkouts sharing one folder would rebuild each other's library at every first use)."""
+    if os.environ.get("RPO_FAST_NATIVE_DIR"):
+        return Path(os.environ["RPO_FAST_NATIVE_DIR"])
     cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    default = Path.home() / ".cache" / "rpo_fast" / "native" / f"torch{torch.__version__.split('+')[0]}-{cuda}"
-    return Path(os.environ.get("RPO_FAST_NATIVE_DIR") or default)
+    src = hashlib.sha256(str(source_dir().resolve()).encode()).hexdigest()[:8]
+    return Path.home() / ".cache" / "rpo_fast" / "native" / f"torch{torch.__version__.split('+')[0]}-{cuda}-{src}"
 
 
 def cuda_buildable() -> bool:
