@@ -475,12 +475,13 @@ EXAMPLE = """example (SDXL at 1024 px, RPO's CLIP embeddings, 8 GPUs splitting t
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse_config
+    from .config import parse_config, run_cli
 
-    a = parse_config(CacheConfig, argv, prog="python -m rpo_fast.cache", description=__doc__, epilog=EXAMPLE)
+    prog = "python -m rpo_fast.cache"
+    a = parse_config(CacheConfig, argv, prog=prog, description=__doc__, epilog=EXAMPLE)
     kw = dataclasses.asdict(a)
     kw.pop("local_rank")
-    build_cache(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw)
+    run_cli(prog, lambda: build_cache(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import HelpFormatter
+from .config import HelpFormatter, run_cli
 from .seeding import seed_of
 
 # --------------------------------------------------------------------------------------------------
@@ -565,12 +565,18 @@ def evaluate(
     return summary
 
 
+EXAMPLE = """example (the tuned UNet of a run against its base model, PickScore and HPS v2):
+  python -m rpo_fast.evaluate --model MODELS/stable-diffusion-xl-base-1.0 --unet runs/rpo/unet \\
+      --prompts PartiPrompts.tsv --out eval/rpo --scorer pickscore=MODELS/PickScore_v1 \\
+      --scorer hps=MODELS/HPS_v2.1_compressed.pt:MODELS/CLIP-ViT-H-14"""
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m rpo_fast.evaluate",
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
-        epilog=__doc__.split("\n\n", 2)[2],
+        epilog=__doc__.split("\n\n", 2)[2] + "\n\n" + EXAMPLE,
     )
     ap.add_argument("--model", required=True, help="the base model folder (SD1.5 or SDXL)")
     tuned = ap.add_mutually_exclusive_group(required=True)
@@ -618,7 +624,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
-    s = evaluate(
+    s = run_cli("python -m rpo_fast.evaluate", lambda: _evaluate_args(a))
+    _print_summary(s)
+
+
+def _evaluate_args(a: argparse.Namespace) -> dict:
+    return evaluate(
         a.model,
         a.prompts,
         a.out,
@@ -640,6 +651,9 @@ def main(argv: list[str] | None = None) -> None:
         style_clip=a.style_clip,
         inception=a.inception,
     )
+
+
+def _print_summary(s: dict) -> None:
     for m in s["metrics"]:
         print(
             f"[evaluate] {m['metric']}: base {m['base_mean']:.4g}, tuned {m['tuned_mean']:.4g}, win rate "

@@ -188,7 +188,16 @@ class PreferenceLoss(nn.Module):
         if backend == "triton":
             from .kernels import fused_preference_loss
 
-            loss, metrics = fused_preference_loss(self.objective, self.options, *args)
+            try:
+                loss, metrics = fused_preference_loss(self.objective, self.options, *args)
+            except RuntimeError as e:  # Triton's own words: "0 active drivers ([]). There should only be one."
+                if "active drivers" not in str(e):
+                    raise
+                raise ValueError(
+                    f"backend='triton' found no GPU driver for tensors on {model_pred.device}. On a CPU use "
+                    "backend='native' (fused C++), 'eager' or 'auto' (eager off CUDA), or set TRITON_INTERPRET=1 "
+                    "before triton is imported to run the kernels in Triton's interpreter (slow; for tests)"
+                ) from e
         elif backend == "native":
             from .kernels.native import fused_preference_loss
 

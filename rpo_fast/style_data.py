@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .config import HelpFormatter
+from .config import HelpFormatter, run_cli
 from .seeding import seed_of
 
 STYLES = {
@@ -197,7 +197,12 @@ def _finish(out: Path, settings: dict, shards: list[Path], counts: dict) -> dict
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.style_data", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        prog="python -m rpo_fast.style_data",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog="example (10,000 Van Gogh pairs from a Pick-a-Pic folder):\n"
+        "  python -m rpo_fast.style_data --src pickapic_v2/data --style vangogh --editor MODELS/instruct-pix2pix \\\n"
+        "      --out styled/vangogh --limit 10000",
     )
     ap.add_argument("--src", required=True, help="Pick-a-Pic v2 parquet folder (or a pairs .jsonl/.csv)")
     ap.add_argument("--style", required=True, choices=sorted(STYLES), help="the edit applied to each winner")
@@ -217,6 +222,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    run_cli("python -m rpo_fast.style_data", lambda: _build(a))
+
+
+def _build(a: argparse.Namespace) -> None:
     build_style_set(
         a.src,
         a.style,

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
-from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, validate  # noqa: E402
+from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, run_cli, validate  # noqa: E402
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
@@ -392,15 +392,8 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rpo_fast.cache import CacheError
-    from rpo_fast.data import DataError
-
     cfg = parse_args(argv)
-    try:
-        trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, CacheError, DataError) as e:  # bad input: a message, not a traceback
-        print(f"rpo_fast/train.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    trainer = run_cli("rpo_fast/train.py", lambda: Trainer(cfg))  # bad input: one line and exit 2, no traceback
     try:
         trainer.train()
     finally:

@@ -231,6 +231,8 @@ def test_every_flag_of_every_cli_has_help_and_shows_its_default():
         parsers.append((cls.__name__, ap))
     for name in ("rpo_fast.evaluate", "rpo_fast.style_data", "rpo_fast.demo.__main__", "rpo_fast.demo.pretrain"):
         parsers.append((name, importlib.import_module(name).parser()))
+        assert "example" in (parsers[-1][1].epilog or ""), f"{name}: no example in its --help"
+    assert "example" in importlib.import_module("rpo_fast.cache").EXAMPLE
     for name, ap in parsers:
         assert ap.formatter_class is HelpFormatter, name
         for action in ap._actions:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import HelpFormatter
+from ..config import HelpFormatter, run_cli
 from . import shapes as S
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -160,12 +160,17 @@ def side_by_side(base: list[Path], tuned: list[Path], path: Path, n: int = 24, c
 
 def run(cmd: list[str], env: dict) -> None:
     print("[demo] $ " + " ".join(str(c) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], env=env, check=True)
+    rc = subprocess.run([str(c) for c in cmd], env=env).returncode
+    if rc != 0:  # the command printed why; a traceback of this process would add nothing
+        raise SystemExit(f"[demo] that command failed with exit code {rc} (its output is above)")
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.demo", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        prog="python -m rpo_fast.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog="example (what make demo runs; DPO instead of RPO):\n  python -m rpo_fast.demo --objective dpo",
     )
     ap.add_argument("--objective", default="rpo", choices=sorted(SETTINGS), help="the objective trained")
     ap.add_argument("--out", default="runs/demo", help="the demo's folder (OUT/OBJECTIVE: the run)")
@@ -189,6 +194,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
+    return run_cli("python -m rpo_fast.demo", lambda: run_demo(a))
+
+
+def run_demo(a: argparse.Namespace) -> dict:
     t0 = time.time()
     out = Path(a.out)
     run_dir = out / a.objective

@@ -224,7 +224,11 @@ def save(out: Path, vae, unet, text, tok, sched, clip, clip_tok) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.demo.pretrain", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        prog="python -m rpo_fast.demo.pretrain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog="example (rebuild the shipped assets in a scratch folder):\n"
+        "  python -m rpo_fast.demo.pretrain --out /tmp/demo_assets",
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "assets"), help="where base/ and clip/ are written")
     ap.add_argument("--vae-steps", type=int, default=2000, help="training steps of the VAE")
