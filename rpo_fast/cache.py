@@ -476,7 +476,9 @@ EXAMPLE = """example (SDXL at 1024 px, RPO's CLIP embeddings, 8 GPUs splitting t
 
 def main(argv: list[str] | None = None) -> None:
     from .config import parse_config, run_cli
+    from .logs import quiet_known_noise
 
+    quiet_known_noise()
     prog = "python -m rpo_fast.cache"
     a = parse_config(CacheConfig, argv, prog=prog, description=__doc__, epilog=EXAMPLE)
     kw = dataclasses.asdict(a)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -90,10 +91,26 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
+    if not torch.cuda.is_available() and os.environ["RANK"] == "0":
+        announce_shm_op_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     r = int(os.environ["RANK"])
     unlink_cpu_allreduce_buffer(r)
     return r, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def announce_shm_op_build() -> None:
+    """Say so before DeepSpeed builds its CPU shared-memory all-reduce op (``deepspeed_shm_comm``, once per machine
+    and torch build: about 2.5 minutes on 2 cores, silent otherwise), which it does on a CPU in init_distributed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    if not (folder / "deepspeed_shm_comm.so").exists():
+        print(
+            f"[rpo_fast] DeepSpeed is building its CPU all-reduce op (deepspeed_shm_comm) in {folder}: once per "
+            "machine, a few minutes on a small CPU",
+            flush=True,
+        )
 
 
 def init_from_env() -> tuple[int, int]:

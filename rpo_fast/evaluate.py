@@ -12,7 +12,8 @@ Pick-a-Pic captions (parquet, column ``caption``), or text (one prompt a line).
 
 Statistics, per metric: mean and 95% t-interval for base and tuned; the paired win rate of tuned over base
 (ties count half) with its Wilson 95% interval. Written as ``summary.json``, ``summary.csv`` and
-``scores.csv``; ``report.html`` shows the grids and a bar chart of the metrics.
+``scores.csv``; ``report.html`` shows the run's settings and training curves (for an rpo_fast run), the
+metrics with a bar chart, and every prompt's base and tuned images side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import HelpFormatter, run_cli
+from .logs import quiet_known_noise
 from .seeding import seed_of
 
 # --------------------------------------------------------------------------------------------------
@@ -315,26 +317,6 @@ def _inception_fid(images: list, references: list, weights) -> float:  # pragma:
 # --------------------------------------------------------------------------------------------------
 
 
-def image_grid(rows: list[list], labels: list[str] | None = None, scale: int = 1, split: int | None = None):
-    """Rows of equally sized PIL images into one picture (optional label above each row); ``split``: a white gap
-    after that many images of each row (base | tuned)."""
-    from PIL import Image, ImageDraw
-
-    w, h = rows[0][0].size
-    w, h = w * scale, h * scale
-    pad = 14 if labels else 0
-    gap = 8 if split else 0
-    grid = Image.new("RGB", (w * max(len(r) for r in rows) + gap, (h + pad) * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, row in enumerate(rows):
-        if labels:
-            draw.text((2, r * (h + pad) + 1), labels[r], fill="black")
-        for c, im in enumerate(row):
-            x = c * w + (gap if split and c >= split else 0)
-            grid.paste(im.resize((w, h), Image.NEAREST if scale > 1 else Image.BICUBIC), (x, r * (h + pad) + pad))
-    return grid
-
-
 def bar_chart(comparisons: list[Comparison], path: Path) -> Path:
     import matplotlib
 
@@ -356,6 +338,70 @@ def bar_chart(comparisons: list[Comparison], path: Path) -> Path:
     return path
 
 
+def training_curves(metrics: Path, path: Path) -> Path:
+    """Loss over steps, and implicit accuracy (training batches and held-out pairs) where the objective has one;
+    SFT has no reference, so its right panel is the held-out loss instead. ``metrics``: a run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    train = [r for r in rows if "loss/loss" in r]
+    pairwise = any("reward/implicit_acc" in r for r in train)
+    key = "implicit_acc" if pairwise else "loss"
+    evals = [r for r in rows if f"eval/{key}" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot([r["step"] for r in train], [r["loss/loss"] for r in train], color="#e4572e")
+    ax1.set(title="training loss", xlabel="step")
+    if pairwise:
+        ax2.plot(
+            [r["step"] for r in train],
+            [r["reward/implicit_acc"] for r in train],
+            color="#9aa5b1",
+            label="training batches",
+        )
+        ax2.axhline(0.5, color="black", lw=0.5, ls=":")
+        ax2.set(title="implicit accuracy", ylim=(0, 1))
+    else:
+        ax2.set(title="held-out loss")
+    if evals:
+        ax2.plot(
+            [r["step"] for r in evals],
+            [r[f"eval/{key}"] for r in evals],
+            "o-",
+            color="#17bebb",
+            label="held-out pairs" if pairwise else "held-out winners",
+        )
+    ax2.set(xlabel="step")
+    if pairwise or evals:
+        ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# The run settings the report shows, from the trainer's OUTPUT/config.json beside the tuned UNet or LoRA folder.
+SETTINGS_SHOWN = ("objective", "model", "data", "max_steps", "micro_batch_size", "grad_accum", "lr", "seed")
+SETTINGS_SHOWN += ("ds_config", "mixed_precision", "recompute", "lora_rank")
+
+
+def run_settings(tuned: Path | None) -> dict:
+    """The training run's settings (``SETTINGS_SHOWN`` and the loss options) where ``tuned`` is the ``unet/`` or
+    ``lora/`` folder of an rpo_fast run; {} otherwise."""
+    config = Path(tuned).parent / "config.json" if tuned else None
+    if config is None or not config.exists():
+        return {}
+    try:
+        run = json.loads(config.read_text())
+        train = run["train"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    shown = {k: train[k] for k in SETTINGS_SHOWN if train.get(k) not in (None, "", 0) or k == "seed"}
+    return shown | {k: v for k, v in (run.get("loss") or {}).items()}
+
+
 def write_report(
     out: Path,
     prompts: list[str],
@@ -365,28 +411,39 @@ def write_report(
     unavailable: dict[str, str],
     *,
     per_prompt: int,
-    grid_prompts: int = 24,
+    report_prompts: int | None = None,
     title: str = "Evaluation",
+    settings: dict | None = None,
+    curves: str | None = None,
     extra_images: list[tuple[str, str]] = (),
     style: dict | None = None,
+    scores: dict | None = None,
 ) -> Path:
-    """report.html with the metrics table, the bar chart and base-vs-tuned grids (PNG files beside it)."""
-    from PIL import Image
-
-    charts = [bar_chart(comparisons, out / "metrics.png").name] if comparisons else []
-    grids = []
-    for g in range(0, min(grid_prompts, len(prompts)), 8):
-        rows, labels = [], []
-        for i in range(g, min(g + 8, grid_prompts, len(prompts))):
-            ims = [Image.open(p) for p in base_paths[i * per_prompt : (i + 1) * per_prompt]]
-            ims += [Image.open(p) for p in tuned_paths[i * per_prompt : (i + 1) * per_prompt]]
-            rows.append(ims)
-            labels.append(prompts[i][:60])
-        scale = max(1, 128 // rows[0][0].size[0])
-        name = f"grid_{g // 8:03d}.png"
-        image_grid(rows, labels, scale, split=per_prompt).save(out / name)
-        grids.append(name)
+    """report.html: the run's settings and training curves (where known), the metrics table and bar chart, and
+    every prompt (or the first ``report_prompts``) as a card with its base and tuned images side by side (the PNG
+    files under images/, referenced, not copied) and the first metric's scores; the cards flow across the page
+    (a phone width gets one a row). ``scores``: {(metric, "base"|"tuned"): per-image array}."""
     esc = html.escape
+    charts = [bar_chart(comparisons, out / "metrics.png").name] if comparisons else []
+    shown = len(prompts) if report_prompts is None else min(report_prompts, len(prompts))
+    first = comparisons[0].metric if comparisons else None
+
+    def image(path, k, side):
+        rel = Path(path).resolve().relative_to(out.resolve()).as_posix()
+        score = ""
+        if scores and first is not None:
+            score = f"<figcaption>{side} {scores[(first, side)][k]:.3g}</figcaption>"
+        return f'<figure><img src="{esc(rel)}" alt="{side}" loading="lazy">{score}</figure>'
+
+    cards = []
+    for i in range(shown):
+        ks = range(i * per_prompt, (i + 1) * per_prompt)
+        base = "".join(image(base_paths[k], k, "base") for k in ks)
+        tuned = "".join(image(tuned_paths[k], k, "tuned") for k in ks)
+        cards.append(
+            f'<div class="card"><p>{i}. {esc(prompts[i])}</p><div class="pair"><div>{base}</div>'
+            f"<div>{tuned}</div></div></div>"
+        )
     table = "".join(
         f"<tr><td>{esc(c.metric)}</td><td>{c.n}</td><td>{c.base_mean:.4g} [{c.base_low:.4g}, {c.base_high:.4g}]</td>"
         f"<td>{c.tuned_mean:.4g} [{c.tuned_low:.4g}, {c.tuned_high:.4g}]</td>"
@@ -394,6 +451,11 @@ def write_report(
         for c in comparisons
     )
     missing = "".join(f"<li><b>{esc(k)}</b>: not computed ({esc(v)})</li>" for k, v in unavailable.items())
+    settings_html = ""
+    if settings:
+        rows_html = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in settings.items())
+        settings_html = f"<h2>The training run</h2><table>{rows_html}</table>"
+    curves_html = f'<h2>Training curves</h2><p><img src="{esc(curves)}" alt="training curves"></p>' if curves else ""
     style_html = ""
     if style:
         rows_html = ""
@@ -410,21 +472,32 @@ def write_report(
             f"<th>style score: 100 cos(image, '{esc(style['description'])}')</th></tr>{rows_html}</table>"
             + (f"<p>Inception FID: {esc(json.dumps(incep))}</p>" if incep is not None else "")
         )
+    which = "every prompt" if shown == len(prompts) else f"the first {shown} of the {len(prompts)} prompts"
     body = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}
-img{{max-width:100%;image-rendering:pixelated}}</style></head>
+img{{max-width:100%}} .cards{{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:12px}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:6px}} .card p{{margin:0 0 4px;font-size:13px}}
+.pair{{display:grid;grid-template-columns:1fr 1fr;gap:6px}} figure{{margin:0}}
+.pair img{{width:100%;image-rendering:pixelated}} figcaption{{font-size:11px;color:#555;text-align:center}}</style>
+</head>
 <body><h1>{esc(title)}</h1>
 <p>{len(prompts)} prompts x {per_prompt} image(s), the same seeds for base and tuned. Intervals: 95% (means:
 t-interval; win rate of tuned over base, ties counted half: Wilson).</p>
+{settings_html}
+<h2>Metrics</h2>
 <table><tr><th>metric</th><th>n</th><th>base mean</th><th>tuned mean</th><th>win rate (tuned)</th></tr>{table}</table>
 {f"<ul>{missing}</ul>" if missing else ""}
 {style_html}
 {"".join(f'<p><img src="{esc(c)}" alt="metrics"></p>' for c in charts)}
+{curves_html}
 {"".join(f'<h2>{esc(t)}</h2><p><img src="{esc(s)}" alt="{esc(t)}"></p>' for t, s in extra_images)}
-<h2>Samples: each row a prompt, base on the left, tuned on the right</h2>
-{"".join(f'<p><img src="{esc(g)}" alt="grid"></p>' for g in grids)}
+<h2>Samples: {which} ({shown}), base on the left, tuned on the right{f", with their {esc(first)}" if first else ""}</h2>
+<div class="cards">
+{"".join(cards)}
+</div>
 </body></html>
 """
     path = out / "report.html"
@@ -460,6 +533,7 @@ def evaluate(
     style_refs=None,
     style_clip=None,
     inception=None,
+    report_prompts=None,
 ) -> dict:
     """Sample, score, compare and report (with the style-alignment metrics when ``style`` is given); returns the
     summary."""
@@ -549,6 +623,10 @@ def evaluate(
         w.writeheader()
         for c in comparisons:
             w.writerow(c.__dict__)
+    tuned_dir = Path(unet or lora)
+    curves = None
+    if (tuned_dir.parent / "metrics.jsonl").exists():  # an rpo_fast run: its training curves
+        curves = training_curves(tuned_dir.parent / "metrics.jsonl", out / "training.png").name
     summary["report"] = str(
         write_report(
             out,
@@ -558,8 +636,12 @@ def evaluate(
             comparisons,
             unavailable,
             per_prompt=per_prompt,
+            report_prompts=report_prompts,
             title=title,
+            settings=run_settings(tuned_dir),
+            curves=curves,
             style=summary.get("style"),
+            scores=scores,
         )
     )
     return summary
@@ -618,12 +700,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--style-refs", default=None, help="the styled reference images (style_data output or a folder)")
     ap.add_argument("--style-clip", default=None, help="CLIP folder for CLIP-FID and the style score")
     ap.add_argument("--inception", default=None, help="pytorch-fid Inception weights file (needs torchvision)")
+    ap.add_argument(
+        "--report-prompts", type=int, default=None, help="report.html shows the first N prompts (default: every prompt)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    quiet_known_noise()
     s = run_cli("python -m rpo_fast.evaluate", lambda: _evaluate_args(a))
     _print_summary(s)
 
@@ -650,6 +736,7 @@ def _evaluate_args(a: argparse.Namespace) -> dict:
         style_refs=a.style_refs,
         style_clip=a.style_clip,
         inception=a.inception,
+        report_prompts=a.report_prompts,
     )
 
 

@@ -24,6 +24,48 @@ def metric_group(name: str) -> str:
     return "loss" if name == "loss" or name.startswith(("mse", "ref_mse")) else "reward"
 
 
+# The keys of every training row beside the loss's metrics, with what they mean (README's table).
+STEP_KEYS = {
+    "train/lr": "the learning rate of the step",
+    "train/grad_norm": "DeepSpeed's global gradient norm of the step (all ranks; NaN where it reports none)",
+    "train/skipped_steps": "optimizer steps skipped so far (a non-finite loss or gradient, an fp16 overflow)",
+    "time/pairs_per_s": "pairs trained per second since the last row (all ranks)",
+    "memory/peak_gb": "rank 0's peak CUDA memory allocated, GiB (on a CPU its peak resident set)",
+}
+FP16_KEYS = {"train/loss_scale": "DeepSpeed's dynamic loss scale (--mixed-precision fp16 only)"}
+
+
+def row_keys(objective: str, *, fp16: bool = False) -> list[str]:
+    """The keys of a training row of ``metrics.jsonl`` (beside ``step``) for ``objective``: its metrics under
+    ``loss/`` or ``reward/`` (``metric_group``), then ``STEP_KEYS`` (and ``FP16_KEYS``)."""
+    from .objectives import objective as spec
+
+    keys = [f"{metric_group(name)}/{name}" for name in spec(objective).metrics]
+    return keys + list(STEP_KEYS) + (list(FP16_KEYS) if fp16 else [])
+
+
+def eval_keys(objective: str) -> list[str]:
+    """The keys of an evaluation row (``--eval-every``): ``eval/<metric>`` for each of the objective's metrics."""
+    from .objectives import objective as spec
+
+    return [f"eval/{name}" for name in sorted(spec(objective).metrics)]
+
+
+def key_table() -> str:
+    """The README's table of ``metrics.jsonl`` keys: which objectives log each and what it is."""
+    from .objectives import METRIC_HELP, OBJECTIVE_TABLE
+
+    rows = ["| key | objectives | meaning |", "|---|---|---|"]
+    names = list(dict.fromkeys(n for o in OBJECTIVE_TABLE.values() for n in o.metrics))
+    for name in names:
+        which = [o for o, spec in OBJECTIVE_TABLE.items() if name in spec.metrics]
+        shown = "all" if len(which) == len(OBJECTIVE_TABLE) else ", ".join(which)
+        rows.append(f"| `{metric_group(name)}/{name}` (`eval/{name}`) | {shown} | {METRIC_HELP[name]} |")
+    for key, text in (STEP_KEYS | FP16_KEYS).items():
+        rows.append(f"| `{key}` | all | {text} |")
+    return "\n".join(rows)
+
+
 class MetricMean:
     """Sums of scalar tensors over micro-steps, kept on their device; ``mean()`` averages over the micro-steps and
     the ranks (one all-reduce) and is the only point where values leave the device."""

@@ -43,6 +43,21 @@ PAIR_METRICS = (
     "ref_mse_w",
     "ref_mse_l",
 )
+# What each metric is (README's table of metrics.jsonl keys is built from this). m, r: the policy's and the
+# reference's per-sample errors; h the implicit reward (DPO: -(beta / 2)(m - r); each objective's in
+# docs/objectives.md); u = h_w - h_l.
+METRIC_HELP = {
+    "loss": "the objective's loss (what is backpropagated)",
+    "implicit_acc": "the fraction of pairs with u > 0, ties counted 1/2 (0.5 at step 0)",
+    "reward_margin": "the mean of u = h_w - h_l, the implicit reward margin",
+    "reward_w": "the mean implicit reward of the winners, h_w (DPO: -(beta / 2)(m_w - r_w))",
+    "reward_l": "the same for the losers",
+    "mse_w": "the policy's mean error on the winners, m_w",
+    "mse_l": "the policy's mean error on the losers, m_l",
+    "ref_mse_w": "the reference's mean error on the winners, r_w",
+    "ref_mse_l": "the reference's mean error on the losers, r_l",
+    "weight_diag": "RPO: the mean diagonal of the B x B weight matrix (the weight of each winner's own loser)",
+}
 
 
 class SampleErrors(NamedTuple):

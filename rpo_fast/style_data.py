@@ -26,6 +26,7 @@ import torch
 
 from . import data as D
 from .config import HelpFormatter, run_cli
+from .logs import quiet_known_noise
 from .seeding import seed_of
 
 STYLES = {
@@ -222,6 +223,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    quiet_known_noise()
     run_cli("python -m rpo_fast.style_data", lambda: _build(a))
 
 

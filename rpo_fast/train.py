@@ -42,6 +42,7 @@ from rpo_fast import engine as E  # noqa: E402
 from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, run_cli, validate  # noqa: E402
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
+from rpo_fast.logs import quiet_known_noise  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
     MetricMean,
     RunLogger,
@@ -392,6 +393,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_known_noise()
     cfg = parse_args(argv)
     trainer = run_cli("rpo_fast/train.py", lambda: Trainer(cfg))  # bad input: one line and exit 2, no traceback
     try:

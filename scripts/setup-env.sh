@@ -47,8 +47,8 @@ pip() {  # quiet pip that keeps its exit status (the grep only drops a noisy ind
 }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing torch==2.13.0"
-  pip install torch==2.13.0
+  echo "[setup] installing torch==2.13.0 and numpy"
+  pip install torch==2.13.0 "numpy>=1.26"  # numpy with it: torch warns at import when numpy is missing
 fi
 "$py" -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
 torch_version=$("$py" -c "import torch; print(torch.__version__.split('+')[0])")

@@ -40,7 +40,7 @@ def test_grammar_and_rule():
 @pytest.mark.parametrize("objective", ["dpo", "sft"])
 def test_training_plot_for_pair_objectives_and_sft(tmp_path, objective):
     """SFT logs no implicit accuracy (it has no reference): its right panel is the held-out loss."""
-    from rpo_fast.demo.__main__ import plot_training
+    from rpo_fast.evaluate import training_curves as plot_training
 
     rows = [{"step": 0, "eval/loss": 0.5, "eval/implicit_acc": 0.5}]
     for step in range(10, 50, 10):
@@ -74,3 +74,30 @@ def test_demo_aligns_the_model_with_the_hidden_preference(tmp_path):
     for key in ("grid", "plot"):
         assert Image.open(result[key]).size[0] > 200
     assert "win rate of tuned over base" in res.stdout and "grid" in res.stdout
+    # every phase announced as it starts and timed; every figure of the README's table printed
+    for start in ("rendering 800 training", "caching them", "training: 240 steps", "sampling the 200 held-out"):
+        assert f"[demo] {start}" in res.stdout, start
+    assert set(result["phase_seconds"]) == {"render", "cache", "train", "evaluate"}
+    for figure in (
+        "mean warmth base -> tuned",
+        "warm pictures (warmth > 0.3)",
+        "held-out implicit accuracy: 0.",
+        "minutes",
+    ):
+        assert figure in res.stdout, figure
+    assert result["warm_tuned"] > result["warm_base"] and 0.5 < result["heldout_implicit_acc"] <= 1
+    log = res.stdout + res.stderr  # the dependencies' known noise is dropped (rpo_fast/logs.py)
+    for noise in ("Setting accelerator to CPU", "untested optimizer", "requires torchvision", "gemm_4bit_forward"):
+        assert noise not in log, noise
+    # a rerun says it reuses the finished run, and how to start over; it samples and scores it again (resumed)
+    again = subprocess.run(
+        [sys.executable, "-m", "rpo_fast.demo", "--objective", "rpo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "holds a finished run (240 steps)" in again.stdout and "--fresh" in again.stdout
+    assert "[demo] training:" not in again.stdout
+    assert json.loads((tmp_path / "rpo" / "demo.json").read_text())["win_rate"] == result["win_rate"]

@@ -5,6 +5,9 @@ import csv
 import json
 import math
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,10 +290,19 @@ def test_evaluate_end_to_end_resumes_and_reports(tiny_sd15, clip_dir, tmp_path):
     report = (out / "report.html").read_text()
     assert "not computed" in report and "clipscore" in report
     srcs = re.findall(r'src="([^"]+)"', report)
-    assert "metrics.png" in srcs and any(s_.startswith("grid_") for s_ in srcs)
-    assert all((out / src).exists() for src in srcs)
-    grid = Image.open(out / "grid_000.png")
-    assert grid.size[0] == 4 * 128 + 8  # 2 base | 2 tuned images per row, upscaled to 128 px, a gap between
+    assert "metrics.png" in srcs and all((out / src).exists() for src in srcs)
+    # every prompt a card: its 2 base and 2 tuned images, each with the first metric's score
+    assert report.count('class="card"') == 4 and "every prompt (4)" in report
+    assert sorted(src for src in srcs if src.startswith("images/")) == sorted(
+        p.relative_to(out).as_posix() for p in files
+    )
+    assert report.count("<figcaption>") == 16
+    first = s["metrics"][0]["metric"]
+    assert f"with their {first}" in report
+    assert "The training run" not in report  # a bare UNet folder: no run settings to show
+    E.evaluate(tiny_sd15, tmp_path / "prompts.txt", out, **kw, report_prompts=2)
+    report = (out / "report.html").read_text()
+    assert report.count('class="card"') == 2 and "the first 2 of the 4 prompts" in report
 
 
 def test_evaluate_refuses_missing_inputs(tiny_sd15, tmp_path):
@@ -382,3 +394,50 @@ def test_hps_mapping_equals_an_open_clip_forward_written_out(tmp_path):
     assert torch.allclose(hf_img, img, atol=1e-4), (hf_img - img).abs().max()
     assert torch.allclose(hf_txt, txt, atol=1e-4), (hf_txt - txt).abs().max()
     assert torch.allclose(hf.logit_scale, s["logit_scale"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _screenshot(page: Path, png: Path, width: int, profile: Path) -> np.ndarray:
+    """Headless Chromium's picture of ``page`` at ``width`` x 2400 CSS pixels (flags as a closed network needs)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    cmd += ["--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+    cmd += [f"--user-data-dir={profile}", f"--window-size={width},2400", f"--screenshot={png}", page.as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert png.exists(), res.stderr[-2000:]
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_of_a_run_in_headless_chromium(tiny_sd15, tmp_path):
+    """The report of an rpo_fast run (its settings and training curves beside the tuned UNet), at 1200 px and at a
+    phone's 390 px: a page that shows something, and its pictures are the samples (the same page with the image
+    files moved away looks different)."""
+    from diffusers import UNet2DConditionModel
+
+    run = tmp_path / "run"
+    UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").save_pretrained(run / "unet")
+    train = dict(objective="dpo", model=str(tiny_sd15), max_steps=4, lr=1e-5, seed=3, micro_batch_size=2)
+    (run / "config.json").write_text(json.dumps(dict(train=train, loss=dict(beta=500.0))))
+    rows = [{"step": k, "loss/loss": 0.7 - 0.05 * k, "reward/implicit_acc": 0.5 + 0.1 * k} for k in range(1, 5)]
+    rows += [{"step": 4, "eval/implicit_acc": 0.8}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    out = tmp_path / "eval"
+    kw = dict(unet=run / "unet", scorers=["rpo_fast.demo.shapes:WarmthScorer"], steps=2, progress=False)
+    E.evaluate(tiny_sd15, tmp_path / "prompts.txt", out, **kw)
+    report = (out / "report.html").read_text()
+    assert "The training run" in report and "<td>objective</td><td>dpo</td>" in report and "<td>beta</td>" in report
+    assert 'src="training.png"' in report and (out / "training.png").exists()
+    assert report.count('class="card"') == len(prompts)
+    for width in (1200, 390):
+        shot = _screenshot(out / "report.html", tmp_path / f"report-{width}.png", width, tmp_path / "profile")
+        assert shot.shape[1] == width
+        ink = (shot < 235).any(axis=2).mean()  # not blank: text, tables, charts and pictures
+        assert ink > 0.05, f"{width} px: {ink:.1%} of the page is not white"
+        (out / "images").rename(tmp_path / "images-away")
+        broken = _screenshot(out / "report.html", tmp_path / f"broken-{width}.png", width, tmp_path / "profile")
+        (tmp_path / "images-away").rename(out / "images")
+        assert np.abs(shot - broken).mean() > 1.0, f"{width} px: the samples do not show"

@@ -31,3 +31,9 @@ def test_the_flag_table_is_the_generated_one():
     from rpo_fast.config import flag_table
 
     assert flag_table(TrainConfig) in README
+
+
+def test_the_metrics_key_table_is_the_generated_one():
+    from rpo_fast.metrics import key_table
+
+    assert "\n".join("  " + line for line in key_table().splitlines()) in README

@@ -17,8 +17,11 @@ Threads are fixed (one per rank, two for sampling) so the result does not depend
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import HelpFormatter, run_cli
+from ..logs import quiet_known_noise
 from . import shapes as S
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/, rpo_fast/train.py)
+WARM_PICTURE = 0.3  # a picture counts as warm above this warmth (the README table's "warm pictures")
 
 # Per-objective settings of the demo (16 pairs per step: 2 ranks x micro-batch 8, 240 steps). One learning rate
 # for all: 2e-5 (1e-4 and 1e-3 degraded the pictures of this small model). RPO's "inside" weighting divides the
@@ -70,20 +75,27 @@ def make_pairs(out: Path, rounds: int, seed: int = 0) -> Path:
     return path
 
 
-def make_caches(out: Path, model: str, *, rounds: int, seed: int = 0, embedder: str | None = None) -> tuple[Path, Path]:
+def render_pairs(out: Path, *, rounds: int, seed: int = 0) -> tuple[Path, Path]:
     """Training pairs (``rounds`` x 100 captions) in ``out/data`` and 100 held-out pairs of the same captions in
-    ``out/eval_data`` (seed + 1), cached for ``model`` (and ``embedder``) in ``out/cache`` and ``out/eval_cache``;
-    what exists is reused."""
-    from ..cache import build_cache
-
-    caches = []
+    ``out/eval_data`` (seed + 1), as ``pairs.jsonl`` and PNGs; what exists is reused."""
+    paths = []
     for name, n, pair_seed in (("data", rounds, seed), ("eval_data", 1, seed + 1)):
         if not (out / name / "pairs.jsonl").exists():
             make_pairs(out / name, n, seed=pair_seed)
-        dest = out / ("cache" if name == "data" else "eval_cache")
+        paths.append(out / name / "pairs.jsonl")
+    return paths[0], paths[1]
+
+
+def cache_pairs(out: Path, model: str, pairs: tuple[Path, Path], *, seed: int = 0, embedder: str | None = None):
+    """The rendered pairs cached for ``model`` (and ``embedder``) in ``out/cache`` and ``out/eval_cache``
+    (a complete cache is reused)."""
+    from ..cache import build_cache
+
+    caches = []
+    for src, dest in zip(pairs, (out / "cache", out / "eval_cache")):
         build_cache(
             model,
-            out / name / "pairs.jsonl",
+            src,
             dest,
             resolution=32,
             embedder=embedder,
@@ -97,47 +109,36 @@ def make_caches(out: Path, model: str, *, rounds: int, seed: int = 0, embedder: 
     return caches[0], caches[1]
 
 
-def plot_training(metrics: Path, path: Path) -> Path:
-    """Loss over steps, and implicit accuracy (training batches and held-out pairs) where the objective has one;
-    SFT has no reference, so its right panel is the held-out loss instead."""
-    import matplotlib
+def make_caches(out: Path, model: str, *, rounds: int, seed: int = 0, embedder: str | None = None) -> tuple[Path, Path]:
+    """``render_pairs`` then ``cache_pairs``: the training and held-out caches of the demo's task."""
+    return cache_pairs(out, model, render_pairs(out, rounds=rounds, seed=seed), seed=seed, embedder=embedder)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [r for r in rows if "loss/loss" in r]
-    pairwise = any("reward/implicit_acc" in r for r in train)
-    key = "implicit_acc" if pairwise else "loss"
-    evals = [r for r in rows if f"eval/{key}" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot([r["step"] for r in train], [r["loss/loss"] for r in train], color="#e4572e")
-    ax1.set(title="training loss", xlabel="step")
-    if pairwise:
-        ax2.plot(
-            [r["step"] for r in train],
-            [r["reward/implicit_acc"] for r in train],
-            color="#9aa5b1",
-            label="training batches",
-        )
-        ax2.axhline(0.5, color="black", lw=0.5, ls=":")
-        ax2.set(title="implicit accuracy", ylim=(0, 1))
-    else:
-        ax2.set(title="held-out loss")
-    if evals:
-        ax2.plot(
-            [r["step"] for r in evals],
-            [r[f"eval/{key}"] for r in evals],
-            "o-",
-            color="#17bebb",
-            label="held-out pairs" if pairwise else "held-out winners",
-        )
-    ax2.set(xlabel="step")
-    ax2.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+class Phases:
+    """Each phase of the demo announced as it starts, and timed: ``with phases("train", "training ..."):``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str):
+        print(f"[demo] {what} ...", flush=True)
+        t0 = time.time()
+        yield
+        self.seconds[name] = time.time() - t0
+        print(f"[demo] {name}: done in {_duration(self.seconds[name])}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def finished_steps(run_dir: Path) -> int | None:
+    """The step of a finished run in ``run_dir`` (its newest complete checkpoint, with the exported UNet), else None."""
+    from ..checkpoint import latest_checkpoint
+
+    step = latest_checkpoint(run_dir) if (run_dir / "checkpoints").exists() else None
+    return step if step is not None and (run_dir / "unet" / "config.json").exists() else None
 
 
 def side_by_side(base: list[Path], tuned: list[Path], path: Path, n: int = 24, cols: int = 6, scale: int = 3) -> Path:
@@ -189,11 +190,17 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", default=str(ASSETS / "base"), help="the base model (the shipped one)")
     ap.add_argument("--clip", default=str(ASSETS / "clip"), help="the embedder of RPO's weights (the shipped one)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="remove OUT/OBJECTIVE first and train again (a finished run is otherwise reused: only sampled and scored)",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
+    quiet_known_noise()
     return run_cli("python -m rpo_fast.demo", lambda: run_demo(a))
 
 
@@ -207,8 +214,14 @@ def run_demo(a: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(2)
-
-    cache, eval_cache = make_caches(out, a.model, rounds=a.rounds, seed=a.seed, embedder=a.clip)
+    phases = Phases()
+    if a.fresh and run_dir.exists():
+        print(f"[demo] --fresh: removing the earlier run {run_dir} (the rendered pairs and caches are kept)")
+        shutil.rmtree(run_dir)
+    with phases("render", f"rendering {a.rounds * 100} training and 100 held-out pairs into {out} (once)"):
+        pairs = render_pairs(out, rounds=a.rounds, seed=a.seed)
+    with phases("cache", "caching them: VAE latents, text encodings, CLIP embeddings (once)"):
+        cache, eval_cache = cache_pairs(out, a.model, pairs, seed=a.seed, embedder=a.clip)
 
     from ..distributed import free_port
 
@@ -261,27 +274,41 @@ def run_demo(a: argparse.Namespace) -> dict:
     ]
     if "beta" in opts:
         train_cmd += ["--beta", str(opts["beta"])]
-    if (run_dir / "checkpoints").exists():
-        train_cmd.append("--resume")
-    run(train_cmd, env)
+    done = finished_steps(run_dir)
+    if done is not None and done >= a.steps:
+        print(
+            f"[demo] {run_dir} holds a finished run ({done} steps): it is not trained again, and what follows "
+            "samples and scores it afresh. To start over: make demo DEMO_ARGS=--fresh (or python -m rpo_fast.demo "
+            "--fresh)",
+            flush=True,
+        )
+    else:
+        if (run_dir / "checkpoints").exists():
+            train_cmd.append("--resume")
+            print(f"[demo] resuming the unfinished run in {run_dir} (--fresh starts over)", flush=True)
+        what = f"training: {a.steps} steps of {8 * a.ranks} pairs on {a.ranks} DeepSpeed rank(s) ({a.objective})"
+        with phases("train", what):
+            run(train_cmd, env)
 
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, training_curves
 
     prompts = out / "heldout_prompts.txt"
     prompts.write_text("\n".join(S.HELDOUT_CAPTIONS) + "\n")
-    summary = evaluate(
-        a.model,
-        prompts,
-        run_dir / "eval",
-        unet=run_dir / "unet",
-        scorers=["rpo_fast.demo.shapes:WarmthScorer"],
-        seed=a.seed,
-        steps=a.sample_steps,
-        guidance=a.guidance,
-        batch_size=50,
-        device="cpu",
-        title=f"rpo_fast demo: {a.objective}",
-    )
+    what = f"sampling the {len(S.HELDOUT_CAPTIONS)} held-out prompts from base and tuned (same seeds), then scoring"
+    with phases("evaluate", what):
+        summary = evaluate(
+            a.model,
+            prompts,
+            run_dir / "eval",
+            unet=run_dir / "unet",
+            scorers=["rpo_fast.demo.shapes:WarmthScorer"],
+            seed=a.seed,
+            steps=a.sample_steps,
+            guidance=a.guidance,
+            batch_size=50,
+            device="cpu",
+            title=f"rpo_fast demo: {a.objective}",
+        )
     m = summary["metrics"][0]
     images = run_dir / "eval" / "images"
     spread = slice(None, None, len(S.HELDOUT_CAPTIONS) // 24)  # 24 prompts across the held-out set
@@ -290,7 +317,14 @@ def run_demo(a: argparse.Namespace) -> dict:
         sorted((images / "tuned").glob("*.png"))[spread],
         run_dir / "grid.png",
     )
-    plot = plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+    plot = training_curves(run_dir / "metrics.jsonl", run_dir / "training.png")
+    warm = {name: 0 for name in ("base", "tuned")}
+    with (run_dir / "eval" / "scores.csv").open() as f:
+        for row in csv.DictReader(f):
+            for name in warm:
+                warm[name] += float(row[f"warmth_{name}"]) > WARM_PICTURE
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval/implicit_acc" in r]
     result = dict(
         objective=a.objective,
         seed=a.seed,
@@ -301,16 +335,32 @@ def run_demo(a: argparse.Namespace) -> dict:
         win_high=m["win_high"],
         base_warmth=m["base_mean"],
         tuned_warmth=m["tuned_mean"],
+        warm_base=warm["base"],
+        warm_tuned=warm["tuned"],
+        heldout_implicit_acc=evals[-1]["eval/implicit_acc"] if evals else None,
+        heldout_step=evals[-1]["step"] if evals else None,
         minutes=(time.time() - t0) / 60,
+        phase_seconds=phases.seconds,
         grid=str(grid),
         plot=str(plot),
         report=summary["report"],
     )
     (run_dir / "demo.json").write_text(json.dumps(result, indent=1))
+    acc = (
+        f"{result['heldout_implicit_acc']:.3f} at step {result['heldout_step']}"
+        if evals
+        else "none (no reference: the objective has no implicit reward)"
+    )
     print(
-        f"\n[demo] {a.objective}: win rate of tuned over base on {result['prompts']} held-out prompts "
-        f"{m['win_rate']:.1%} (95% Wilson interval {m['win_low']:.1%} - {m['win_high']:.1%}); mean warmth "
-        f"{m['base_mean']:+.3f} -> {m['tuned_mean']:+.3f}; {result['minutes']:.1f} min"
+        f"\n[demo] {a.objective}, the figures of the README's table:\n"
+        f"[demo]   win rate of tuned over base on {result['prompts']} held-out prompts: {m['win_rate']:.1%} "
+        f"[{m['win_low']:.1%}, {m['win_high']:.1%}] (Wilson 95%)\n"
+        f"[demo]   mean warmth base -> tuned: {m['base_mean']:+.3f} -> {m['tuned_mean']:+.3f}\n"
+        f"[demo]   warm pictures (warmth > {WARM_PICTURE}) base -> tuned: {warm['base']} -> {warm['tuned']}\n"
+        f"[demo]   held-out implicit accuracy: {acc}\n"
+        f"[demo]   minutes (whole run): {result['minutes']:.1f} ("
+        + ", ".join(f"{k} {_duration(v)}" for k, v in phases.seconds.items())
+        + ")"
     )
     print(f"[demo] grid (base | tuned): {grid}\n[demo] training curves: {plot}\n[demo] report: {summary['report']}")
     return result

@@ -1,6 +1,6 @@
-"""Every CLI's error paths a user can cause end in one line naming the file, flag or value, exit code 2, and no
-traceback (``RPO_FAST_DEBUG=1`` brings the traceback back). The CLIs are called in process: what reaches the
-terminal is what ``main`` lets out."""
+"""The CLIs as a user meets them. Every error path a user can cause ends in one line naming the file, flag or value,
+exit code 2, and no traceback (``RPO_FAST_DEBUG=1`` brings the traceback back); the CLIs are called in process:
+what reaches the terminal is what ``main`` lets out. The dependencies' known log noise is dropped, and only it."""
 
 import importlib
 import os
@@ -101,3 +101,43 @@ def test_triton_on_cpu_tensors_names_the_way_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "ValueError: backend='triton' found no GPU driver" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "backend='native'" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_known_log_noise_is_dropped_and_nothing_else(monkeypatch, capsys):
+    import logging
+
+    from rpo_fast import logs
+
+    monkeypatch.delenv("RPO_FAST_VERBOSE", raising=False)
+    monkeypatch.setattr(logs, "_done", False)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    logs.quiet_known_noise()
+    if not torch.cuda.is_available():
+        assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed then does not say "Setting accelerator to CPU"
+    noise = {
+        "DeepSpeed": "**** You are using ZeRO with an untested optimizer, proceed with caution *****",
+        "transformers.utils.import_utils": "`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+        "`CLIPImageProcessorPil` for backward compatibility.",
+        "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+        "'kernels'.",
+    }
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    for name, message in noise.items():
+        logger = logging.getLogger(name)
+        handler = Keep()
+        logger.addHandler(handler)
+        try:
+            logger.warning(message)
+            logger.warning("a warning a user can act on")
+        finally:
+            logger.removeHandler(handler)
+    assert records == ["a warning a user can act on"] * len(noise), records
+    for name in noise:  # the filters stay out of the way of other sessions' tests
+        for f in [f for f in logging.getLogger(name).filters if isinstance(f, logs._DropKnown)]:
+            logging.getLogger(name).removeFilter(f)

@@ -1,0 +1,54 @@
+"""Known log noise of the dependencies, silenced where it says nothing a user can act on.
+
+``quiet_known_noise()`` runs first in every CLI of rpo_fast (``RPO_FAST_VERBOSE=1`` turns it off and shows
+everything). It drops exactly these messages and nothing else of their loggers:
+
+- DeepSpeed's "Setting accelerator to CPU" at every import on a machine without CUDA (one per process: six in a
+  2-rank demo): ``DS_ACCELERATOR=cpu`` is set where torch sees no CUDA device, which is what DeepSpeed detects
+  anyway, so it is not said again in every rank;
+- DeepSpeed's "You are using ZeRO with an untested optimizer": bitsandbytes' 8-bit optimizers and Adafactor under
+  ZeRO are what rpo_fast tests (on CPU ranks, ZeRO-2 and ZeRO-3);
+- transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." (and the same
+  for other processors): torchvision is kept out of CPU environments on purpose, and the PIL processor is the one
+  the models were trained with;
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": a 4-bit inference kernel that
+  rpo_fast never calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# logger name -> the part of a message that marks it as the noise above
+NOISE = {
+    "DeepSpeed": "You are using ZeRO with an untested optimizer",
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
+_done = False
+
+
+def quiet_known_noise() -> None:
+    """Install the filters and ``DS_ACCELERATOR`` (once per process; child processes inherit the variable)."""
+    global _done
+    if _done or os.environ.get("RPO_FAST_VERBOSE") == "1":
+        return
+    _done = True
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    for name, part in NOISE.items():
+        logging.getLogger(name).addFilter(_DropKnown(part))
