@@ -59,7 +59,7 @@ echo "torch==$torch_version" > "$constraints"
 echo "[setup] installing rpo_fast and its dependencies (torch $torch_version kept)"
 pip install -c "$constraints" setuptools wheel
 # deepspeed ships only as an sdist; build it against the torch that is here (no isolated build env).
-if ! "$py" -c "import deepspeed" 2>/dev/null; then
+if ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
   DS_BUILD_OPS=0 pip install -c "$constraints" --no-build-isolation "deepspeed>=0.19.3"
 fi
 pip install -c "$constraints" -e ".[dev]"
@@ -72,7 +72,7 @@ if ! "$py" -c "import torch.cuda; raise SystemExit(0 if torch.cuda.is_available(
     exit 1
   fi
 fi
-"$py" -c "import rpo_fast, diffusers, transformers, deepspeed, bitsandbytes" \
+"$py" -c "import rpo_fast.logs; rpo_fast.logs.quiet_known_noise(); import diffusers, transformers, deepspeed, bitsandbytes" \
   || { echo "[setup] an import failed after installation" >&2; exit 1; }
 echo "$want" > "$stamp"
 build_native
