@@ -1,0 +1,34 @@
+"""The README's communication table is what benchmarks/comm_plan.py computes, and its model of the collectives
+gives what the collectives' sizes say."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import comm_plan as C  # noqa: E402
+
+
+def test_the_readme_table_is_the_scripts():
+    assert C.table() in (ROOT / "README.md").read_text()
+
+
+def test_the_model_of_the_collectives():
+    p = 2_567_463_684  # SDXL's UNet, counted on the meta device
+    assert C.policy_params("sdxl") == p
+    w = 2 * p  # bf16 parameters; the gradients are as large
+    # ZeRO-3 with recompute at 64 GPUs: three all-gathers of the parameters and a reduce-scatter of the gradients
+    t = C.traffic(p, 64, 3, False, recompute=True)
+    assert t.inter == pytest.approx(4 * w * 63 / 64) and t.intra == 0
+    assert t.seconds(64) == pytest.approx(4 * w * 63 / 64 / 45e9)
+    # stage 0 all-reduces once per optimizer step: accumulation divides it; stage 2 reduce-scatters every micro-step
+    assert C.traffic(p, 64, 0, False, recompute=False, accum=16).inter == pytest.approx(2 * w * 63 / 64 / 16)
+    assert C.traffic(p, 64, 2, False, recompute=False, accum=16).inter == pytest.approx(w * 63 / 64 * (1 + 1 / 16))
+    # ZeRO++: int8 weights and int4 gradients across nodes, the backward's gathers within the node
+    zpp = C.traffic(p, 64, 3, True, recompute=True)
+    assert zpp.inter == pytest.approx((w / 2 + w / 4) * 63 / 64) and zpp.intra == pytest.approx(2 * w * 7 / 8)
+    assert zpp.seconds(64) < t.seconds(64) / 3
+    # one node: every byte over NVLink
+    assert C.traffic(p, 8, 3, False, recompute=False).seconds(8) == pytest.approx(3 * w * 7 / 8 / 450e9)
