@@ -87,7 +87,8 @@ def test_demo_aligns_the_model_with_the_hidden_preference(tmp_path):
         assert figure in res.stdout, figure
     assert result["warm_tuned"] > result["warm_base"] and 0.5 < result["heldout_implicit_acc"] <= 1
     log = res.stdout + res.stderr  # the dependencies' known noise is dropped (rpo_fast/logs.py)
-    for noise in ("Setting accelerator to CPU", "untested optimizer", "requires torchvision", "gemm_4bit_forward"):
+    noises = ("Setting accelerator to CPU", "untested optimizer", "requires torchvision", "gemm_4bit_forward")
+    for noise in (*noises, "Setting CUDA_VISIBLE_DEVICES"):  # the last: the launcher's INFO lines (--log_level)
         assert noise not in log, noise
     # a rerun says it reuses the finished run, and how to start over; it samples and scores it again (resumed)
     again = subprocess.run(

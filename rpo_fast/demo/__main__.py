@@ -234,6 +234,8 @@ def run_demo(a: argparse.Namespace) -> dict:
         str(a.ranks),
         "--master_port",
         str(free_port()),
+        "--log_level",  # the launcher's INFO lines (world info, CUDA_VISIBLE_DEVICES on a CPU) say nothing here
+        "warning",
         ROOT / "rpo_fast" / "train.py",
         "--ds_config",
         ROOT / "configs" / ("zero2_8bit.json" if a.ranks > 1 else "single_gpu.json"),  # the config for the scale
