@@ -67,6 +67,27 @@ void check_inputs(const at::Tensor& p, const at::Tensor& t, const c10::optional<
               "model_pred, target and ref_pred must share one memory format");
 }
 
+// The arguments of native_errors_fwd / native_errors_bwd, for the CPU and the CUDA implementations alike.
+void check_errors_fwd(const at::Tensor& p, const at::Tensor& t, const c10::optional<at::Tensor>& q,
+                      const at::Tensor& part, int64_t* rows, int64_t* t_rows, int64_t* n) {
+  check_inputs(p, t, q, rows, t_rows, n);
+  TORCH_CHECK(part.dim() == 3 && part.size(0) == *rows && part.size(1) >= 1 && part.size(2) == kParts,
+              "part must be (", *rows, ", chunks, ", kParts, "), got ", part.sizes());
+  check_out(part, "part", part.numel(), at::kFloat, p.device());
+}
+
+void check_errors_bwd(const at::Tensor& grad_loss, const at::Tensor& p, const at::Tensor& t,
+                      const c10::optional<at::Tensor>& q, const at::Tensor& ge, const at::Tensor& gd, bool has_d,
+                      const at::Tensor& out, int64_t* rows, int64_t* t_rows, int64_t* n) {
+  check_inputs(p, t, q, rows, t_rows, n);
+  TORCH_CHECK(!has_d || q.has_value(), "native_errors_bwd: has_d needs ref_pred");
+  check_out(ge, "ge", *rows, at::kFloat, p.device());
+  check_out(gd, "gd", *rows, at::kFloat, p.device());
+  check_rows(out, "out", *rows, *n, p.scalar_type());
+  TORCH_CHECK(out.is_contiguous() == p.is_contiguous(), "out must have model_pred's memory format");
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // CPU kernels
 // ------------------------------------------------------------------------------------------------------------
@@ -126,10 +147,7 @@ void errors_fwd_cpu_typed(const at::Tensor& p, const at::Tensor& t, const c10::o
 void errors_fwd_cpu(const at::Tensor& p, const at::Tensor& t, const c10::optional<at::Tensor>& q, bool dspo,
                     at::Tensor& part) {
   int64_t rows, t_rows, n;
-  check_inputs(p, t, q, &rows, &t_rows, &n);
-  TORCH_CHECK(part.dim() == 3 && part.size(0) == rows && part.size(1) >= 1 && part.size(2) == kParts,
-              "part must be (", rows, ", chunks, ", kParts, "), got ", part.sizes());
-  check_out(part, "part", part.numel(), at::kFloat, p.device());
+  check_errors_fwd(p, t, q, part, &rows, &t_rows, &n);
   switch (p.scalar_type()) {
     case at::kFloat: return errors_fwd_cpu_typed<float>(p, t, q, dspo, part, rows, t_rows, n);
     case at::kHalf: return errors_fwd_cpu_typed<c10::Half>(p, t, q, dspo, part, rows, t_rows, n);
@@ -172,13 +190,7 @@ void errors_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& p, const at::
                     const c10::optional<at::Tensor>& q, const at::Tensor& ge, const at::Tensor& gd, bool has_d,
                     at::Tensor& out) {
   int64_t rows, t_rows, n;
-  check_inputs(p, t, q, &rows, &t_rows, &n);
-  TORCH_CHECK(!has_d || q.has_value(), "native_errors_bwd: has_d needs ref_pred");
-  check_out(ge, "ge", rows, at::kFloat, p.device());
-  check_out(gd, "gd", rows, at::kFloat, p.device());
-  check_rows(out, "out", rows, n, p.scalar_type());
-  TORCH_CHECK(out.is_contiguous() == p.is_contiguous(), "out must have model_pred's memory format");
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
+  check_errors_bwd(grad_loss, p, t, q, ge, gd, has_d, out, &rows, &t_rows, &n);
   const float go = grad_loss.to(at::kFloat).item<float>();  // CPU: a read, not a device sync
   const float* GE = ge.const_data_ptr<float>();
   const float* GD = gd.const_data_ptr<float>();
@@ -383,10 +395,7 @@ void check_cuda(cudaError_t e, const char* what) {
 void errors_fwd_cuda(const at::Tensor& p, const at::Tensor& t, const c10::optional<at::Tensor>& q, bool dspo,
                      at::Tensor& part) {
   int64_t rows, t_rows, n;
-  check_inputs(p, t, q, &rows, &t_rows, &n);
-  TORCH_CHECK(part.dim() == 3 && part.size(0) == rows && part.size(1) >= 1 && part.size(2) == kParts,
-              "part must be (", rows, ", chunks, ", kParts, "), got ", part.sizes());
-  check_out(part, "part", part.numel(), at::kFloat, p.device());
+  check_errors_fwd(p, t, q, part, &rows, &t_rows, &n);
   const c10::cuda::CUDAGuard guard(p.device());
   const void* Q = q.has_value() ? q->const_data_ptr() : p.const_data_ptr();
   check_cuda(cuda::errors_fwd(cuda_dtype(p.scalar_type()), p.const_data_ptr(), t.const_data_ptr(), Q,
@@ -399,13 +408,8 @@ void errors_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& p, const at:
                      const c10::optional<at::Tensor>& q, const at::Tensor& ge, const at::Tensor& gd, bool has_d,
                      at::Tensor& out) {
   int64_t rows, t_rows, n;
-  check_inputs(p, t, q, &rows, &t_rows, &n);
-  TORCH_CHECK(!has_d || q.has_value(), "native_errors_bwd: has_d needs ref_pred");
-  check_out(ge, "ge", rows, at::kFloat, p.device());
-  check_out(gd, "gd", rows, at::kFloat, p.device());
-  check_out(grad_loss, "grad_loss", 1, at::kFloat, p.device());
-  check_rows(out, "out", rows, n, p.scalar_type());
-  TORCH_CHECK(out.is_contiguous() == p.is_contiguous(), "out must have model_pred's memory format");
+  check_errors_bwd(grad_loss, p, t, q, ge, gd, has_d, out, &rows, &t_rows, &n);
+  check_out(grad_loss, "grad_loss", 1, at::kFloat, p.device());  // the kernel reads it on the device, as fp32
   const c10::cuda::CUDAGuard guard(p.device());
   const void* Q = q.has_value() ? q->const_data_ptr() : p.const_data_ptr();
   check_cuda(cuda::errors_bwd(cuda_dtype(p.scalar_type()), grad_loss.const_data_ptr<float>(), p.const_data_ptr(),
