@@ -248,6 +248,8 @@ def build_cache(
     flip_twin: bool = False,
     keep_ties: bool = False,
     strict: bool = False,
+    columns: str | D.Columns | None = None,
+    pairs_from_ranking: str = "all",
     embedder: str | Embedder | None = None,
     shard_size: int = 1024,
     batch_size: int = 16,
@@ -275,6 +277,10 @@ def build_cache(
         raise ValueError(f"--resolution {resolution} must be a multiple of 8")
     if storage not in STORAGE:
         raise ValueError(f"--storage must be one of {list(STORAGE)}")
+    if isinstance(columns, str):
+        columns = D.Columns.parse(columns)
+    read = dict(columns=columns, pairs_from_ranking=pairs_from_ranking, keep_ties=keep_ties, strict=strict)
+    source = D.describe_source(data, columns, pairs_from_ranking)  # the format, and a clear error for a bad input
     device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     emb = load_embedder(embedder, device=device) if isinstance(embedder, str) else embedder
     settings = dict(
@@ -292,12 +298,14 @@ def build_cache(
         storage=storage,
         world=world,
         embedder=getattr(emb, "name", None) if emb else None,
-        data=str(data.resolve()),
+        data=source,
     )
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "cache.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
+        if isinstance(old.get("data"), str) and old["data"] == source["path"]:  # the record of before 0.3
+            old["data"] = source
         diff = {k: (old.get(k), settings[k]) for k in SETTINGS if old.get(k) != settings[k]}
         if diff:
             raise CacheError(
@@ -311,6 +319,7 @@ def build_cache(
         print(f"[cache] {out} is complete: {summary['pairs']} pairs; nothing to do")
         return summary
 
+    first_pair_or_error(data, **read)  # bad data fails here, before any model loads
     encoder = PairEncoder(model, device=device, vae_dtype=STORAGE[vae_dtype])
     if rank == 0 and not (out / "empty_prompt.safetensors").exists():
         tensors = {k: v.to(STORAGE[storage]) for k, v in encoder.encode_texts([""]).items()}
@@ -319,7 +328,7 @@ def build_cache(
 
     # resume after the last complete shard of this rank
     done = sorted(out.glob(f"shard-r{rank}-*.safetensors"))
-    counts, cursor, pairs = Counter(), (0, 0), 0
+    counts, cursor, pairs = D.SkipCounts(), (0, 0, 0), 0
     for f in done:
         meta = _read_meta(f)
         counts.update(meta["counts"])
@@ -336,9 +345,7 @@ def build_cache(
         disable=not progress or rank != 0,
     )
     t0, written_now = time.perf_counter(), 0
-    stream = D.iter_pairs(
-        data, keep_ties=keep_ties, strict=strict, counts=counts, rank=rank, world=world, start=cursor, first_index=pairs
-    )
+    stream = D.iter_pairs(data, **read, counts=counts, rank=rank, world=world, start=cursor, first_index=pairs)
     k = len(done)
     while not finished and (limit is None or pairs < limit):
         before = Counter(counts)
@@ -382,7 +389,8 @@ def build_cache(
         k += 1
         finished = shard_pairs < shard_size
     bar.close()
-    mine = dict(rank=rank, pairs=pairs, shards=[shard_name(rank, i) for i in range(k)], skipped=dict(counts))
+    shards = [shard_name(rank, i) for i in range(k)]
+    mine = dict(rank=rank, pairs=pairs, shards=shards, skipped=dict(counts), skipped_first=counts.first)
     _write_atomic_json(out / f"rank-{rank}.json", mine)
     distributed.barrier()
     if rank == 0:
@@ -391,23 +399,35 @@ def build_cache(
         for r in ranks:
             for name in r["shards"]:
                 shards.append(dict(name=name, pairs=_read_meta(out / name)["n"]))
-        skipped = Counter()
+        skipped = D.SkipCounts()
         for r in ranks:
             skipped.update(r["skipped"])
-        index = write_index(out, settings, model, sum(r["pairs"] for r in ranks), dict(skipped), shards)
-        causes = ", ".join(f"{c} {n}" for c, n in sorted(skipped.items())) or "none"
-        print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {causes}")
+            for cause, where in r.get("skipped_first", {}).items():
+                skipped.first.setdefault(cause, where)
+        index = write_index(out, settings, model, sum(r["pairs"] for r in ranks), skipped, shards)
+        print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {skipped.summary()}")
         return index
     return mine
 
 
+def first_pair_or_error(data: str | Path, **read) -> D.RawPair:
+    """The input's first usable pair (of any rank), or a ``DataError`` that says why none is: the check before
+    any model loads. A good input is read only up to its first usable pair."""
+    counts = D.SkipCounts()
+    pair = next(D.iter_pairs(data, **read, counts=counts), None)
+    if pair is None:
+        raise D.DataError(f"no usable pairs in {data}: skipped {counts.summary()}")
+    return pair
+
+
 def write_index(out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict]) -> dict:
-    """index.json, written last (its presence marks a finished cache): the settings, what was written, the
-    versions and the model it was made for."""
+    """index.json, written last (its presence marks a finished cache): the settings, what was written (skips by
+    cause, and where each cause was first seen), the versions and the model it was made for."""
     index = dict(
         settings,
         pairs=pairs,
-        skipped=skipped,
+        skipped=dict(skipped),
+        skipped_first=dict(sorted(getattr(skipped, "first", {}).items())),
         shards=shards,
         versions=_versions(),
         model=str(model.resolve()),
@@ -441,7 +461,12 @@ class CacheConfig:
     """The flags of ``python -m rpo_fast.cache`` (the arguments of ``build_cache``)."""
 
     model: str = field(metadata=dict(help="local diffusers model folder (its family is detected: SD1.5 or SDXL)"))
-    data: str = field(metadata=dict(help="Pick-a-Pic v2 parquet folder/file, or a pairs .jsonl/.csv"))
+    data: str = field(
+        metadata=dict(
+            help="parquet folder/file (Pick-a-Pic v2's columns by default), a datasets save_to_disk folder, or a "
+            ".jsonl/.csv/.json of pairs or ranked lists"
+        )
+    )
     out: str = field(metadata=dict(help="cache folder (resumed if it holds a partial cache)"))
     resolution: int = field(metadata=dict(help="training resolution in pixels (512, 1024)"))
     crop: Literal["center", "random"] = field(default="center", metadata=dict(help="crop of the resized image"))
@@ -449,6 +474,8 @@ class CacheConfig:
     flip_twin: bool = field(default=False, metadata=dict(help="also cache the mirrored twin of every pair"))
     keep_ties: bool = field(default=False, metadata=dict(help="keep 0.5/0.5 rows (dropped by default)"))
     strict: bool = field(default=False, metadata=dict(help="a bad row is an error instead of skipped and counted"))
+    columns: str | None = field(default=None, metadata=dict(help=D.COLUMNS_HELP))
+    pairs_from_ranking: Literal[D.RANKING_RULES] = field(default="all", metadata=dict(help=D.RANKING_HELP))
     embedder: str | None = field(
         default=None,
         metadata=dict(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .data import COLUMNS_HELP, RANKING_HELP, RANKING_RULES, Columns
 from .embed import MODES
 from .engine import OPTIMIZERS, PRECISIONS, read_ds_config
 from .loss import BACKENDS
@@ -212,6 +213,9 @@ class TrainConfig:
     empty_caption_prob: float = field(default=0.2, **_help("probability a pair's caption is dropped"))
     resolution: int | None = field(default=None, **_help("pixels (default: the cache's; raw data: required)"))
     clip: str | None = field(default=None, **_help("raw data + rpo: the embedder (as python -m rpo_fast.cache's)"))
+    columns: str | None = field(default=None, **_help("raw data: " + COLUMNS_HELP))
+    pairs_from_ranking: Literal[RANKING_RULES] = field(default="all", **_help("raw data: " + RANKING_HELP))
+    strict: bool = field(default=False, **_help("raw data: a bad row is an error instead of skipped and counted"))
     prefetch: int = field(default=2, **_help("micro-batches read ahead by a background thread (0: on the main thread)"))
     # model and precision
     recompute: Literal[RECOMPUTE] = field(
@@ -323,6 +327,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
         raise FileNotFoundError(f"--unet {cfg.unet} is not a UNet folder (config.json missing)")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"--data {cfg.data} does not exist")
+    if cfg.columns:
+        Columns.parse(cfg.columns)  # a bad mapping is an error here, before anything loads
     loss_options(cfg, family)
     check_choices(cfg)
     recompute_mode(cfg)

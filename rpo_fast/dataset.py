@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,6 +39,8 @@ class CachedPairs:
                 )
             raise CacheError(f"{self.path} is not an rpo_fast cache (no index.json)")
         self.index = json.loads(index.read_text())
+        self.skipped = D.SkipCounts(self.index.get("skipped", {}))  # the rows the cache's build skipped
+        self.skipped.first.update(self.index.get("skipped_first", {}))
         self.shards = [self.path / s["name"] for s in self.index["shards"]]
         sizes = [s["pairs"] for s in self.index["shards"]]
         self.offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
@@ -118,19 +119,23 @@ class OnTheFlyPairs:
         flip: bool = False,
         seed: int = 0,
         keep_ties: bool = False,
+        columns: D.Columns | None = None,
+        pairs_from_ranking: str = "all",
+        strict: bool = False,
         embedder: Embedder | None = None,
         device: str = "cpu",
         limit: int | None = None,
         encoder: PairEncoder | None = None,
     ):
-        self.counts: Counter = Counter()
+        self.counts = self.skipped = D.SkipCounts()
         self.pairs = []
-        for p in D.iter_pairs(data, keep_ties=keep_ties, counts=self.counts):
+        read = dict(columns=columns, pairs_from_ranking=pairs_from_ranking, keep_ties=keep_ties, strict=strict)
+        for p in D.iter_pairs(data, **read, counts=self.counts):
             self.pairs.append(p)
             if limit is not None and len(self.pairs) >= limit:
                 break
         if not self.pairs:
-            raise D.DataError(f"no usable pairs in {data} (skipped: {dict(self.counts)})")
+            raise D.DataError(f"no usable pairs in {data}: skipped {self.counts.summary()}")
         self.encoder = encoder or PairEncoder(model, device=device)
         self.kind, self.resolution, self.crop, self.flip, self.seed = self.encoder.kind, resolution, crop, flip, seed
         self.embedder, self.has_embeddings = embedder, embedder is not None
@@ -173,13 +178,18 @@ def open_dataset(
     embedder: str | None = None,
     seed: int = 0,
     flag: str = "--data",
+    columns: str | None = None,
+    pairs_from_ranking: str = "all",
+    strict: bool = False,
 ):
     """The cache at ``data`` (refused if made for another model or resolution), or raw pairs encoded on the fly
-    (a Pick-a-Pic parquet folder or file, or a pairs .jsonl/.csv; those need ``resolution``)."""
+    (any input of ``rpo_fast.data.open_source``, read with ``columns``; those need ``resolution``)."""
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
     if (path / "index.json").exists() or (path / "cache.json").exists():
+        if columns:
+            raise ValueError(f"--columns reads raw data; {flag} {path} is a cache (its columns were mapped when built)")
         ds = CachedPairs(path)
         ds.check(model=model, resolution=resolution or ds.resolution)
         return ds
@@ -187,8 +197,15 @@ def open_dataset(
         raise ValueError(f"raw {flag} needs --resolution (a cache records its own)")
     from .embed import load_embedder
 
+    read = dict(columns=D.Columns.parse(columns) if columns else None, pairs_from_ranking=pairs_from_ranking)
     return OnTheFlyPairs(
-        model, path, resolution=resolution, embedder=load_embedder(embedder) if embedder else None, seed=seed
+        model,
+        path,
+        resolution=resolution,
+        embedder=load_embedder(embedder) if embedder else None,
+        seed=seed,
+        strict=strict,
+        **read,
     )
 
 

@@ -155,7 +155,10 @@ class Trainer:
 
     def _open(self, data: str, flag: str, resolution: int | None):
         cfg = self.cfg
-        return open_dataset(data, model=cfg.model, resolution=resolution, embedder=cfg.clip, seed=cfg.seed, flag=flag)
+        read = dict(columns=cfg.columns, pairs_from_ranking=cfg.pairs_from_ranking, strict=cfg.strict)
+        return open_dataset(
+            data, model=cfg.model, resolution=resolution, embedder=cfg.clip, seed=cfg.seed, flag=flag, **read
+        )
 
     def _policy(self) -> torch.nn.Module:
         """The trainable denoiser in fp32 (with LoRA: frozen, with peft adapters that the optimizer trains)."""
@@ -189,7 +192,8 @@ class Trainer:
             f"{self.family.name} {self.family.denoiser_folder} {self.n_params / 1e6:.1f}M params ({trained}) | "
             f"{self.world} rank(s) x {cfg.micro_batch_size} pairs x {cfg.grad_accum} accumulation = "
             f"{self.pairs_per_step} pairs/step | {len(self.dataset)} pairs "
-            f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch) | steps {self.step}->{cfg.max_steps}, "
+            f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch; skipped rows: "
+            f"{self.dataset.skipped.summary()}) | steps {self.step}->{cfg.max_steps}, "
             f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
             f"{f', compiled ({E.compile_mode(cfg)})' if E.compile_mode(cfg) else ''}"

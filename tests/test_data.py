@@ -60,14 +60,14 @@ def test_bad_rows_are_counted_or_refused(tmp_path):
     counts = Counter()
     pairs = list(D.iter_pairs(tmp_path / "d", counts=counts))
     assert len(pairs) == 3  # rows 0, 2, 4
-    assert counts == {"undecodable image": 2, "tie dropped": 2, "unknown label": 1, "missing column": 3}
+    assert counts == {"undecodable image": 2, "tie dropped": 2, "unknown label": 1, "missing column 'label_1'": 3}
     with pytest.raises(D.DataError, match="undecodable image"):
         list(D.iter_pairs(tmp_path / "d", strict=True))
 
 
 def test_missing_column_is_refused_in_strict_mode(tmp_path):
     T.write_pickapic_shard(tmp_path / "a.parquet", T.pickapic_rows(3), drop_columns=("caption",))
-    with pytest.raises(D.DataError, match="missing column"):
+    with pytest.raises(D.DataError, match="no column 'caption' in a.parquet; its columns are jpg_0, jpg_1, label_0"):
         list(D.iter_pairs(tmp_path, strict=True))
 
 

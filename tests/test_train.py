@@ -141,7 +141,7 @@ def test_training_straight_from_raw_pairs(runs, tmp_path):
     args += ["--max-steps", "2", "--log-every", "1", "--no-progress", "--no-export"]
     res = launch(args, ranks=1)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "| 6 pairs (3.0 steps/epoch)" in res.stdout
+    assert "| 6 pairs (3.0 steps/epoch; skipped rows: none)" in res.stdout
     rows = train_rows(out)
     assert sorted(rows) == [1, 2] and all(math.isfinite(r["loss/loss"]) for r in rows.values())
     assert 0 < rows[1]["reward/weight_diag"] < 1
