@@ -15,11 +15,11 @@ from rpo_fast import data as D
 from rpo_fast import testing as T
 from rpo_fast.cache import build_cache
 
-pytest.importorskip("datasets")  # the save_to_disk fixture is written by the real library (the dev extra)
-
 
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory):
+    """The same 7 pairs in every format; the save_to_disk folder is written by the real ``datasets`` (the dev
+    extra), so this fails, not skips, where it is missing."""
     folder = tmp_path_factory.mktemp("formats")
     pairs = T.preference_pairs(7, size=(40, 36))
     return pairs, T.write_every_format(folder, pairs)
