@@ -39,8 +39,12 @@ from .seeding import seed_of
 # --------------------------------------------------------------------------------------------------
 
 
+PROMPT_COLUMNS = ("caption", "prompt", "text")  # a parquet's prompt column: Pick-a-Pic's name, then mirrors' names
+
+
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts of a PartiPrompts TSV/CSV, HPSv2 JSON file or folder, Pick-a-Pic parquet, or text file."""
+    """Prompts of a PartiPrompts TSV/CSV, HPSv2 JSON file or folder, Pick-a-Pic (or mirror) parquet, or text
+    file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--prompts {path} does not exist")
@@ -65,7 +69,13 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        prompts = list(dict.fromkeys(pq.read_table(path, columns=["caption"])["caption"].to_pylist()))
+        names = pq.read_schema(path).names
+        column = next((c for c in PROMPT_COLUMNS if c in names), None)
+        if column is None:
+            raise ValueError(
+                f"{path}: no prompt column ({', '.join(PROMPT_COLUMNS)}); its columns are {', '.join(names)}"
+            )
+        prompts = list(dict.fromkeys(pq.read_table(path, columns=[column])[column].to_pylist()))
     else:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return prompts[:limit] if limit else prompts

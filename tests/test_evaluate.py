@@ -43,6 +43,14 @@ def test_prompt_readers(tmp_path):
     assert E.read_prompts(hps / "photo.json") == ["a photo of a lake"]
     T.write_pickapic_shard(tmp_path / "test.parquet", T.pickapic_rows(4, captions=["x", "y"]))
     assert E.read_prompts(tmp_path / "test.parquet") == ["x", "y"]
+    pairs = T.preference_pairs(4)
+    mirror = T.write_mirror_parquet(tmp_path / "mirror.parquet", pairs)  # its captions are in 'prompt'
+    assert E.read_prompts(mirror) == list(dict.fromkeys(p["caption"] for p in pairs))
+    T.write_pickapic_shard(tmp_path / "nocap.parquet", T.pickapic_rows(2), drop_columns=("caption",))
+    with pytest.raises(
+        ValueError, match="nocap.parquet: no prompt column .caption, prompt, text.; its columns are jpg_0"
+    ):
+        E.read_prompts(tmp_path / "nocap.parquet")
     (tmp_path / "p.txt").write_text("one\n\n two \nthree\n")
     assert E.read_prompts(tmp_path / "p.txt", limit=2) == ["one", "two"]
     with pytest.raises(ValueError, match="'Prompt' column"):
