@@ -3,15 +3,19 @@
 - ``world_size()`` / ``rank()``: of the default process group (1 / 0 where none is initialized).
 - ``gather_rows(x)``: an autograd-aware all-gather along dim 0 whose backward is a reduce-scatter.
 - ``all_gather_rows(x)``: the same without autograd (constants: embeddings, the kernels' partial sums).
+- ``all_gather_packed(*xs)`` / ``gather_rows_packed(x, *consts)``: several tensors of one row count in ONE
+  all-gather (RPO's global scope: its errors and both embeddings per micro-step), without / with autograd for x.
 - ``init_distributed()``: deepspeed.init_distributed, also for a plain one-process ``python rpo_fast/train.py``;
   ``init_from_env()``: a gloo group from the launcher's variables (the cache's ranks).
 - ``free_port()`` and ``unlink_cpu_allreduce_buffer()``: a one-process rendezvous, and DeepSpeed's CPU buffer.
+- ``check_shared_folder(path)``: every rank sees what rank 0 writes there (a filesystem all nodes mount).
 
 Nothing here imports deepspeed at module level; the kernels and the eager objectives import this module.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -57,12 +61,65 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        import torch.distributed as dist
+        return reduce_scatter_rows(grad)
 
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad)
-        return out
+
+def reduce_scatter_rows(grad: Tensor) -> Tensor:
+    """(W*n, ...) on every rank -> (n, ...): rank r receives the sum over ranks of rows r*n..(r+1)*n."""
+    import torch.distributed as dist
+
+    grad = grad.contiguous()
+    out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
+    dist.reduce_scatter_tensor(out, grad)
+    return out
+
+
+def _pack(xs: tuple[Tensor, ...]) -> tuple[Tensor, list[tuple[int, ...]], list[torch.dtype]]:
+    """(n, ...) tensors side by side as one (n, sum of their row sizes) tensor of their promoted dtype (at least
+    fp32: exact for bf16/fp16 values), with what ``_unpack`` needs."""
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    n = xs[0].shape[0]
+    if any(x.shape[0] != n for x in xs):
+        raise ValueError(f"packed tensors must have one row count, got {[tuple(x.shape) for x in xs]}")
+    packed = torch.cat([x.reshape(n, -1).to(dtype) for x in xs], dim=1)
+    return packed, [tuple(x.shape[1:]) for x in xs], [x.dtype for x in xs]
+
+
+def _unpack(g: Tensor, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> list[Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+    parts = g.split(sizes, dim=1)
+    return [p.reshape(g.shape[0], *s).to(d) for p, s, d in zip(parts, shapes, dtypes)]
+
+
+def all_gather_packed(*xs: Tensor) -> list[Tensor]:
+    """``[all_gather_rows(x) for x in xs]`` in one collective: each (n, ...) -> (W*n, ...) in its own dtype. No
+    autograd."""
+    packed, shapes, dtypes = _pack(xs)
+    return _unpack(all_gather_rows(packed), shapes, dtypes)
+
+
+class _GatherRowsPacked(torch.autograd.Function):
+    """x and constants gathered in one all-gather; the backward reduce-scatters x's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *consts: Tensor):
+        packed, shapes, dtypes = _pack((x, *consts))
+        ctx.x_dtype = x.dtype
+        outs = tuple(_unpack(all_gather_rows(packed), shapes, dtypes))
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *const_grads):
+        return (reduce_scatter_rows(grad.to(ctx.x_dtype)), *(None for _ in const_grads))
+
+
+def gather_rows_packed(x: Tensor, *consts: Tensor) -> list[Tensor]:
+    """``gather_rows(x)`` and ``all_gather_rows(c)`` of each constant (no gradient) in one all-gather, with the
+    backward of ``gather_rows``: one reduce-scatter of x's gradient."""
+    return list(_GatherRowsPacked.apply(x, *(c.detach() for c in consts)))
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -155,3 +212,43 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     if dist and dist.get_world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+class SharedFolderError(ValueError):
+    """A folder that every rank must share (the run's output, the cache being built) is not the same on all."""
+
+
+def check_shared_folder(path: str | Path, flag: str, *, reads: str) -> None:
+    """Rank 0 writes a probe with a fresh token under ``path``, every rank reads it after a barrier: a rank that does
+    not see it is one clear error on every rank (naming the ranks and hosts), not a hang or a checkpoint split across
+    nodes later. ``reads`` says what needs the folder shared. A no-op on one rank."""
+    dist = _dist()
+    if not dist or dist.get_world_size() == 1:
+        return
+    import secrets
+
+    path, me = Path(path), dist.get_rank()
+    token = [secrets.token_hex(8) if me == 0 else None, str(path)]
+    dist.broadcast_object_list(token, src=0)  # and rank 0's path, for the message
+    probe = path / f".rpo_fast-shared-probe-{token[0]}"
+    if me == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (me, socket.gethostname(), seen))
+    dist.barrier()  # every rank has looked before rank 0 removes it
+    if me == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(r, host) for r, host, ok in everyone if not ok]
+    if blind:
+        ranks = ", ".join(f"rank {r} on {host}" for r, host in blind)
+        raise SharedFolderError(
+            f"{flag} {token[1]} is not shared by all ranks: {ranks} cannot see the file rank 0 (on {everyone[0][1]}) "
+            f"wrote there. {reads}, so it must be on a filesystem every node mounts (NFS, Lustre, a cloud file "
+            "store) at the same path"
+        )

@@ -422,15 +422,15 @@ class Objective:
 
 def _rpo_eager(err: SampleErrors, x: LossInputs, o: dict) -> LossOutput:
     """RPO's eager entry: in global scope the matrix spans every rank's pairs (errors gathered with autograd,
-    embeddings as constants)."""
+    embeddings as constants, all in one all-gather; the backward is one reduce-scatter)."""
     from . import distributed
 
     ew, el = x.embeds_w, x.embeds_l
     if o["scope"] == "global" and distributed.world_size() > 1:
         b = err.m.shape[0] // 2
-        gather = distributed.gather_rows
-        err = SampleErrors(*(torch.cat([gather(v[:b]), gather(v[b:])]) for v in err))
-        ew, el = distributed.all_gather_rows(ew.detach()), distributed.all_gather_rows(el.detach())
+        rows = torch.stack([h for v in err for h in (v[:b], v[b:])], dim=1)  # (b, 2 x fields): winners, losers
+        rows, ew, el = distributed.gather_rows_packed(rows, ew, el)  # one all-gather per micro-step
+        err = SampleErrors(*(torch.cat([rows[:, 2 * i], rows[:, 2 * i + 1]]) for i in range(len(err))))
     return rpo_loss(err, ew, el, beta=o["beta"], tau=o["tau"], weighting=o["weighting"])
 
 

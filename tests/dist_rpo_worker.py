@@ -39,8 +39,8 @@ def local_rows(x, rank, b_total):
 
 @contextlib.contextmanager
 def count_collectives():
-    """Counts the calls of torch.distributed's all-reduce and reduce-scatter inside the block."""
-    counts = {"all_reduce": 0, "reduce_scatter_tensor": 0}
+    """Counts the calls of torch.distributed's all-reduce, reduce-scatter and all-gather inside the block."""
+    counts = {"all_reduce": 0, "reduce_scatter_tensor": 0, "all_gather_into_tensor": 0}
     originals = {name: getattr(dist, name) for name in counts}
 
     def counting(name):
@@ -71,13 +71,14 @@ def run(rank, out, backend, weighting, port):
     pred = theta * xl
     pred.retain_grad()
     fn = PreferenceLoss("rpo", backend=backend, beta=100.0, tau=0.5, weighting=weighting, scope="global")
-    res = fn(
-        pred,
-        local_rows(target, rank, b),
-        local_rows(ref, rank, b),
-        embeds_w=ew[rank * B_LOCAL : (rank + 1) * B_LOCAL],
-        embeds_l=el[rank * B_LOCAL : (rank + 1) * B_LOCAL],
-    )
+    with count_collectives() as forward_collectives:
+        res = fn(
+            pred,
+            local_rows(target, rank, b),
+            local_rows(ref, rank, b),
+            embeds_w=ew[rank * B_LOCAL : (rank + 1) * B_LOCAL],
+            embeds_l=el[rank * B_LOCAL : (rank + 1) * B_LOCAL],
+        )
     with count_collectives() as backward_collectives:
         res.loss.backward()
     grad = theta.grad.clone()
@@ -95,6 +96,7 @@ def run(rank, out, backend, weighting, port):
                 metrics=res.metrics,
                 theta_grad=grad,
                 pred_grads=pred_grads,
+                forward_collectives=forward_collectives,
                 backward_collectives=backward_collectives,
             ),
             out,

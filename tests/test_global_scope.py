@@ -47,10 +47,10 @@ def run_workers(tmp_path, backend, weighting):
 @pytest.mark.parametrize("weighting", ["inside", "outside"])
 def test_global_scope_equals_one_process_on_the_concatenated_batch(tmp_path, weighting):
     got = run_workers(tmp_path, "eager", weighting)
-    # the gathered errors' backward is a reduce-scatter (each rank receives its rows' summed gradient), not an
-    # all-reduce of the whole gathered gradient: 2 = winners' and losers' delta (the loss reads delta only; m
-    # and r feed the metrics)
-    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 2}
+    # one all-gather per micro-step carries the errors and both embeddings; its backward is one reduce-scatter
+    # (each rank receives its rows' summed gradient), not an all-reduce of the whole gathered gradient
+    assert got["forward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 0, "all_gather_into_tensor": 1}
+    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 1, "all_gather_into_tensor": 0}
     ref, theta_grad, pred_grad = single_process(weighting)
     for loss in got["losses"]:  # every rank computes the same global loss
         assert_close("loss", loss, ref.loss, atol=0, rtol=1e-6)

@@ -311,7 +311,12 @@ def test_global_scope_native_equals_one_process(tmp_path, weighting):
 
     N.load_library()  # build once here, not in both workers
     got = run_workers(tmp_path, "native", weighting)
-    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 0}  # its backward is local
+    assert got["forward_collectives"] == {
+        "all_reduce": 0,
+        "reduce_scatter_tensor": 0,
+        "all_gather_into_tensor": 1,
+    }  # errors + embeddings
+    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 0, "all_gather_into_tensor": 0}
     ref, theta_grad, pred_grad = single_process(weighting)
     for loss in got["losses"]:
         assert_close("loss", loss, ref.loss, atol=1e-6, rtol=1e-5)

@@ -95,10 +95,12 @@ def same_layout(p: Tensor, t: Tensor, q: Tensor | None):
     return fix(p), fix(t), fix(q)
 
 
-def gather_pairs(x: Tensor) -> Tensor:
-    """(2b, ...) on every rank -> (2bW, ...): all ranks' winners, then all ranks' losers."""
-    g = distributed.all_gather_rows(x).unflatten(0, (-1, 2, x.shape[0] // 2))  # (W, 2, b, ...)
-    return g.transpose(0, 1).flatten(0, 2)
+def gather_pair_inputs(part: Tensor, embeds_w: Tensor, embeds_l: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RPO's global inputs in ONE all-gather per micro-step: the partial sums (2b, K) -> (2bW, K), all ranks'
+    winners then all ranks' losers, and both embeddings (b, E) -> (bW, E)."""
+    b = part.shape[0] // 2
+    pw, pl, embeds_w, embeds_l = distributed.all_gather_packed(part[:b], part[b:], embeds_w, embeds_l)
+    return torch.cat([pw, pl]), embeds_w, embeds_l
 
 
 def local_rows(g: Tensor, world: int, b: int) -> Tensor:
@@ -137,9 +139,7 @@ def define_fused_op(name: str, errors_fwd: Callable, pair_fwd: Callable, errors_
         n = model_pred[0].numel()
         if world > 1:
             b = model_pred.shape[0] // 2
-            part = gather_pairs(part)
-            embeds_w = distributed.all_gather_rows(embeds_w)
-            embeds_l = distributed.all_gather_rows(embeds_l)
+            part, embeds_w, embeds_l = gather_pair_inputs(part, embeds_w, embeds_l)
             loss, met, ge, gd = pair_fwd(part, n, objective, params, embeds_w=embeds_w, embeds_l=embeds_l)
             return loss, met, local_rows(ge, world, b), local_rows(gd, world, b)
         return pair_fwd(
