@@ -301,6 +301,7 @@ def build_cache(
         data=source,
     )
     out.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_folder(out, "--out", reads="Rank 0 joins every rank's shards into index.json there")
     settings_file = out / "cache.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())

@@ -160,7 +160,7 @@ class TrainConfig:
     ds_config: str = field(
         metadata=dict(
             help="DeepSpeed JSON config: configs/single_gpu.json (one GPU), zero2_8bit.json (one node), "
-            "zero3_8bit.json (the policy's states do not fit)",
+            "zero3_8bit.json (the policy's states do not fit), zero1_8bit.json or zero3pp_8bit.json (many nodes)",
             flags=("--ds_config",),
         )
     )
@@ -270,6 +270,7 @@ class TrainConfig:
     debug_nan_steps: str = field(default="", **_help(argparse.SUPPRESS))
     debug_exit_after_step: int = field(default=0, **_help(argparse.SUPPRESS))
     debug_kill_in_save: int = field(default=0, **_help(argparse.SUPPRESS))
+    debug_dump_grads: str = field(default="", **_help(argparse.SUPPRESS))
     local_rank: int = field(default=-1, metadata=dict(help=argparse.SUPPRESS, flags=("--local_rank", "--local-rank")))
 
 

@@ -5,6 +5,8 @@ arithmetic. And ``HostSyncs``, which counts the host reads of tensor values in a
     --debug-nan-steps "STEP[@RANK],..."   that step's loss (and so its gradient) is NaN, on one rank with @RANK
     --debug-exit-after-step N            the process dies (exit 137, as a kill) after step N and its checkpoint
     --debug-kill-in-save N               the process dies while saving the checkpoint of step N (part written)
+    --debug-dump-grads PATH              the policy's full (reduced, gathered) gradients of the first optimizer
+                                         step, before it is taken, saved by rank 0 as safetensors (grad-sync test)
 """
 
 from __future__ import annotations
@@ -17,11 +19,29 @@ from .objectives import LossOutput
 
 
 class FaultInjection:
-    def __init__(self, *, nan_steps: str, exit_after_step: int, kill_in_save: int, rank: int):
+    def __init__(self, *, nan_steps: str, exit_after_step: int, kill_in_save: int, rank: int, dump_grads: str = ""):
         self.nan_steps = {
             int(s.split("@")[0]) for s in nan_steps.split(",") if s and ("@" not in s or int(s.split("@")[1]) == rank)
         }
         self.exit_after_step, self.kill_in_save = exit_after_step, kill_in_save
+        self.rank, self.dump_grads = rank, dump_grads
+
+    def after_backward(self, engine, step: int) -> None:
+        """``--debug-dump-grads``: after the first optimizer step's last backward (before the step itself), every rank
+        gathers each trainable parameter's full gradient as the optimizer will see it (reduced across ranks;
+        DeepSpeed's ``safe_get_full_grad``, a collective), and rank 0 writes them to the path."""
+        if not self.dump_grads or step != 0 or not engine.is_gradient_accumulation_boundary():
+            return
+        from deepspeed.utils import safe_get_full_grad
+        from safetensors.torch import save_file
+
+        grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
+        if self.rank == 0:
+            missing = [n for n, g in grads.items() if g is None]
+            if missing:
+                raise RuntimeError(f"--debug-dump-grads: no gradient for {missing[:3]} ({len(missing)} in all)")
+            save_file({n: g.detach().float().cpu().contiguous() for n, g in grads.items()}, self.dump_grads)
+        self.dump_grads = ""
 
     def poison_loss(self, loss_fn, step_in_progress: Callable[[], int]) -> None:
         """A forward hook on the training loss module: on the chosen steps its output is NaN."""

@@ -67,6 +67,11 @@ class Trainer:
         self.cfg = cfg
         self.ds_config = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is loaded
         self.rank, self.world, self.local_rank = distributed.init_distributed()
+        distributed.check_shared_folder(
+            cfg.output,
+            "--output",
+            reads="Every rank writes its part of each checkpoint there and reads all of them back at resume",
+        )
         E.warn_on_zero3_alone(self.ds_config, self.world)
         E.check_fp16(cfg)
         self.family = load_family(cfg.model)
@@ -141,6 +146,7 @@ class Trainer:
             exit_after_step=cfg.debug_exit_after_step,
             kill_in_save=cfg.debug_kill_in_save,
             rank=self.rank,
+            dump_grads=cfg.debug_dump_grads,
         )
         self.debug.poison_loss(self.loss_fn, lambda: self.step + 1)
         if cfg.resume and checkpoint.latest_checkpoint(self.out) is not None:
@@ -272,6 +278,7 @@ class Trainer:
             picks, batch = self.loader.next()  # read ahead by the loader's thread
             out = self.forward_loss(batch, self.pair_seeds(self.step, [i for i, _ in picks]))
             self.engine.backward(out.loss)
+            self.debug.after_backward(self.engine, self.step)
             self.engine.step()  # an optimizer step at the accumulation boundary
             self.metrics.add(out.metrics)
         # DeepSpeed skips a step whose all-reduced global gradient norm is not finite, on every rank alike
