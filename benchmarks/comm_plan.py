@@ -22,8 +22,13 @@ reduce-scatter and twice that for an all-reduce. With A micro-steps per optimize
 - the frozen reference: nothing when replicated (the default); ``--ref-placement zero3`` all-gathers its W once
   per micro-step (one forward, no backward).
 
-RPO's global scope adds one all-gather of 5 fp32 partial sums and a 768-wide fp32 embedding per sample: at 256 pairs
-per micro-step 1.6 MB, nothing beside the parameters. Times assume 45 GB/s per GPU between nodes (a 400 Gb/s
+RPO's global scope (``rpo_global``) adds ONE all-gather per micro-step carrying, per pair, both samples' K = 5 fp32
+partial sums (the fused kernels'; the eager path sends 3 error values) and both 768-wide embeddings packed as fp32:
+6,184 bytes a pair, every rank receiving all of them; the fused backward sends nothing, the eager one a
+reduce-scatter of 24 bytes a pair. Its B x B matrix costs B^2 x E multiply-adds for the cosines and B^2 fp32
+entries a handful of times over; ``rpo_table`` counts both at 256 and 4,096 pairs per micro-step.
+
+Times assume 45 GB/s per GPU between nodes (a 400 Gb/s
 InfiniBand port per GPU, as the scale-out issue does) and 450 GB/s within a node (NVLink); intra-node traffic is
 counted at NVLink speed only where every GPU of the ring is in one node (N <= k).
 """
@@ -82,6 +87,34 @@ def policy_params(kind: str) -> int:
     return sum(p.numel() for p in T.build_unet(kind, full=True, device="meta").parameters())
 
 
+PARTIAL_SUMS = 5  # rpo_fast.kernels.shared.K
+RPO_PAIRS = (256, 4096)
+
+
+def rpo_global(pairs: int, embed_dim: int = 768) -> dict:
+    """RPO's global scope per micro-step with ``pairs`` pairs on all ranks together: bytes of its one all-gather (each
+    rank receives about all of it), FLOPs of the B x B cosine matrix (multiply-adds x 2) and bytes of one B x B
+    fp32 matrix."""
+    per_pair = 2 * (PARTIAL_SUMS + embed_dim) * 4
+    return dict(
+        gather_bytes=pairs * per_pair,
+        matrix_flops=2 * pairs * pairs * embed_dim,
+        matrix_bytes=pairs * pairs * 4,
+    )
+
+
+def rpo_table() -> str:
+    rows = ["| pairs per micro-step (all ranks) | all-gather per micro-step | cosine matrix | one B x B fp32 matrix |"]
+    rows.append("|---|---|---|---|")
+    for b in RPO_PAIRS:
+        r = rpo_global(b)
+        rows.append(
+            f"| {b:,} | {r['gather_bytes'] / 1e6:.1f} MB ({r['gather_bytes'] / (INTER_GBPS * 1e9) * 1e3:.2f} ms at "
+            f"{INTER_GBPS:.0f} GB/s) | {r['matrix_flops'] / 1e9:.1f} GFLOP | {r['matrix_bytes'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(rows)
+
+
 def table() -> str:
     rows = [
         "| model (trainable parameters) | plan | "
@@ -107,3 +140,5 @@ def table() -> str:
 
 if __name__ == "__main__":
     print(table())
+    print()
+    print(rpo_table())

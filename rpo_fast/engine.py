@@ -64,6 +64,12 @@ def read_ds_config(cfg, world: int) -> dict:
             raise ValueError(
                 f"--ds_config zero_optimization.{key} is 'auto': give an integer (the UNet has no hidden_size)"
             )
+    if zero.get("zero_hpz_partition_size") == "auto":  # ZeRO++'s secondary partition: one node's ranks
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+        zero["zero_hpz_partition_size"] = per_node
+    hpz = int(zero.get("zero_hpz_partition_size", 1))
+    if hpz < 1 or world % hpz:
+        raise ValueError(f"zero_optimization.zero_hpz_partition_size {hpz} must divide the {world} rank(s)")
     if zero.get("stage", 0) == 3:
         zero.setdefault("sub_group_size", 100_000_000)
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)

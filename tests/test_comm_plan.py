@@ -32,3 +32,14 @@ def test_the_model_of_the_collectives():
     assert zpp.seconds(64) < t.seconds(64) / 3
     # one node: every byte over NVLink
     assert C.traffic(p, 8, 3, False, recompute=False).seconds(8) == pytest.approx(3 * w * 7 / 8 / 450e9)
+
+
+def test_rpo_global_scope_at_scale():
+    assert C.rpo_table() in (ROOT / "README.md").read_text()
+    # per pair: both samples' 5 fp32 partial sums and both 768-wide embeddings, packed as fp32, in one all-gather
+    assert C.rpo_global(256)["gather_bytes"] == 256 * 2 * (5 + 768) * 4 == 1_583_104
+    from rpo_fast.kernels.shared import K
+
+    assert C.PARTIAL_SUMS == K
+    r = C.rpo_global(4096)
+    assert r["matrix_flops"] == 2 * 4096**2 * 768 and r["matrix_bytes"] == 4096**2 * 4

@@ -52,16 +52,21 @@ def restore_linear():
 
 
 def test_engine_configs_and_recompute_train_alike(runs, tmp_path, restore_linear):
-    """3 steps of DPO in fp32 with torch's AdamW: stage 0 (the one-GPU config) with each recompute choice, ZeRO-2 and
-    ZeRO-3 (with recompute none and full) give the same losses. The first step's loss is before any update: equal to the
-    bit. Later steps: the recompute choices on stage 0 within rtol 1e-6 (the same ops, recomputed); ZeRO-2/3 within rtol
-    1e-4 (they step flat fp32 partitions and reduce gradients in buckets: the last bits differ, and beta 5000 amplifies
-    them; one update moves the loss by 1.4%, so a missing or doubled update fails)."""
-    zero2, zero3 = str(CONFIGS / "zero2_8bit.json"), str(CONFIGS / "zero3_8bit.json")
+    """3 steps of DPO in fp32 with torch's AdamW: stage 0 (the one-GPU config) with each recompute choice, ZeRO-1,
+    ZeRO-2 and ZeRO-3 (with recompute none and full) give the same losses. The first step's loss is before any update:
+    equal to the bit. Later steps: the recompute choices on stage 0 within rtol 1e-6 (the same ops, recomputed);
+    ZeRO-1/2/3 within rtol 1e-4 (they step flat fp32 partitions and reduce gradients in buckets: the last bits differ,
+    and beta 5000 amplifies them; one update moves the loss by 1.4%, so a missing or doubled update fails)."""
+    zero1, zero2, zero3 = (str(CONFIGS / f"zero{k}_8bit.json") for k in (1, 2, 3))
     groups = {
         "stage 0": [dict(), dict(recompute="selective"), dict(gradient_checkpointing=True)],
         # last: ZeRO-3 replaces F.linear for the rest of the process (restored after the test)
-        "ZeRO": [dict(ds_config=zero2), dict(ds_config=zero3), dict(ds_config=zero3, recompute="full")],
+        "ZeRO": [
+            dict(ds_config=zero1),
+            dict(ds_config=zero2),
+            dict(ds_config=zero3),
+            dict(ds_config=zero3, recompute="full"),
+        ],
     }
     losses = {}
     for group, variants in groups.items():
@@ -151,3 +156,24 @@ def test_fuse_qkv_trains_alike_and_exports_the_trained_policy(runs, tmp_path):
         have = exported(x, torch.tensor([10, 700]), encoder_hidden_states=ehs).sample
     trainer.close()
     assert_close("exported vs trained", have, want, atol=1e-5, rtol=1e-5)
+
+
+def test_every_shipped_config_is_one_deepspeed_accepts(runs, tmp_path, monkeypatch):
+    """Each configs/*.json, filled by the trainer, passes DeepSpeed's own ZeRO config model (it refuses unknown keys);
+    ZeRO++'s hpZ 'auto' becomes the ranks per node from the launcher, and a size that does not divide is refused."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from rpo_fast.engine import read_ds_config
+
+    names = sorted(p.name for p in CONFIGS.glob("*.json"))
+    assert names == ["single_gpu.json", "zero1_8bit.json", "zero2_8bit.json", "zero3_8bit.json", "zero3pp_8bit.json"]
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # as deepspeed's launcher sets it: 8 ranks on this node
+    for name in names:
+        cfg = TrainConfig(ds_config=str(CONFIGS / name), model=str(runs["sd15"]), data=str(tmp_path))
+        ds = read_ds_config(cfg, 16)
+        zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
+        assert zero.stage == {"single": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3pp": 3}[name.split("_")[0]]
+        if name == "zero3pp_8bit.json":
+            assert zero.zero_hpz_partition_size == 8 and zero.zero_quantized_weights and zero.zero_quantized_gradients
+            with pytest.raises(ValueError, match="zero_hpz_partition_size 8 must divide the 12 rank"):
+                read_ds_config(cfg, 12)
