@@ -67,6 +67,7 @@ SETTINGS = (
     "world",
     "embedder",
     "data",
+    "max_sequence_length",
 )
 
 
@@ -118,8 +119,9 @@ class PairEncoder:
         device: str | torch.device = "cpu",
         vae_dtype: torch.dtype = torch.float32,
         text_dtype: torch.dtype = torch.float32,
+        max_sequence_length: int | None = None,
     ):
-        self.family = load_family(model)
+        self.family = load_family(model, max_sequence_length=max_sequence_length)
         self.model, self.kind, self.device = Path(model), self.family.name, torch.device(device)
         self.vae = self.family.load_vae(device=device, dtype=vae_dtype)
         self.vae_dtype = vae_dtype
@@ -258,6 +260,7 @@ def build_cache(
     seed: int = 0,
     device: str | None = None,
     limit: int | None = None,
+    max_sequence_length: int | None = None,
     progress: bool = True,
     rank: int | None = None,
     world: int | None = None,
@@ -299,6 +302,7 @@ def build_cache(
         world=world,
         embedder=getattr(emb, "name", None) if emb else None,
         data=source,
+        max_sequence_length=load_family(model, max_sequence_length=max_sequence_length).max_sequence_length,
     )
     out.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_folder(out, "--out", reads="Rank 0 joins every rank's shards into index.json there")
@@ -321,7 +325,7 @@ def build_cache(
         return summary
 
     first_pair_or_error(data, **read)  # bad data fails here, before any model loads
-    encoder = PairEncoder(model, device=device, vae_dtype=STORAGE[vae_dtype])
+    encoder = PairEncoder(model, device=device, vae_dtype=STORAGE[vae_dtype], max_sequence_length=max_sequence_length)
     if rank == 0 and not (out / "empty_prompt.safetensors").exists():
         tensors = {k: v.to(STORAGE[storage]) for k, v in encoder.encode_texts([""]).items()}
         save_file(tensors, str(out / "empty_prompt.safetensors.tmp"))
@@ -461,7 +465,9 @@ def _versions() -> dict:
 class CacheConfig:
     """The flags of ``python -m rpo_fast.cache`` (the arguments of ``build_cache``)."""
 
-    model: str = field(metadata=dict(help="local diffusers model folder (its family is detected: SD1.5 or SDXL)"))
+    model: str = field(
+        metadata=dict(help="local diffusers model folder (its family is detected: SD1.5, SDXL, SD3/SD3.5 or FLUX.1)")
+    )
     data: str = field(
         metadata=dict(
             help="parquet folder/file (Pick-a-Pic v2's columns by default), a datasets save_to_disk folder, or a "
@@ -491,6 +497,10 @@ class CacheConfig:
     seed: int = field(default=0, metadata=dict(help="seed of crops and flips"))
     device: str | None = field(default=None, metadata=dict(help="default: cuda:LOCAL_RANK if available, else cpu"))
     limit: int | None = field(default=None, metadata=dict(help="stop after this many pairs per rank"))
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata=dict(help="T5 tokens per caption (sd3: 256, flux: 512 by default; recorded in the index)"),
+    )
     progress: bool = field(default=True, metadata=dict(help="progress bar on rank 0"))
     local_rank: int | None = field(
         default=None, metadata=dict(help=argparse.SUPPRESS, flags=("--local_rank", "--local-rank"))

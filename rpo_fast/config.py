@@ -164,13 +164,15 @@ class TrainConfig:
             flags=("--ds_config",),
         )
     )
-    model: str = field(metadata=dict(help="local diffusers model folder (its family is detected: SD1.5 or SDXL)"))
+    model: str = field(
+        metadata=dict(help="local diffusers model folder (its family is detected: SD1.5, SDXL, SD3/SD3.5 or FLUX.1)")
+    )
     data: str = field(metadata=dict(help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs"))
     output: str = field(default="runs/rpo_fast", **_help("run folder: checkpoints, logs, the exported model"))
     unet: str | None = field(default=None, **_help("start policy and reference from this UNet folder (MODEL/unet)"))
     objective: Literal[OBJECTIVES] = field(default="rpo", **_help("the preference objective"))
     # loss options (those of PreferenceLoss; None: the objective's default)
-    beta: float | None = field(default=None, **_help("beta (default 5000; dspo: by --form)"))
+    beta: float | None = field(default=None, **_help("beta (default 5000; sd3/flux: 100; dspo: by --form)"))
     tau: float | None = field(default=None, **_help("rpo: softmax temperature (default 0.5)"))
     weighting: Literal[_options("rpo", "weighting")] | None = field(
         default=None, **_help("rpo: the weight inside or outside the log-sigmoid (default inside)")
@@ -304,6 +306,13 @@ def loss_options(cfg: TrainConfig, family) -> dict:
         given["form"] = family.dspo_form
     if "scope" in spec.options:
         given["scope"] = cfg.contrast_scope
+    if (
+        "beta" in spec.options
+        and "beta" not in given
+        and family.default_beta is not None
+        and "form" not in spec.options
+    ):
+        given["beta"] = family.default_beta
     return spec.resolve(given)
 
 

@@ -5,10 +5,10 @@ models, and report means, paired win rates and picture grids.
         --scorer pickscore=PickScore_v1 --scorer hps=HPS_v2.1_compressed.pt:CLIP-H --scorer clipscore=clip-vit-large
 
 Sampling: the model family's pipeline from a local folder; the papers' settings by default (guidance 7.5 for
-SD1.5, 5 for SDXL, 50 steps); image j of prompt i uses seed ``rpo_fast.seeding.seed_of(seed, i, j)`` for both
-models (paired); batched, with a progress bar, resumable (images already written are not redone). Prompt sets:
-PartiPrompts (TSV/CSV, column ``Prompt``), the HPSv2 benchmark (JSON lists, a file or a folder of them),
-Pick-a-Pic captions (parquet, column ``caption``), or text (one prompt a line).
+SD1.5, 5 for SDXL, 50 steps; SD3 7 and FLUX 3.5 at 28 steps); image j of prompt i uses seed
+``rpo_fast.seeding.seed_of(seed, i, j)`` for both models (paired); batched, with a progress bar, resumable (images
+already written are not redone). Prompt sets: PartiPrompts (TSV/CSV, column ``Prompt``), the HPSv2 benchmark (JSON
+lists, a file or a folder of them), Pick-a-Pic captions (parquet, column ``caption``), or text (one prompt a line).
 
 Statistics, per metric: mean and 95% t-interval for base and tuned; the paired win rate of tuned over base
 (ties count half) with its Wilson 95% interval. Written as ``summary.json``, ``summary.csv`` and
@@ -102,6 +102,8 @@ def load_pipeline(
     from .models import load_family
 
     family = load_family(model)
+    if family.denoiser_folder == "transformer" and scheduler not in ("auto", "folder"):
+        raise ValueError(f"--scheduler {scheduler}: {family.name} models sample with their flow-matching scheduler")
     pipe = family.load_pipeline(dtype=dtype)
     if unet is not None:
         setattr(pipe, family.denoiser_folder, family.load_denoiser(unet, dtype=dtype))
@@ -124,7 +126,7 @@ def sample(
     *,
     seed: int = 0,
     per_prompt: int = 1,
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float | None = None,
     batch_size: int = 8,
     resolution: int | None = None,
@@ -138,6 +140,7 @@ def sample(
 
     folder.mkdir(parents=True, exist_ok=True)
     guidance = pipe.family.guidance if guidance is None else guidance
+    steps = pipe.family.sample_steps if steps is None else steps
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     paths = [folder / f"{i:05d}_{j}.png" for i, j in jobs]
     todo = [(job, path) for job, path in zip(jobs, paths) if not path.exists()]
@@ -530,7 +533,7 @@ def evaluate(
     scorers=(),
     seed=0,
     per_prompt=1,
-    steps=50,
+    steps=None,
     guidance=None,
     batch_size=8,
     resolution=None,
@@ -557,6 +560,10 @@ def evaluate(
     if style is not None and (style_refs is None or style_clip is None):
         raise ValueError("--style needs --style-refs (the styled images) and --style-clip (a CLIP folder)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if steps is None:  # the family's recipe, recorded in the summary
+        from .models import load_family
+
+        steps = load_family(model).sample_steps
     prompts = read_prompts(prompts_file, limit)
     references = read_style_references(style_refs) if style is not None else None
     out = Path(out)
@@ -694,8 +701,8 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seed", type=int, default=0, help="image j of prompt i: seed_of(seed, i, j)")
     ap.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=50, help="denoising steps per image")
-    ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps per image (default: 50; SD3/FLUX 28)")
+    ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL), 7 (SD3), 3.5 (FLUX)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")

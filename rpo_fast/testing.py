@@ -190,9 +190,150 @@ FULL_TEXT_CONFIGS = {"sd15": [CLIP_L_TEXT], "sdxl": [CLIP_L_TEXT, CLIP_BIGG_TEXT
 FULL_UNET_PARAMS = {"sd15": 859_520_964, "sdxl": 2_567_463_684}
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in ("sd15", "sdxl"):
-        raise ValueError(f"kind must be 'sd15' or 'sdxl', got {kind!r}")
+def _check_kind(kind: str, kinds: tuple[str, ...] = ("sd15", "sdxl")) -> None:
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, kinds))}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Flow-matching transformers: SD3 / SD3.5 and FLUX.1
+# --------------------------------------------------------------------------------------------------
+
+T5_MAX_LENGTH = 512
+
+
+def t5_tokenizer():
+    """A ``T5TokenizerFast`` built without downloads: a Unigram model over the printable ASCII characters (each a
+    token, with and without the word-start marker), ``<pad>`` 0, ``</s>`` 1 (appended, as T5 does), ``<unk>`` 2."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    pieces = ["\u2581"] + chars + ["\u2581" + c for c in chars]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0 - 1e-3 * i) for i, c in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=T5_MAX_LENGTH,
+    )  # fmt: skip
+
+
+T5_TINY = 64  # the tiny T5's width: the transformers' joint_attention_dim (>= SD3's two CLIP widths side by side)
+TINY_T5_CONFIG = dict(
+    vocab_size=3 + 1 + 2 * 94,  # t5_tokenizer(): specials, the word marker, 94 characters with and without it
+    d_model=T5_TINY,
+    d_kv=8,
+    d_ff=37,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
+    is_encoder_decoder=False,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+T5_XXL = dict(  # google/t5-v1_1-xxl's encoder (SD3's text_encoder_3, FLUX's text_encoder_2)
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+TINY_FLOW_VAE = dict(TINY_VAE_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+FLOW_VAE = dict(_FULL_VAE, latent_channels=16, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
+VAE_FACTORS = {  # the public VAEs' latent shift and scale
+    "sd3": dict(shift_factor=0.0609, scaling_factor=1.5305),
+    "flux": dict(shift_factor=0.1159, scaling_factor=0.3611),
+}
+TINY_TRANSFORMER_CONFIGS = {
+    "sd3": dict(  # SD3.5-style: RMS-normed q/k and a dual-attention first layer
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=T5_TINY, caption_projection_dim=32,
+        pooled_projection_dim=2 * TINY_HIDDEN, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+    ),
+    "flux": dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_TINY, pooled_projection_dim=TINY_HIDDEN, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+}  # fmt: skip
+# Full size, from the public transformer configs (stabilityai/stable-diffusion-3.5-medium, -large,
+# black-forest-labs/FLUX.1-dev); parameter counts on the meta device in FULL_TRANSFORMER_PARAMS.
+FULL_TRANSFORMER_CONFIGS = {
+    "sd3.5-medium": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+    ),
+    "sd3.5-large": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=(),
+    ),
+    "flux.1-dev": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+}  # fmt: skip
+FLOW_KIND = {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "flux.1-dev": "flux"}
+# parameters (SD3.5-Medium also holds a 0.23 B positional-embedding buffer of 384^2 x 1536: 2.47 B, its card's 2.5 B)
+FULL_TRANSFORMER_PARAMS = {"sd3.5-medium": 2_243_171_520, "sd3.5-large": 8_056_627_520, "flux.1-dev": 11_901_408_320}
+
+
+def flow_scheduler(kind: str):
+    """SD3's FlowMatchEulerDiscreteScheduler (shift 3.0), or FLUX's (resolution-dependent shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if kind == "flux":
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )  # fmt: skip
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def build_transformer(kind: str, *, full: bool = False, device: str | torch.device = "cpu", seed: int = 0):
+    """A random ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``: ``kind`` 'sd3' or 'flux' (tiny), or with
+    ``full=True`` one of FULL_TRANSFORMER_CONFIGS ('sd3.5-medium', 'sd3.5-large', 'flux.1-dev')."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    config = FULL_TRANSFORMER_CONFIGS[kind] if full else TINY_TRANSFORMER_CONFIGS[kind]
+    cls = FluxTransformer2DModel if (FLOW_KIND[kind] if full else kind) == "flux" else SD3Transformer2DModel
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls(**config)
+
+
+def tiny_flow_pipeline(kind: str, *, seed: int = 0):
+    """A tiny random ``StableDiffusion3Pipeline`` (``kind="sd3"``: CLIP-L, CLIP-G and T5 text encoders) or
+    ``FluxPipeline`` (CLIP-L and T5)."""
+    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    _check_kind(kind, ("sd3", "flux"))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_FLOW_VAE, **VAE_FACTORS[kind])
+    torch.manual_seed(seed + 2)
+    clip = CLIPTextConfig(**TINY_TEXT_CONFIG)
+    t5 = T5EncoderModel(T5Config(**TINY_T5_CONFIG)).eval()
+    parts = dict(transformer=build_transformer(kind, seed=seed), vae=vae, scheduler=flow_scheduler(kind))
+    if kind == "flux":
+        return FluxPipeline(
+            **parts, text_encoder=CLIPTextModel(clip).eval(), tokenizer=byte_level_clip_tokenizer(),
+            text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
+        )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        **parts,
+        text_encoder=CLIPTextModelWithProjection(clip).eval(), tokenizer=byte_level_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(clip).eval(), tokenizer_2=byte_level_clip_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer(),
+    )  # fmt: skip
 
 
 def build_unet(kind: str, *, full: bool = False, device: str | torch.device = "cpu", seed: int = 0):
@@ -278,9 +419,14 @@ def tiny_pipeline(kind: str = "sd15", *, seed: int = 0, prediction_type: str = "
 def save_tiny_pipeline(
     path: str | Path, kind: str = "sd15", *, seed: int = 0, prediction_type: str = "epsilon"
 ) -> Path:
-    """Write a tiny random pipeline with ``save_pretrained``: ``model_index.json``, ``unet/``, ``vae/``,
-    ``text_encoder/`` (+ ``_2``), ``tokenizer/`` (+ ``_2``), ``scheduler/``, as a real repository has."""
+    """Write a tiny random pipeline with ``save_pretrained``, as a real repository has it: ``model_index.json``,
+    ``unet/``, ``vae/``, ``text_encoder/`` (+ ``_2``), ``tokenizer/`` (+ ``_2``), ``scheduler/`` for ``kind`` 'sd15' /
+    'sdxl'; ``transformer/`` and CLIP-L, CLIP-G, T5 (``_3``) for 'sd3'; ``transformer/``, CLIP-L and T5 (``_2``) for
+    'flux' (``prediction_type`` is the UNets' only)."""
     path = Path(path)
+    if kind in ("sd3", "flux"):
+        tiny_flow_pipeline(kind, seed=seed).save_pretrained(path)
+        return path
     tiny_pipeline(kind, seed=seed, prediction_type=prediction_type).save_pretrained(path)
     return path
 

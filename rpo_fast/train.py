@@ -113,6 +113,12 @@ class Trainer:
             self.family.set_attention(reference, cfg.attention)
             if cfg.fuse_qkv:  # the policy's kernels: step 0 still ties
                 self.family.fuse_qkv(reference)
+            # DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
+            # reference takes the policy's buffers, so the two still tie at step 0
+            policy_buffers = dict(policy.named_buffers())
+            for name, buf in reference.named_buffers():
+                if buf.is_floating_point() and name in policy_buffers:
+                    buf.data = policy_buffers[name].detach().clone()
             # Its parameters keep requires_grad (it only runs under no_grad, and no optimizer holds them):
             # torch.matmul picks its kernel by the weight's requires_grad (a non-contiguous 3-D input is folded
             # into one mm only when it is set), so the reference runs the policy's kernels, and at step 0 the two
@@ -170,6 +176,8 @@ class Trainer:
         """The trainable denoiser in fp32 (with LoRA: frozen, with peft adapters that the optimizer trains)."""
         cfg = self.cfg
         policy = self.family.load_denoiser(cfg.unet, dtype=torch.float32)
+        if self.family.repeated_blocks and not getattr(policy, "_repeated_blocks", None):
+            policy._repeated_blocks = list(self.family.repeated_blocks)  # what --compile-mode regional compiles
         self.family.set_attention(policy, cfg.attention)
         if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
             self.family.fuse_qkv(policy)
@@ -228,7 +236,7 @@ class Trainer:
         shape = batch["latent_mean"].shape[1:]  # (2, C, h, w)
         eps = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
         noise = torch.stack([torch.randn(shape[1:], generator=g, device=dev) for g in gens])
-        t = fam.sample_timesteps(gens, dev, self.timestep_probs)
+        t = fam.sample_timesteps(gens, dev, self.timestep_probs, latent_shape=shape[1:])
         u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
         drop = u < (self.cfg.empty_caption_prob if train else 0.0)
         z = batch["latent_mean"] + batch["latent_std"] * eps  # (B, 2, C, h, w): a sample of each latent distribution
@@ -250,7 +258,7 @@ class Trainer:
             kw["embeds_w"] = combine(batch["clip_text"], batch["clip_image"][:, 0], self.cfg.embedding_mode)
             kw["embeds_l"] = combine(batch["clip_text"], batch["clip_image"][:, 1], self.cfg.embedding_mode)
         if self.spec.timesteps:
-            kw["timesteps"] = t
+            kw["timesteps"] = t.long()  # the flow families' t = 1000 s, floored: the index 0..999 the discount counts
         return loss_fn(pred, target, ref, **kw)
 
     @torch.no_grad()
@@ -345,7 +353,9 @@ class Trainer:
     def export(self) -> Path:
         zero3 = E.zero_stage(self.ds_config) == 3
         dest = checkpoint.export(self.engine, self.family, self.out, zero3=zero3, lora=bool(self.cfg.lora_rank))
-        self.log(f"exported the trained {'LoRA adapter' if self.cfg.lora_rank else 'unet'} to {dest}")
+        self.log(
+            f"exported the trained {'LoRA adapter' if self.cfg.lora_rank else self.family.denoiser_folder} to {dest}"
+        )
         return dest
 
     # ---------------------------------------------------------------- the loop

@@ -34,6 +34,16 @@ def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess
     return res
 
 
+def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.CompletedProcess:
+    """One-process runs one after another in ONE Python process (tests/train_many.py): the imports and DeepSpeed's
+    set-up, most of a tiny run's time, paid once."""
+    cmd = [sys.executable, str(ROOT / "tests" / "train_many.py")]
+    for i, args in enumerate(runs):
+        cmd += (["--"] if i else []) + args
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

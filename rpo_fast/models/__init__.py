@@ -38,6 +38,10 @@ class ModelFamily:
     guidance: ClassVar[float] = 7.5  # classifier-free guidance of the papers' evaluation
     image_keys: ClassVar[tuple[str, ...]] = ()  # per-image conditioning stored by the cache (n, 2, ...)
     vae_fp16: ClassVar[bool] = True  # the VAE encodes in fp16 without overflowing
+    default_beta: ClassVar[float | None] = None  # the objectives' beta where --beta is not given (None: theirs)
+    sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
+    max_sequence_length: int | None = None  # T5 tokens per caption (families with a T5 encoder)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -49,8 +53,16 @@ class ModelFamily:
         """Whether a folder with this ``model_index.json`` (None if absent) and denoiser config is this family."""
         raise NotImplementedError
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, max_sequence_length: int | None = None):
         self.path = Path(path)
+        if max_sequence_length is not None:
+            if self.max_sequence_length is None:
+                raise ValueError(
+                    f"--max-sequence-length applies to models with a T5 text encoder (sd3, flux), not {self.name}"
+                )
+            if max_sequence_length < 1:
+                raise ValueError(f"--max-sequence-length must be positive, got {max_sequence_length}")
+            self.max_sequence_length = max_sequence_length
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -115,8 +127,11 @@ class ModelFamily:
         shift, scale = self.latent_shift_scale
         return (sample - shift) * scale
 
-    def sample_timesteps(self, gens: list[torch.Generator], device, probs: Tensor | None = None) -> Tensor:
-        """One timestep per pair (B,), from each pair's generator: uniform, or from ``probs`` where given."""
+    def sample_timesteps(
+        self, gens: list[torch.Generator], device, probs: Tensor | None = None, latent_shape=None
+    ) -> Tensor:
+        """One timestep per pair (B,), from each pair's generator: uniform, or from ``probs`` where given
+        (``latent_shape`` (C, h, w): for families whose schedule depends on the image size)."""
         if probs is not None:
             return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens])
         T = self.num_train_timesteps
@@ -185,12 +200,13 @@ def family_class(model: str | Path) -> type[ModelFamily]:
     raise ValueError(f"{model}: not a model family rpo_fast knows ({', '.join(FAMILIES)})")
 
 
-def load_family(model: str | Path) -> ModelFamily:
-    return family_class(model)(model)
+def load_family(model: str | Path, **options) -> ModelFamily:
+    """The family of a model folder; ``options``: ``max_sequence_length`` (T5 families)."""
+    return family_class(model)(model, **options)
 
 
 def model_kind(model: str | Path) -> str:
-    """The family name of a model folder: 'sd15' or 'sdxl' (or a later family)."""
+    """The family name of a model folder: 'sd15', 'sdxl', 'sd3' or 'flux'."""
     return family_class(model).name
 
 

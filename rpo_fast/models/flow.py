@@ -1,0 +1,271 @@
+"""The flow-matching transformer families: Stable Diffusion 3 / 3.5 (``sd3``, diffusers' ``SD3Transformer2DModel``)
+and FLUX.1 (``flux``, ``FluxTransformer2DModel``), rectified-flow noising with a velocity target.
+
+    x_t = (1 - s) x0 + s eps,   s in (0, 1)       (FlowMatchEulerDiscreteScheduler.scale_noise)
+    target v = eps - x0                           (the sign diffusers' samplers integrate: x_{s'} = x_s + (s' - s) v)
+
+The trainer's timestep t is s * 1000 (float; high t = noisy, as for the UNets): SD3's transformer takes t, FLUX's
+takes s (it multiplies by 1000 itself). One s per pair, shared by winner and loser, drawn as the families' own
+training recipes do (diffusers' train_dreambooth_sd3/flux, the SD3 paper): u = sigmoid(n), n ~ N(0, 1)
+(logit-normal), then the scheduler's shift,
+
+    SD3 (shift S = 3.0):  s = S u / (1 + (S - 1) u)
+    FLUX (dynamic):       s = e^mu / (e^mu + 1/u - 1),  mu = linear in the image's token count from base_shift 0.5
+                          at 256 tokens to max_shift 1.15 at 4096 (1024px: mu = 1.15)
+
+With ``--timestep-sampling discounted`` (dense DPO) t = k + 1/2 for the drawn index k of 0..999 (s = t / 1000, no
+shift); dense DPO's discount counts floor(t). The objectives take per-sample MEAN squared velocity errors exactly as
+they take epsilon errors, so beta means the same per element at every resolution and latent size (SD3/FLUX latents
+at 1024 px hold 4x the elements of SDXL's and change nothing); the default beta of these families is 100
+(``default_beta``, Flow-GRPO's SD3.5 DPO recipe, which also takes a mean error), 5000 for the UNets (Diffusion-DPO).
+DSPO's score form is derived for DDPM's epsilon parametrisation (its score is -eps / sqrt(1 - abar_t)); a velocity
+model has no such score without a change of variables, so DSPO is refused here with a message naming the family.
+
+RPO's weight matrix compares winner i's errors at t_i with loser j's at t_j, as on the UNets: the paper's form is
+used unchanged (the tiny SD3/FLUX runs train with it); a per-timestep normalisation is not offered.
+
+Text: SD3 concatenates the penultimate hidden states of CLIP-L and CLIP-G (77 x 2048, zero-padded to T5's width)
+with T5-XXL's last hidden state (``max_sequence_length`` tokens, 256 by default) along the sequence, and pools
+both CLIPs' projections (2048). FLUX takes T5-XXL's states (512 tokens) and CLIP-L's pooled output (768). The cache
+stores the CLIP and T5 parts apart (no padding on disk) through the pipelines' own ``encode_prompt``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import ModelFamily
+
+
+class FlowFamily(ModelFamily):
+    """What SD3 and FLUX share: the transformer folder, rectified flow, the pipeline's own text encoding."""
+
+    denoiser_folder = "transformer"
+    dspo_form = None
+    default_beta = 100.0
+    vae_fp16 = False
+    pipeline_name: str = ""
+    denoiser_class_name: str = ""
+    max_sequence_length = 256
+    patch: int = 2  # latent pixels per token side
+
+    @classmethod
+    def detect(cls, model_index, denoiser_config):
+        if model_index is not None:
+            return model_index.get("_class_name") == cls.pipeline_name
+        return denoiser_config is not None and denoiser_config.get("_class_name") == cls.denoiser_class_name
+
+    # ---------------------------------------------------------------- loading
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class_name)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
+
+    def load_pipeline(self, *, dtype=torch.float32):
+        return self.pipeline_class().from_pretrained(self.path, dtype=dtype)
+
+    def load_text_encoders(self, *, device="cpu", dtype=torch.float32):
+        """The family's pipeline with its text encoders and tokenizers only (no transformer, no VAE)."""
+        pipe = self.pipeline_class().from_pretrained(self.path, transformer=None, vae=None, dtype=dtype)
+        return pipe.to(device)
+
+    def save_lora(self, folder, layers):
+        self.pipeline_class().save_lora_weights(Path(folder), transformer_lora_layers=layers, safe_serialization=True)
+
+    def set_attention(self, denoiser, attention: str) -> None:
+        """Their own SDPA processors (joint text-image attention) stay; xformers is not wired for them."""
+        if attention != "sdpa":
+            raise ValueError(f"--attention {attention} is not supported for {self.name} models (their SDPA only)")
+
+    # ---------------------------------------------------------------- the training side
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config("scheduler").get("num_train_timesteps", 1000)
+
+    def shift(self, u: Tensor, tokens: int) -> Tensor:
+        """The scheduler's timestep shift of u in (0, 1) for an image of ``tokens`` transformer tokens."""
+        sched = self.config("scheduler")
+        if sched.get("use_dynamic_shifting"):
+            lo, hi = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
+            b0, b1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
+            mu = b0 + (b1 - b0) * (tokens - lo) / (hi - lo)
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        s = sched.get("shift", 1.0)
+        return s * u / (1 + (s - 1) * u)
+
+    def tokens(self, latent_shape) -> int:
+        """Transformer tokens of one latent (C, h, w): SD3's patch_size 2, FLUX's 2 x 2 packing."""
+        return (latent_shape[-2] // self.patch) * (latent_shape[-1] // self.patch)
+
+    def sample_timesteps(self, gens, device, probs=None, latent_shape=None):
+        """t = 1000 s (B,) fp32, one per pair from its generator: logit-normal, shifted (see the module doc)."""
+        T = self.num_train_timesteps
+        if probs is not None:
+            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens]).float() + 0.5
+        u = torch.sigmoid(torch.cat([torch.randn(1, generator=g, device=device) for g in gens]))
+        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
+        return (self.shift(u.double(), self.tokens(shape)) * T).float()
+
+    def dummy_latent_shape(self) -> tuple[int, int, int]:
+        vae = self.config("vae")
+        size = self.default_resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+        return (vae["latent_channels"], size, size)
+
+    def noisy_and_target(self, x0, noise, t):
+        """x_t = (1 - s) x0 + s eps and v = eps - x0, s = t / 1000 per pair."""
+        n = x0.shape[0] // noise.shape[0]
+        s = (t / self.num_train_timesteps).repeat(n).view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
+        eps = noise.repeat(n, *[1] * (noise.dim() - 1))
+        return (1 - s) * x0 + s * eps, eps - x0
+
+
+class SD3Family(FlowFamily):
+    name = "sd3"
+    pipeline_name = "StableDiffusion3Pipeline"
+    denoiser_class_name = "SD3Transformer2DModel"
+    encoder_folders = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    guidance = 7.0  # StableDiffusion3Pipeline's default (SD3.5-Large's card: 3.5 at 28 steps)
+    sample_steps = 28
+    max_sequence_length = 256
+    repeated_blocks = ("JointTransformerBlock",)  # diffusers 0.42.1 leaves SD3's _repeated_blocks empty
+
+    @torch.no_grad()
+    def encode_texts(self, encoders, captions):
+        """clip_prompt_embeds (n, 77, D_L + D_G): CLIP-L's and CLIP-G's penultimate states side by side;
+        t5_prompt_embeds (n, max_sequence_length, D_T5); pooled_prompt_embeds (n, P_L + P_G), through
+        ``StableDiffusion3Pipeline.encode_prompt`` (its zero T5 states where the folder has no text_encoder_3)."""
+        pipe = encoders
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, device=pipe.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )  # fmt: skip
+        n_clip = pipe.tokenizer_max_length
+        width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+        return {
+            "clip_prompt_embeds": embeds[:, :n_clip, :width].float(),
+            "t5_prompt_embeds": embeds[:, n_clip:].float(),
+            "pooled_prompt_embeds": pooled.float(),
+        }
+
+    def conditioning(self, batch, drop, empty, *, pairs=True):
+        def pick(key):
+            v = batch[key]
+            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+
+        clip, t5 = pick("clip_prompt_embeds"), pick("t5_prompt_embeds")
+        ehs = torch.cat([torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
+        pooled = pick("pooled_prompt_embeds")
+        n = 2 if pairs else 1
+        return dict(encoder_hidden_states=ehs.repeat(n, 1, 1), pooled_projections=pooled.repeat(n, 1))
+
+    def predict(self, denoiser, noisy, t, cond):
+        return denoiser(hidden_states=noisy, timestep=t, **cond, return_dict=False)[0]
+
+    def dummy_inputs(self, rows):
+        cfg = self.config(self.denoiser_folder)
+        c, size = cfg["in_channels"], cfg["sample_size"]
+        x = torch.randn(rows, c, size, size)
+        t = torch.full((rows,), self.num_train_timesteps / 2)
+        ehs = torch.randn(rows, 77 + self.max_sequence_length, cfg["joint_attention_dim"])
+        return x, t, dict(encoder_hidden_states=ehs, pooled_projections=torch.randn(rows, cfg["pooled_projection_dim"]))
+
+
+class FluxFamily(FlowFamily):
+    name = "flux"
+    pipeline_name = "FluxPipeline"
+    denoiser_class_name = "FluxTransformer2DModel"
+    encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    guidance = 3.5  # FluxPipeline's default (FLUX.1-dev)
+    sample_steps = 28
+    max_sequence_length = 512
+    train_guidance = 1.0  # the guidance embedding's input while training, the same for policy and reference
+
+    @cached_property
+    def default_resolution(self) -> int:
+        return 128 * 2 ** (len(self.config("vae")["block_out_channels"]) - 1)  # FluxPipeline.default_sample_size
+
+    @cached_property
+    def guidance_embeds(self) -> bool:
+        return bool(self.config(self.denoiser_folder).get("guidance_embeds"))
+
+    @torch.no_grad()
+    def encode_texts(self, encoders, captions):
+        """t5_prompt_embeds (n, max_sequence_length, D_T5) and pooled_prompt_embeds (n, 768): CLIP-L's pooled output,
+        through ``FluxPipeline.encode_prompt``."""
+        pipe = encoders
+        embeds, pooled, _ = pipe.encode_prompt(
+            captions, None, device=pipe.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"t5_prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
+
+    def conditioning(self, batch, drop, empty, *, pairs=True):
+        def pick(key):
+            v = batch[key]
+            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+
+        n = 2 if pairs else 1
+        t5, pooled = pick("t5_prompt_embeds").repeat(n, 1, 1), pick("pooled_prompt_embeds").repeat(n, 1)
+        cond = dict(encoder_hidden_states=t5, pooled_projections=pooled)
+        if self.guidance_embeds:
+            cond["guidance"] = torch.full((t5.shape[0],), self.train_guidance, device=t5.device)
+        return cond
+
+    @staticmethod
+    def pack(x: Tensor) -> Tensor:
+        """(n, C, h, w) -> (n, h/2 * w/2, 4C): 2 x 2 patches as tokens (FluxPipeline._pack_latents)."""
+        n, c, h, w = x.shape
+        return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(x: Tensor, h: int, w: int) -> Tensor:
+        """The inverse of ``pack`` (FluxPipeline._unpack_latents)."""
+        n, _, c4 = x.shape
+        return x.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+
+    @staticmethod
+    def image_ids(h: int, w: int, device, dtype) -> Tensor:
+        """(h/2 * w/2, 3): (0, row, column) of each packed token (FluxPipeline._prepare_latent_image_ids)."""
+        ids = torch.zeros(h // 2, w // 2, 3, device=device)
+        ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+        ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+        return ids.reshape(-1, 3).to(dtype)
+
+    def predict(self, denoiser, noisy, t, cond):
+        """Packed tokens in, the velocity (n, C, h, w) out; text ids are zeros, as in FluxPipeline."""
+        h, w = noisy.shape[-2:]
+        txt = cond["encoder_hidden_states"]
+        out = denoiser(
+            hidden_states=self.pack(noisy),
+            timestep=t / self.num_train_timesteps,
+            img_ids=self.image_ids(h, w, noisy.device, noisy.dtype),
+            txt_ids=torch.zeros(txt.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            **cond,
+            return_dict=False,
+        )[0]
+        return self.unpack(out, h, w)
+
+    def dummy_inputs(self, rows):
+        cfg = self.config(self.denoiser_folder)
+        c, size = (
+            cfg["in_channels"] // 4,
+            self.default_resolution // 2 ** (len(self.config("vae")["block_out_channels"]) - 1),
+        )
+        x = torch.randn(rows, c, size, size)
+        t = torch.full((rows,), self.num_train_timesteps / 2)
+        cond = dict(
+            encoder_hidden_states=torch.randn(rows, self.max_sequence_length, cfg["joint_attention_dim"]),
+            pooled_projections=torch.randn(rows, cfg["pooled_projection_dim"]),
+        )
+        if self.guidance_embeds:
+            cond["guidance"] = torch.full((rows,), self.train_guidance)
+        return x, t, cond
