@@ -265,7 +265,9 @@ class TrainConfig:
     eval_repeats: int = field(default=1, **_help("fixed noise/timestep draws per evaluation pair"))
     max_consecutive_skips: int = field(default=20, **_help("non-finite steps in a row before stopping"))
     export_only: bool = field(default=False, **_help("load the newest checkpoint, export, exit"))
-    export: bool = field(default=True, **_help("export the trained model to OUTPUT/unet (OUTPUT/lora) at the end"))
+    export: bool = field(
+        default=True, **_help("export the trained model to OUTPUT/unet or OUTPUT/transformer (OUTPUT/lora) at the end")
+    )
     tensorboard: bool = field(default=True, **_help("also log to OUTPUT/tb (if tensorboard is installed)"))
     progress: bool = field(default=True, **_help("progress bar on rank 0"))
     # fault injection for tests (rpo_fast.debug; not shown in --help)

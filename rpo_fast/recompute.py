@@ -81,8 +81,11 @@ def flash_attention():
     F = torch.nn.functional
     plain = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if attn_mask is not None:
+    def sdpa(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        q, k, v = kw.pop("query", q), kw.pop("key", k), kw.pop("value", v)  # diffusers' dispatcher passes keywords
+        if not kw.get("enable_gqa", True):
+            del kw["enable_gqa"]
+        if attn_mask is not None or kw:
             return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
 

@@ -769,12 +769,26 @@ def save_random_model(
 
 
 def save_model_configs(path: str | Path, kind: str, *, full: bool = True) -> Path:
-    """A model folder of configs only (model_index.json, unet/, vae/, scheduler/; no weights): enough for a
-    ``ModelFamily`` to build its denoiser on the meta device and count FLOPs and memory (``rpo_fast.recompute``)."""
+    """A model folder of configs only (model_index.json, unet/ or transformer/, vae/, scheduler/; no weights): enough
+    for a ``ModelFamily`` to build its denoiser on the meta device and count FLOPs and memory (``rpo_fast.recompute``).
+    ``kind``: 'sd15', 'sdxl', or a full-size flow model ('sd3.5-medium', 'sd3.5-large', 'flux.1-dev')."""
     import json
 
-    _check_kind(kind)
     path = Path(path)
+    if kind in FULL_TRANSFORMER_CONFIGS:  # sd3.5-medium, sd3.5-large, flux.1-dev: transformer/, vae/, scheduler/
+        flux = FLOW_KIND[kind] == "flux"
+        cls = "FluxTransformer2DModel" if flux else "SD3Transformer2DModel"
+        index = {"_class_name": "FluxPipeline" if flux else "StableDiffusion3Pipeline"}
+        index.update(transformer=["diffusers", cls], vae=["diffusers", "AutoencoderKL"])
+        vae = dict(FLOW_VAE, **VAE_FACTORS[FLOW_KIND[kind]], _class_name="AutoencoderKL")
+        configs = {"transformer": dict(FULL_TRANSFORMER_CONFIGS[kind], _class_name=cls), "vae": vae}
+        for sub, config in configs.items():
+            (path / sub).mkdir(parents=True, exist_ok=True)
+            (path / sub / "config.json").write_text(json.dumps(config, indent=1))
+        (path / "model_index.json").write_text(json.dumps(index, indent=1))
+        flow_scheduler(FLOW_KIND[kind]).save_config(path / "scheduler")
+        return path
+    _check_kind(kind)
     pipeline = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
     index = {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"]}
     index["vae"] = ["diffusers", "AutoencoderKL"]

@@ -5,6 +5,7 @@ and the exports loaded by diffusers."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from trainrun import ZERO3, launch, launch_many, train_rows
 from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import load_family, model_kind
+
+T_ROOT = ZERO3.parents[1]
+sys.path.insert(0, str(T_ROOT / "benchmarks"))
+import flow_plan  # noqa: E402
 
 FLOW = ("sd3", "flux")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_beta_convention_and_dspo_refused)
@@ -196,6 +201,26 @@ def test_full_size_configs():
         assert sum(p.numel() for p in m.parameters()) == n == T.FULL_TRANSFORMER_PARAMS[name]
 
 
+@pytest.mark.parametrize("kind", FLOW)
+def test_cache_bytes_formula_is_the_shards(flow, kind):
+    """benchmarks/flow_plan.py's bytes per pair (the README's cache column), held to a tiny cache's shard."""
+    from safetensors.torch import load_file
+
+    shard = load_file(flow[f"cache_{kind}"] / "shard-r0-00000.safetensors")
+    n, unique = len(shard["text_index"]), len(shard["t5_prompt_embeds"])
+    widths = dict(t5=T.T5_TINY, pooled=2 * T.TINY_HIDDEN if kind == "sd3" else T.TINY_HIDDEN, clip=2 * T.TINY_HIDDEN)
+    want = n * flow_plan.cache_bytes_per_pair(kind, 16, 16, widths, clip_dim=16, captions_per_pair=unique / n)
+    assert sum(t.numel() * t.element_size() for t in shard.values()) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_readme_tables_are_the_flow_plan():
+    m = flow_plan.measure()
+    readme = (T_ROOT / "README.md").read_text()
+    assert flow_plan.family_table(m) in readme
+    assert flow_plan.memory_table(m) in readme
+
+
 # --------------------------------------------------------------------------------------------------
 # Training on the tiny families
 # --------------------------------------------------------------------------------------------------
@@ -213,9 +238,11 @@ def one_process(flow, tmp_path_factory):
     ten runs in one Python process)."""
     root = tmp_path_factory.mktemp("one")
     runs = {(k, o): root / f"{k}-{o}" for k in FLOW for o in OBJECTIVES}
-    res = launch_many(
-        [_args(flow, k, out, o, "--micro-batch-size", "2", "--max-steps", "3") for (k, o), out in runs.items()]
-    )
+    argv = [_args(flow, k, out, o, "--micro-batch-size", "2", "--max-steps", "3") for (k, o), out in runs.items()]
+    runs["sd3", "bf16"] = root / "sd3-bf16"  # the shipped defaults: bf16 with 8-bit AdamW
+    bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
+    argv.append(_args(flow, "sd3", runs["sd3", "bf16"], "dpo", *bf16))
+    res = launch_many(argv)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return runs
 
@@ -237,6 +264,16 @@ def test_every_objective_trains_in_one_process(one_process, kind, objective):
         assert rows[1]["loss/mse_w"] == pytest.approx(rows[1]["loss/ref_mse_w"], rel=1e-6)
         assert rows[2]["loss/mse_w"] != rows[2]["loss/ref_mse_w"]
     assert (one_process[kind, objective] / "transformer" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_bf16_policy_and_reference_tie_at_step_one(one_process):
+    """In bf16 DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
+    reference takes the policy's buffers, so at step 1 the two agree to the bit (every pair a tie, loss log 2)."""
+    row = train_rows(one_process["sd3", "bf16"])[1]
+    assert row["loss/mse_w"] == row["loss/ref_mse_w"] and row["loss/mse_l"] == row["loss/ref_mse_l"]
+    assert row["loss/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.mark.slow
