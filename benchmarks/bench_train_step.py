@@ -4,13 +4,16 @@
         [--ds-config single_gpu|zero2_8bit|zero3_8bit] [--compile] [--ref-placement zero3] [--lora-rank 8]
                                                            (GPU: full-size UNets with random weights)
     python benchmarks/bench_train_step.py --quick          (CPU: tiny models; checks that it runs)
+    python benchmarks/bench_train_step.py --kind sd3.5-medium flux.1-dev --recompute full --lora-rank 16
+                                                           (the flow models: rpo_fast's side only, see below)
 
 rpo_fast: ``rpo_fast.train.Trainer`` itself (the DeepSpeed config for one GPU, ``configs/single_gpu.json``, unless
 ``--ds-config`` names another; bitsandbytes AdamW8bit, bf16, the replicated bf16 reference, one concatenated forward per
 model, latents and text encodings read from a cache, the loss backend "auto"). Baseline, what train_diffusion_dpo.py /
 DiffusionDPO's train.py do every step on one GPU: both images through the VAE and the caption through the text
 encoder(s) on the fly, the policy in fp32 under fp16 autocast with bitsandbytes AdamW8bit, the reference in fp16, the
-eager loss, no compile, no cache. Same model, batch and GPU, measured side by side.
+eager loss, no compile, no cache. Same model, batch and GPU, measured side by side. The flow models (sd3.5-medium,
+sd3.5-large, flux.1-dev) have no baseline row: no public script takes a full-parameter preference step on them.
 
 Reported per configuration: pairs/s, seconds per step, peak memory, and FLOP utilisation over the bf16 matmul rate
 measured in the same run: MFU counts the model FLOPs of a pair (policy forward + backward on winner and loser as 3
@@ -37,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import QUICK, ResultTable, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 32}
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3.5-medium": 1024, "sd3.5-large": 1024, "flux.1-dev": 1024, "tiny": 32}
+FLOW = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")  # rpo_fast's side only: no public full-parameter DPO step
 
 
 def matmul_rate(dtype=torch.bfloat16, n: int = 8192) -> float:
@@ -255,8 +259,11 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
                 )
                 kw = dict(steps=steps, warmup=warmup, recompute=recompute)
                 ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
-                base = measure("baseline", model, cache, pairs, **kw)
-                ok = "error" not in ours and "error" not in base
+                if kind in FLOW:
+                    base = dict(note="no baseline: no public full-parameter preference step for this family")
+                else:
+                    base = measure("baseline", model, cache, pairs, **kw)
+                ok = "error" not in ours and "pairs_per_s" in base
                 table.add(
                     **key,
                     pairs=pairs,
@@ -270,7 +277,7 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
                     matmul_tflops=rate / 1e12,
                     rpo_fast_mfu=ours["pairs_per_s"] * flops / rate if "error" not in ours else None,
                     rpo_fast_hfu=ours["pairs_per_s"] * hw_flops / rate if "error" not in ours else None,
-                    baseline_mfu=base["pairs_per_s"] * flops / rate if "error" not in base else None,
+                    baseline_mfu=base["pairs_per_s"] * flops / rate if "pairs_per_s" in base else None,
                     errors="; ".join(
                         f"{k}: {v['error']}" for k, v in (("rpo_fast", ours), ("baseline", base)) if "error" in v
                     )
@@ -291,7 +298,7 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl"])
+    ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl", *FLOW])
     ap.add_argument("--pairs", nargs="+", type=int, default=[1])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
@@ -310,7 +317,7 @@ def main(argv=None) -> None:
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")
     table = run(
-        a.kind if not QUICK else ["sd15"],
+        a.kind if not QUICK else ["sd15", *(k for k in a.kind if k in FLOW)],
         a.pairs,
         recompute=a.recompute,
         steps=a.steps if not QUICK else 1,

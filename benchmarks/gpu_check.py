@@ -203,6 +203,7 @@ def step(a) -> ResultTable:
     flops, hw_flops = B.flops_per_pair(model, a.recompute)
     rate = B.matmul_rate()
     key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=a.compile)
+    key["lora_rank"] = a.lora_rank
     if a.baseline:
         r = B.bench_baseline(
             model, a.pairs, steps=a.steps, warmup=a.warmup, gradient_checkpointing=a.recompute != "none"
@@ -219,6 +220,7 @@ def step(a) -> ResultTable:
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
     with tempfile.TemporaryDirectory() as out:
         flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
+        flags["lora_rank"] = a.lora_rank
         trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
         phases = PhaseTimes()
         phases.wrap(trainer.loader, "next", "data")
@@ -259,7 +261,7 @@ def step(a) -> ResultTable:
 
 
 STEP_TITLE = "Training step: per-phase times (ms per step), peak memory, MFU/HFU"
-STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "side")
+STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "lora_rank", "side")
 
 
 def profile(trainer, a, dry: bool) -> None:
@@ -314,7 +316,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--backends", default=",".join(BACKENDS), help="loss-check: the loss backends, comma-separated (default: all)"
     )
-    ap.add_argument("--kind", default="sdxl", choices=["sd15", "sdxl"])
+    ap.add_argument("--kind", default="sdxl", choices=["sd15", "sdxl", "sd3.5-medium", "sd3.5-large", "flux.1-dev"])
+    ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters (FLUX's full states exceed a GPU)")
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])

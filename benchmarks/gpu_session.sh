@@ -17,6 +17,8 @@
 #   cost against call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64.
 #   (--fp8 has no row yet: the option is not built.)
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
+# flow (a later slot, about 8 minutes): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full)
+#   and FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
 #
 # Every step runs under its own time limit and the call's BUDGET (default per stage above): no step runs past it,
 # so a call ends with its files saved, and each stage's results are kept when a later one times out. Benchmarks
@@ -132,6 +134,10 @@ for stage in "$@"; do
             step 90 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py \
                 --benchmark -k "sdxl-16- or sdxl-64-" --benchmark-json "$WORK/micro-pytest-benchmark.json"
         fi
+        ;;
+    flow)  # a later slot: the flow models' rows (FLUX's full states exceed one GPU: LoRA)
+        check 180 sd35m-1 step --kind sd3.5-medium --pairs 1 --recompute full
+        check 240 flux-1-lora step --kind flux.1-dev --pairs 1 --recompute full --lora-rank 16
         ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -35,3 +35,24 @@ def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         assert any(n.endswith("steps.txt") for n in tar.getnames())
     assert "GPU busy" in log  # the profiled step's summary
+
+
+@pytest.mark.bench
+def test_the_flow_stage_runs_in_dry_mode(tmp_path):
+    """The flow stage (SD3.5-Medium's step, FLUX.1-dev's with LoRA) at tiny shapes: both steps exit 0."""
+    env = dict(
+        os.environ,
+        RPO_FAST_GPU_DRY="1",
+        PYTHON=sys.executable,
+        OUT=str(tmp_path / "out"),
+        RPO_FAST_GPU_ROOT=str(tmp_path / "session"),
+        OMP_NUM_THREADS="1",
+    )
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "flow"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert res.returncode == 0, log[-4000:]
+    lines = (tmp_path / "session" / "work" / "steps.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["sd35m-1", "flux-1-lora"], lines
+    assert all(line.split()[1] == "rc=0" for line in lines), lines

@@ -747,9 +747,20 @@ def save_random_model(
     seed: int = 0,
 ) -> Path:
     """A diffusers model folder with random weights: the tiny fixtures, or (``full=True``) the full-size SD1.5 /
-    SDXL configs (speed and memory are those of real weights), built on ``device`` and saved in ``dtype``."""
+    SDXL configs (speed and memory are those of real weights), built on ``device`` and saved in ``dtype``.
+
+    The flow models (``kind`` 'sd3.5-medium', 'sd3.5-large', 'flux.1-dev'): the tiny sd3/flux pipeline, or at full
+    size the configs of ``save_model_configs`` with the transformer's random weights only (no text encoders or VAE
+    weights: a training step reads a cache, and the 4.7 B-parameter T5-XXL would only cost time)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if kind in FULL_TRANSFORMER_CONFIGS:
+        path = Path(path)
+        if not full:
+            return save_tiny_pipeline(path, FLOW_KIND[kind], seed=seed)
+        save_model_configs(path, kind)
+        build_transformer(kind, full=True, device=device, seed=seed).to(dtype).save_pretrained(path / "transformer")
+        return path
     _check_kind(kind)
     unet = build_unet(kind, full=full, device=device, seed=seed).to(dtype)
     vae = build_vae(kind, full=full, device=device, seed=seed + 1).to(dtype)
@@ -810,59 +821,56 @@ def write_synthetic_cache(
 ) -> Path:
     """A complete cache (the format of ``rpo_fast.cache``) of ``n`` random pairs for ``model``: shapes taken from the
     model's configs, nothing encoded. For benchmarks of the training step, where only shapes matter."""
+    from safetensors.torch import save_file
+
     from . import cache as C
-    from .models import model_kind
+    from .models import load_family
 
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = model_kind(model)
-    te = [
-        json.loads((model / sub / "config.json").read_text())
-        for sub in ("text_encoder", "text_encoder_2")
-        if (model / sub / "config.json").exists()
-    ]
-    vae = json.loads((model / "vae" / "config.json").read_text())
+    family = load_family(model)
+    vae = family.config("vae")
     h = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     g = torch.Generator().manual_seed(seed)
-    width = sum(c["hidden_size"] for c in te)
     shard = {
         "captions": [f"synthetic caption {i}" for i in range(n)],
         "latent_mean": torch.randn(n, 2, vae["latent_channels"], h, h, generator=g),
         "latent_std": torch.rand(n, 2, vae["latent_channels"], h, h, generator=g) * 0.1,
         "text_index": torch.arange(n),
-        "prompt_embeds": torch.randn(n, CLIP_MAX_LENGTH, width, generator=g),
         "clip_text": torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=g), dim=-1),
         "clip_image": torch.nn.functional.normalize(torch.randn(n, 2, embed_dim, generator=g), dim=-1),
     }
-    empty = {"prompt_embeds": torch.randn(1, CLIP_MAX_LENGTH, width, generator=g).half()}
-    if kind == "sdxl":
-        pooled = te[1].get("projection_dim", te[1]["hidden_size"])
-        shard["pooled_prompt_embeds"] = torch.randn(n, pooled, generator=g)
+    widths = _synthetic_text_shapes(model, family)
+    shard.update({k: torch.randn(n, *shape, generator=g) for k, shape in widths.items()})
+    if family.name == "sdxl":
         shard["time_ids"] = torch.tensor(
             [[resolution, resolution, 0, 0, resolution, resolution]] * 2 * n, dtype=torch.float32
         ).view(n, 2, 6)
-        empty["pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).half()
+    empty = {k: torch.randn(1, *shape, generator=g).half() for k, shape in widths.items()}
     C.write_shard(out / C.shard_name(0, 0), shard, torch.float16, dict(n=n, pairs_before=0, cursor=[0, n], counts={}))
-    from safetensors.torch import save_file
-
     save_file(empty, str(out / "empty_prompt.safetensors"))
     settings = dict(
-        format=C.FORMAT,
-        model_fingerprint=C.model_fingerprint(model),
-        kind=kind,
-        resolution=resolution,
-        crop="center",
-        flip=False,
-        flip_twin=False,
-        keep_ties=False,
-        seed=seed,
-        shard_size=n,
-        batch_size=n,
-        storage="fp16",
-        world=1,
-        embedder="synthetic",
-        data="synthetic",
-    )
+        format=C.FORMAT, model_fingerprint=C.model_fingerprint(model), kind=family.name, resolution=resolution,
+        crop="center", flip=False, flip_twin=False, keep_ties=False, seed=seed, shard_size=n, batch_size=n,
+        storage="fp16", world=1, embedder="synthetic", data="synthetic", max_sequence_length=family.max_sequence_length,
+    )  # fmt: skip
     (out / "cache.json").write_text(json.dumps(settings))
     C.write_index(out, settings, model, n, {}, [dict(name=C.shard_name(0, 0), pairs=n)])
     return out
+
+
+def _synthetic_text_shapes(model: Path, family) -> dict[str, tuple[int, ...]]:
+    """The per-caption tensors of ``family`` and their shapes: from the text encoders' configs for SD1.5/SDXL, from the
+    transformer's for SD3/FLUX (SD3's CLIP part is as wide as its pooled projection: CLIP-L and CLIP-G side by side)."""
+    if family.name in ("sd3", "flux"):
+        cfg = family.config("transformer")
+        shapes = {"t5_prompt_embeds": (family.max_sequence_length, cfg["joint_attention_dim"])}
+        shapes["pooled_prompt_embeds"] = (cfg["pooled_projection_dim"],)
+        if family.name == "sd3":
+            shapes["clip_prompt_embeds"] = (CLIP_MAX_LENGTH, cfg["pooled_projection_dim"])
+        return shapes
+    te = [family.config(sub) for sub in ("text_encoder", "text_encoder_2") if (model / sub / "config.json").exists()]
+    shapes = {"prompt_embeds": (CLIP_MAX_LENGTH, sum(c["hidden_size"] for c in te))}
+    if family.name == "sdxl":
+        shapes["pooled_prompt_embeds"] = (te[1].get("projection_dim", te[1]["hidden_size"]),)
+    return shapes

@@ -192,7 +192,8 @@ class FluxFamily(FlowFamily):
 
     @cached_property
     def default_resolution(self) -> int:
-        return 128 * 2 ** (len(self.config("vae")["block_out_channels"]) - 1)  # FluxPipeline.default_sample_size
+        vae = self.config("vae")  # FLUX.1's VAE says 1024; else FluxPipeline's default_sample_size 128 x its factor
+        return vae.get("sample_size") or 128 * 2 ** (len(vae["block_out_channels"]) - 1)
 
     @cached_property
     def guidance_embeds(self) -> bool:
