@@ -242,6 +242,10 @@ def one_process(flow, tmp_path_factory):
     runs["sd3", "bf16"] = root / "sd3-bf16"  # the shipped defaults: bf16 with 8-bit AdamW
     bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
     argv.append(_args(flow, "sd3", runs["sd3", "bf16"], "dpo", *bf16))
+    for k in FLOW:  # the reference in its own ZeRO-3 engine instead of replicated
+        runs[k, "ref-zero3"] = root / f"{k}-ref-zero3"
+        extra = ("--micro-batch-size", "2", "--max-steps", "3", "--ref-placement", "zero3")
+        argv.append(_args(flow, k, runs[k, "ref-zero3"], "dpo", *extra))
     res = launch_many(argv)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return runs
@@ -264,6 +268,14 @@ def test_every_objective_trains_in_one_process(one_process, kind, objective):
         assert rows[1]["loss/mse_w"] == pytest.approx(rows[1]["loss/ref_mse_w"], rel=1e-6)
         assert rows[2]["loss/mse_w"] != rows[2]["loss/ref_mse_w"]
     assert (one_process[kind, objective] / "transformer" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", FLOW)
+def test_a_zero3_sharded_reference_gives_the_replicated_ones_losses(one_process, kind):
+    a, b = train_rows(one_process[kind, "dpo"]), train_rows(one_process[kind, "ref-zero3"])
+    assert [b[s]["loss/loss"] for s in (1, 2, 3)] == pytest.approx([a[s]["loss/loss"] for s in (1, 2, 3)], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -310,6 +322,15 @@ def test_two_ranks_resume_exactly_and_export_for_diffusers(flow, one_process, ki
     pipe = load_pipeline(flow[kind], unet=runs["dpo"] / "transformer", device="cpu")
     paths = sample(pipe, ["a warm square"], tmp_path / "images", steps=2, resolution=32, progress=False)
     assert paths[0].exists()
+    # the evaluation command's path: base and tuned with paired seeds, the family's steps (28) and guidance
+    from rpo_fast.evaluate import evaluate
+
+    (tmp_path / "prompts.txt").write_text("a warm square\na cool circle\n")
+    summary = evaluate(
+        flow[kind], tmp_path / "prompts.txt", tmp_path / "eval", unet=runs["dpo"] / "transformer", resolution=32,
+        device="cpu", progress=False,
+    )  # fmt: skip
+    assert summary["steps"] == 28 and len(list((tmp_path / "eval" / "images" / "tuned").glob("*.png"))) == 2
 
 
 @pytest.mark.slow
