@@ -84,12 +84,9 @@ def test_timestep_shifts_are_the_schedulers():
 
     from rpo_fast.models.flow import FluxFamily, SD3Family
 
-    class Fake:
+    class Fake:  # a family whose scheduler is ``sched``
         def __init__(self, sched):
-            self.sched = dict(sched.config)
-
-        def config(self, sub):
-            return self.sched
+            self.scheduler_config = dict(sched.config)
 
     sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
     u = torch.linspace(1, 1000, 1000, dtype=torch.float64).flip(0) / 1000  # the unshifted grid, 1 .. 0.001

@@ -88,13 +88,17 @@ class FlowFamily(ModelFamily):
             raise ValueError(f"--attention {attention} is not supported for {self.name} models (their SDPA only)")
 
     # ---------------------------------------------------------------- the training side
+    @cached_property
+    def scheduler_config(self) -> dict:
+        return self.config("scheduler")
+
     @property
     def num_train_timesteps(self) -> int:
-        return self.config("scheduler").get("num_train_timesteps", 1000)
+        return self.scheduler_config.get("num_train_timesteps", 1000)
 
     def shift(self, u: Tensor, tokens: int) -> Tensor:
         """The scheduler's timestep shift of u in (0, 1) for an image of ``tokens`` transformer tokens."""
-        sched = self.config("scheduler")
+        sched = self.scheduler_config
         if sched.get("use_dynamic_shifting"):
             lo, hi = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
             b0, b1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
