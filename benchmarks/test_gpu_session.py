@@ -14,9 +14,9 @@ STEPS = ["loss-check", "matmul", "sdxl-1-fast", "sdxl-1-baseline", "native-check
 STEPS += ["sdxl-4-selective", "sdxl-4-full", "sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
 
 
-@pytest.mark.bench
-def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
-    env = dict(
+def _dry_env(tmp_path: Path) -> dict:
+    """The session's environment in its dry mode: tiny shapes on this CPU, its files under tmp_path."""
+    return dict(
         os.environ,
         RPO_FAST_GPU_DRY="1",
         PYTHON=sys.executable,
@@ -24,6 +24,11 @@ def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
         RPO_FAST_GPU_ROOT=str(tmp_path / "session"),
         OMP_NUM_THREADS="1",
     )
+
+
+@pytest.mark.bench
+def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
+    env = _dry_env(tmp_path)
     res = subprocess.run(
         ["bash", "benchmarks/gpu_session.sh", "call1", "call2"], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -40,14 +45,7 @@ def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
 @pytest.mark.bench
 def test_the_flow_stage_runs_in_dry_mode(tmp_path):
     """The flow stage (SD3.5-Medium's step, FLUX.1-dev's with LoRA) at tiny shapes: both steps exit 0."""
-    env = dict(
-        os.environ,
-        RPO_FAST_GPU_DRY="1",
-        PYTHON=sys.executable,
-        OUT=str(tmp_path / "out"),
-        RPO_FAST_GPU_ROOT=str(tmp_path / "session"),
-        OMP_NUM_THREADS="1",
-    )
+    env = _dry_env(tmp_path)
     res = subprocess.run(
         ["bash", "benchmarks/gpu_session.sh", "flow"], cwd=ROOT, env=env, capture_output=True, text=True
     )

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT
+from trainrun import ROOT, step_losses
 
 from rpo_fast.config import TrainConfig
 from rpo_fast.engine import ZeroOneRankWarning
@@ -32,15 +32,6 @@ def _trainer(runs, out, **kw):
         tensorboard=False,
     )
     return Trainer(TrainConfig(**(cfg | kw)))
-
-
-def _losses(trainer, steps: int = 3) -> list[float]:
-    out = []
-    for _ in range(steps):
-        trainer.train_step()
-        out.append(trainer.metrics.mean(trainer.device)["loss"])
-    trainer.close()
-    return out
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ def test_engine_configs_and_recompute_train_alike(runs, tmp_path, restore_linear
             if zero3_warnings:
                 message = str(zero3_warnings[0].message)
                 assert "stage 3 on one GPU only adds cost; use configs/single_gpu.json" in message
-            losses[group, i] = _losses(trainer)
+            losses[group, i] = step_losses(trainer)
     first = losses["stage 0", 0]
     assert abs(first[1] - first[0]) > 1e-3 * first[0]  # the updates move the loss: the comparison means something
     for (group, i), got in losses.items():
@@ -91,12 +82,14 @@ def test_lora_with_recompute_trains_like_lora_without(runs, tmp_path):
     """LoRA rank 4, 3 steps of DPO in fp32: recompute full and selective give the losses of none within rtol 1e-6.
     The adapters' init comes from --seed (it came from the process's RNG: a second Trainer in one process started
     from other adapters, which first looked like recompute training differently)."""
-    none = _losses(_trainer(runs, tmp_path / "none", lora_rank=4))
+    none = step_losses(_trainer(runs, tmp_path / "none", lora_rank=4))
     assert none[1] != none[0]
     for mode in ("full", "selective"):
-        assert _losses(_trainer(runs, tmp_path / mode, lora_rank=4, recompute=mode)) == pytest.approx(none, rel=1e-6)
+        assert step_losses(_trainer(runs, tmp_path / mode, lora_rank=4, recompute=mode)) == pytest.approx(
+            none, rel=1e-6
+        )
     torch.manual_seed(12345)  # the process's RNG elsewhere: the same adapters, the same losses
-    assert _losses(_trainer(runs, tmp_path / "again", lora_rank=4)) == none
+    assert step_losses(_trainer(runs, tmp_path / "again", lora_rank=4)) == none
 
 
 def test_selective_recompute_is_refused_under_zero3(runs, tmp_path):
@@ -116,12 +109,12 @@ def test_regional_compile_trains_like_the_plain_path(runs, tmp_path):
     1e-5 (the captured graphs run the same ops; AOTAutograd may order the backward's sums differently)."""
     from torch._dynamo.utils import counters
 
-    plain = _losses(_trainer(runs, tmp_path / "plain"))
+    plain = step_losses(_trainer(runs, tmp_path / "plain"))
     counters.clear()
     regional = _trainer(runs, tmp_path / "regional", compile_mode="regional", compile_backend="aot_eager")
     blocks = [m for m in regional.engine.module.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
-    got = _losses(regional)
+    got = step_losses(regional)
     assert counters["stats"]["unique_graphs"] >= 1  # something was compiled
     assert got == pytest.approx(plain, rel=1e-5)
 
@@ -134,7 +127,7 @@ def test_fuse_qkv_trains_alike_and_exports_the_trained_policy(runs, tmp_path):
     from diffusers import UNet2DConditionModel
     from helpers import assert_close
 
-    plain = _losses(_trainer(runs, tmp_path / "plain"))
+    plain = step_losses(_trainer(runs, tmp_path / "plain"))
     trainer = _trainer(runs, tmp_path / "fused", fuse_qkv=True)
     policy = trainer.engine.module
     assert any(hasattr(m, "to_qkv") for m in policy.modules()) and any(hasattr(m, "to_kv") for m in policy.modules())

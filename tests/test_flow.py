@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from trainrun import ZERO3, launch, launch_many, train_rows
+from trainrun import ZERO3, launch, launch_many, step_losses, train_rows
 
 from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
@@ -370,16 +370,8 @@ def test_regional_compile_compiles_the_blocks_and_trains_alike(flow, kind, block
         )  # fmt: skip
         return Trainer(TrainConfig(**(cfg | kw)))
 
-    def losses(t, steps=2):
-        out = []
-        for _ in range(steps):
-            t.train_step()
-            out.append(t.metrics.mean(t.device)["loss"])
-        t.close()
-        return out
-
-    plain = losses(trainer(tmp_path / "plain"))
+    plain = step_losses(trainer(tmp_path / "plain"), 2)
     regional = trainer(tmp_path / "regional", compile_mode="regional", compile_backend="aot_eager")
     compiled = [m for m in regional.engine.module.modules() if type(m).__name__ in blocks]
     assert compiled and all(m._compiled_call_impl is not None for m in compiled)
-    assert losses(regional) == pytest.approx(plain, rel=1e-5)
+    assert step_losses(regional, 2) == pytest.approx(plain, rel=1e-5)

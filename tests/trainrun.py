@@ -44,6 +44,16 @@ def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def step_losses(trainer, steps: int = 3) -> list[float]:
+    """``steps`` optimizer steps of an in-process Trainer, the mean loss after each; the trainer is closed."""
+    out = []
+    for _ in range(steps):
+        trainer.train_step()
+        out.append(trainer.metrics.mean(trainer.device)["loss"])
+    trainer.close()
+    return out
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
