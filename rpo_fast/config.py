@@ -22,6 +22,7 @@ from typing import Literal
 from .data import COLUMNS_HELP, RANKING_HELP, RANKING_RULES, Columns
 from .embed import MODES
 from .engine import OPTIMIZERS, PRECISIONS, read_ds_config
+from .fp8 import RECIPES as FP8_RECIPES
 from .loss import BACKENDS
 from .objectives import OBJECTIVE_TABLE, OBJECTIVES, objective
 from .recompute import RECOMPUTE
@@ -254,6 +255,16 @@ class TrainConfig:
             "and reference; the export splits them back"
         ),
     )
+    fp8: bool = field(
+        default=False,
+        **_help(
+            "FP8 matmuls in the linear layers of policy and reference (torchao's float8 training; GPUs of compute "
+            "capability 8.9+; emulated on a CPU); best with --compile-mode regional or whole"
+        ),
+    )
+    fp8_recipe: Literal[FP8_RECIPES] = field(
+        default="tensorwise", **_help("--fp8 scaling: one scale per tensor (fastest) or per row (closer to bf16)")
+    )
     # checkpoints, logging, evaluation
     resume: bool = field(default=False, **_help("continue from the newest complete checkpoint"))
     checkpoint_every: int = field(default=500, **_help("steps between checkpoints (and at the end)"))
@@ -353,6 +364,10 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
         raise ValueError("--fuse-qkv with --lora-rank: the adapters sit on to_q/to_k/to_v, which --fuse-qkv replaces")
     if cfg.fuse_qkv and cfg.attention == "xformers":
         raise ValueError("--fuse-qkv runs diffusers' fused SDPA processor: drop --attention xformers")
+    if cfg.fp8:
+        from .fp8 import check_fp8
+
+        check_fp8()
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.ref_placement != "replicated":

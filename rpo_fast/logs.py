@@ -12,7 +12,11 @@ everything). It drops exactly these messages and nothing else of their loggers:
   for other processors): torchvision is kept out of CPU environments on purpose, and the PIL processor is the one
   the models were trained with;
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": a 4-bit inference kernel that
-  rpo_fast never calls.
+  rpo_fast never calls;
+- with torchao installed (``--fp8``): torchao's "Failed to load .../torchao/_C_...so" for its CUDA-only libraries
+  on a machine without CUDA, diffusers' "Unable to import `torchao` Tensor objects" (loading torchao-quantized
+  checkpoints, which rpo_fast does not do) and torch's "... is an Enum subclass and is now natively supported" at
+  torchao's import (a deprecation inside torchao).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ NOISE = {
     "DeepSpeed": "You are using ZeRO with an untested optimizer",
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "torchao": "/torchao/_C",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
 }
 
 

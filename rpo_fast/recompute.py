@@ -38,6 +38,7 @@ SAVED_OPS = {
     aten.addmm.default,
     aten.bmm.default,
     aten.baddbmm.default,
+    aten._scaled_mm.default,  # --fp8's matmuls
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,

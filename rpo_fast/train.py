@@ -42,6 +42,7 @@ from rpo_fast import engine as E  # noqa: E402
 from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, run_cli, validate  # noqa: E402
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
+from rpo_fast.fp8 import convert_fp8  # noqa: E402
 from rpo_fast.logs import quiet_known_noise  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
     MetricMean,
@@ -113,6 +114,8 @@ class Trainer:
             self.family.set_attention(reference, cfg.attention)
             if cfg.fuse_qkv:  # the policy's kernels: step 0 still ties
                 self.family.fuse_qkv(reference)
+            if cfg.fp8:  # likewise
+                convert_fp8(reference, recipe=cfg.fp8_recipe, emulate=self.device.type != "cuda")
             # DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
             # reference takes the policy's buffers, so the two still tie at step 0
             policy_buffers = dict(policy.named_buffers())
@@ -181,6 +184,8 @@ class Trainer:
         self.family.set_attention(policy, cfg.attention)
         if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
             self.family.fuse_qkv(policy)
+        if cfg.fp8:  # before the adapters: LoRA's base layers run FP8, its small adapters stay bf16
+            self.n_fp8 = convert_fp8(policy, recipe=cfg.fp8_recipe, emulate=self.device.type != "cuda")
         if cfg.lora_rank:
             from peft import LoraConfig
 
@@ -212,6 +217,8 @@ class Trainer:
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
             f"{f', compiled ({E.compile_mode(cfg)})' if E.compile_mode(cfg) else ''}"
             f", {cfg.attention} attention, recompute {recompute_mode(cfg)}"
+            f"{f', fp8 {cfg.fp8_recipe} in {self.n_fp8} linear layers' if cfg.fp8 else ''}"
+            f"{' (emulated on the CPU)' if cfg.fp8 and self.device.type != 'cuda' else ''}"
         )
 
     # ---------------------------------------------------------------- one step

@@ -34,14 +34,6 @@ def _trainer(runs, out, **kw):
     return Trainer(TrainConfig(**(cfg | kw)))
 
 
-@pytest.fixture
-def restore_linear():
-    """ZeRO-3 replaces torch.nn.functional.linear for the whole process: put it back for the tests that follow."""
-    linear = torch.nn.functional.linear
-    yield
-    torch.nn.functional.linear = linear
-
-
 def test_engine_configs_and_recompute_train_alike(runs, tmp_path, restore_linear):
     """3 steps of DPO in fp32 with torch's AdamW: stage 0 (the one-GPU config) with each recompute choice, ZeRO-1,
     ZeRO-2 and ZeRO-3 (with recompute none and full) give the same losses. The first step's loss is before any update:
