@@ -202,8 +202,9 @@ def step(a) -> ResultTable:
     cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
     flops, hw_flops = B.flops_per_pair(model, a.recompute)
     rate = B.matmul_rate()
-    key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=a.compile)
-    key["lora_rank"] = a.lora_rank
+    compiled = a.compile_mode or ("whole" if a.compile else "none")
+    key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=compiled)
+    key.update(lora_rank=a.lora_rank, fp8=a.fp8, reference_graphs=a.reference_graphs)
     if a.baseline:
         r = B.bench_baseline(
             model, a.pairs, steps=a.steps, warmup=a.warmup, gradient_checkpointing=a.recompute != "none"
@@ -220,7 +221,9 @@ def step(a) -> ResultTable:
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
     with tempfile.TemporaryDirectory() as out:
         flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
-        flags["lora_rank"] = a.lora_rank
+        flags.update(lora_rank=a.lora_rank, compile_mode=a.compile_mode, fp8=a.fp8)
+        flags["compile_backend"] = "aot_eager" if dry else "inductor"  # dry: no C++ build of inductor's CPU code
+        flags["reference_graphs"] = a.reference_graphs and not dry  # CUDA only: the dry run takes the eager path
         trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
         phases = PhaseTimes()
         phases.wrap(trainer.loader, "next", "data")
@@ -235,9 +238,10 @@ def step(a) -> ResultTable:
             torch.cuda.reset_peak_memory_stats()
         phases.on = True
         t0 = time.perf_counter()
-        for _ in range(a.steps):
-            trainer.train_step()
-        sync()
+        with HostSyncCount() as syncs:  # CUDA's sync debug mode: each synchronizing call warns once
+            for _ in range(a.steps):
+                trainer.train_step()
+            sync()
         sec = (time.perf_counter() - t0) / a.steps
         ms = {k: v / a.steps for k, v in phases.totals_ms().items()}
         ms["policy_forward_and_loss"] = ms.pop("forward_total") - ms["reference_forward"]
@@ -253,15 +257,51 @@ def step(a) -> ResultTable:
             hfu=pairs_s * hw_flops / rate,
             matmul_tflops=rate / 1e12,
             **{f"{k}_ms": v for k, v in ms.items()},
+            host_syncs_per_step=syncs.count / a.steps if CUDA else float("nan"),
         )
+        if CUDA and syncs.sites:
+            print("[gpu_check] synchronizing calls in the step (count, where):", flush=True)
+            for where, n in syncs.sites.most_common(8):
+                print(f"  {n:5d}  {where}", flush=True)
         if a.profile:
             profile(trainer, a, dry)
         trainer.close()
     return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
 
 
-STEP_TITLE = "Training step: per-phase times (ms per step), peak memory, MFU/HFU"
-STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "lora_rank", "side")
+STEP_TITLE = "Training step: per-phase times (ms per step), peak memory, MFU/HFU, host syncs"
+STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "lora_rank", "fp8", "reference_graphs", "side")
+
+
+class HostSyncCount:
+    """Counts the host-device synchronizations of a region with ``torch.cuda.set_sync_debug_mode("warn")``: CUDA
+    warns at each synchronizing call (``.item()``, a blocking copy, ``nonzero``...). ``sites`` counts them by the
+    innermost frame outside torch (file:line). The step's own tensor code has none (tests/test_loader.py holds that
+    on CPU); what is left is DeepSpeed's optimizer step (gradient norm, overflow check). A no-op without CUDA."""
+
+    def __enter__(self):
+        import collections
+        import warnings
+
+        self.count, self.sites = 0, collections.Counter()
+        if not CUDA:
+            return self
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if not CUDA:
+            return False
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+        for w in self._caught:
+            if "synchroniz" in str(w.message):
+                self.count += 1
+                self.sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+        return False
 
 
 def profile(trainer, a, dry: bool) -> None:
@@ -288,7 +328,12 @@ def profile(trainer, a, dry: bool) -> None:
     summary = prof.key_averages().table(sort_by=sort, row_limit=25)
     folder = ROOT.parent / ".benchmarks" if dry else ROOT / "results"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"gpu_profile-{a.kind}-{a.pairs}-{a.ds_config}-{a.recompute}{'-compiled' if a.compile else ''}"
+    options = "".join(
+        f"-{o}"
+        for o, on in (("compiled", a.compile or a.compile_mode), ("fp8", a.fp8), ("graphs", a.reference_graphs))
+        if on
+    )
+    name = f"gpu_profile-{a.kind}-{a.pairs}-{a.ds_config}-{a.recompute}{options}"
     text = (
         f"# {name}\n\n3 training steps under torch.profiler; GPU busy {busy / wall_us:.1%} of {wall_us / 1e3:.0f} ms "
         f"wall ({len(kernels)} kernels)\n\n```\n{summary}\n```\n"
@@ -322,6 +367,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
+    ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
     ap.add_argument("--baseline", action="store_true", help="the reference-script step instead of rpo_fast's")
     ap.add_argument("--profile", action="store_true", help="also 3 profiled steps: top kernels, GPU-busy fraction")
     ap.add_argument("--steps", type=int, default=5)

@@ -265,6 +265,13 @@ class TrainConfig:
     fp8_recipe: Literal[FP8_RECIPES] = field(
         default="tensorwise", **_help("--fp8 scaling: one scale per tensor (fastest) or per row (closer to bf16)")
     )
+    reference_graphs: bool = field(
+        default=False,
+        **_help(
+            "replay the replicated reference's forward from a CUDA graph captured at the training shape (one host "
+            "launch per reference forward; other shapes run eagerly); CUDA only"
+        ),
+    )
     # checkpoints, logging, evaluation
     resume: bool = field(default=False, **_help("continue from the newest complete checkpoint"))
     checkpoint_every: int = field(default=500, **_help("steps between checkpoints (and at the end)"))
@@ -368,6 +375,9 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
         from .fp8 import check_fp8
 
         check_fp8()
+    from .graphs import check_reference_graphs
+
+    check_reference_graphs(cfg, objective(cfg.objective).reference)
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.ref_placement != "replicated":

@@ -43,6 +43,7 @@ from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mod
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402
+from rpo_fast.graphs import GraphedForward  # noqa: E402
 from rpo_fast.logs import quiet_known_noise  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
     MetricMean,
@@ -130,6 +131,9 @@ class Trainer:
                 self.reference = E.build_reference_engine(reference, self.ds_config)
             else:
                 self.reference = reference.to(self.device)
+        self.graphed_reference = None
+        if cfg.reference_graphs:  # captured at the first reference forward
+            self.graphed_reference = GraphedForward(lambda x, t, c: self.family.predict(self.reference, x, t, c))
 
         # engine, loss
         self.pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
@@ -219,6 +223,7 @@ class Trainer:
             f", {cfg.attention} attention, recompute {recompute_mode(cfg)}"
             f"{f', fp8 {cfg.fp8_recipe} in {self.n_fp8} linear layers' if cfg.fp8 else ''}"
             f"{' (emulated on the CPU)' if cfg.fp8 and self.device.type != 'cuda' else ''}"
+            f"{', reference forward from a CUDA graph' if cfg.reference_graphs else ''}"
         )
 
     # ---------------------------------------------------------------- one step
@@ -283,7 +288,10 @@ class Trainer:
                 module.enable_adapters()
         if self.cfg.ref_placement == "replicated":
             with torch.inference_mode():
-                ref = self.family.predict(self.reference, noisy, t, cond)
+                if self.graphed_reference is not None:
+                    ref = self.graphed_reference(noisy, t, cond)  # the graph's output buffer: cloned below
+                else:
+                    ref = self.family.predict(self.reference, noisy, t, cond)
             return ref.clone()  # an ordinary tensor again: the loss may save it for its backward
         return self.family.predict(self.reference, noisy, t, cond)
 

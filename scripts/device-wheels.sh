@@ -18,6 +18,7 @@ py=${PYTHON:-}
 wheels=(
   diffusers==0.42.1 bitsandbytes==0.50.2 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
   hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+  torchao==0.18.0
   "$@"
 )
 platforms=()
