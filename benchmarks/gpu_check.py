@@ -202,7 +202,7 @@ def step(a) -> ResultTable:
     cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
     flops, hw_flops = B.flops_per_pair(model, a.recompute)
     rate = B.matmul_rate()
-    compiled = a.compile_mode or ("whole" if a.compile else "none")
+    compiled = (a.compile_mode or ("whole" if a.compile else "none")) + ("+resnets" if a.compile_resnets else "")
     key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=compiled)
     key.update(lora_rank=a.lora_rank, fp8=a.fp8, reference_graphs=a.reference_graphs)
     if a.baseline:
@@ -221,7 +221,7 @@ def step(a) -> ResultTable:
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
     with tempfile.TemporaryDirectory() as out:
         flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
-        flags.update(lora_rank=a.lora_rank, compile_mode=a.compile_mode, fp8=a.fp8)
+        flags.update(lora_rank=a.lora_rank, compile_mode=a.compile_mode, compile_resnets=a.compile_resnets, fp8=a.fp8)
         flags["compile_backend"] = "aot_eager" if dry else "inductor"  # dry: no C++ build of inductor's CPU code
         flags["reference_graphs"] = a.reference_graphs and not dry  # CUDA only: the dry run takes the eager path
         trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
@@ -368,6 +368,7 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
+    ap.add_argument("--compile-resnets", action="store_true", help="with --compile-mode regional: the resnets too")
     ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
     ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
     ap.add_argument("--baseline", action="store_true", help="the reference-script step instead of rpo_fast's")

@@ -14,8 +14,8 @@
 #   last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
 #   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096),
 #   with the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit).
-# call2 (BUDGET 240 s): SDXL at 4 pairs: --recompute none, then with --compile-mode regional, then regional + --fp8
-#   (each against the row before it); SDXL at 1 pair with --reference-graphs (against call1's fast row); 4 pairs with
+# call2 (BUDGET 240 s): SDXL at 4 pairs: --recompute none, then with --compile-mode regional, regional with
+#   --compile-resnets, regional + --fp8 (against the regional row); SDXL at 1 pair with --reference-graphs (against call1's fast row); 4 pairs with
 #   --recompute selective and full; ZeRO-3 on one GPU at 1 pair (its cost against call1's row); SD1.5 at 512px,
 #   1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64. Every step row also counts the host syncs of the
 #   measured steps (CUDA's sync debug mode). Rows the budget does not reach are reported as not started.
@@ -130,6 +130,7 @@ for stage in "$@"; do
     call2)
         check 60 sdxl-4-none step --kind sdxl --pairs 4 --recompute none
         check 75 sdxl-4-regional step --kind sdxl --pairs 4 --recompute none --compile-mode regional
+        check 75 sdxl-4-resnets step --kind sdxl --pairs 4 --recompute none --compile-mode regional --compile-resnets
         check 75 sdxl-4-fp8 step --kind sdxl --pairs 4 --recompute none --compile-mode regional --fp8
         check 60 sdxl-1-graphs step --kind sdxl --pairs 1 --reference-graphs
         for r in selective full; do check 60 "sdxl-4-$r" step --kind sdxl --pairs 4 --recompute "$r"; done

@@ -246,6 +246,13 @@ class TrainConfig:
             "stay eager), before DeepSpeed wraps the model (implies --compile)"
         ),
     )
+    compile_resnets: bool = field(
+        default=False,
+        **_help(
+            "with --compile-mode regional, also compile each ResnetBlock2D (UNets; one graph per channel and "
+            "resolution shape, where inductor can also pick channels-last convolutions)"
+        ),
+    )
     compile_backend: str = field(default="inductor", **_help("torch.compile backend (inductor, aot_eager)"))
     attention: Literal["sdpa", "xformers"] = field(default="sdpa", **_help("xformers: when installed"))
     fuse_qkv: bool = field(
@@ -375,6 +382,10 @@ def validate(cfg: TrainConfig, world: int = 1) -> dict:
         from .fp8 import check_fp8
 
         check_fp8()
+    if cfg.compile_resnets and cfg.compile_mode != "regional":
+        raise ValueError("--compile-resnets adds the resnets to regional compile: pass --compile-mode regional")
+    if cfg.compile_resnets and not family.resnet_blocks:
+        raise ValueError(f"--compile-resnets: {family.name} models have no resnet blocks")
     from .graphs import check_reference_graphs
 
     check_reference_graphs(cfg, objective(cfg.objective).reference)

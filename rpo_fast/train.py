@@ -36,6 +36,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
@@ -185,6 +186,11 @@ class Trainer:
         policy = self.family.load_denoiser(cfg.unet, dtype=torch.float32)
         if self.family.repeated_blocks and not getattr(policy, "_repeated_blocks", None):
             policy._repeated_blocks = list(self.family.repeated_blocks)  # what --compile-mode regional compiles
+        if cfg.compile_resnets:
+            policy._repeated_blocks = [*policy._repeated_blocks, *self.family.resnet_blocks]
+            # one graph per resnet shape (SDXL: a dozen (channels, resolution) pairs) must not hit Dynamo's
+            # recompile limit (8), past which it would silently run the rest eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.family.set_attention(policy, cfg.attention)
         if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
             self.family.fuse_qkv(policy)
@@ -210,6 +216,7 @@ class Trainer:
         reference = f"none ({cfg.objective})" if not self.spec.reference else cfg.ref_placement
         if cfg.lora_rank:
             reference = "the policy without its adapters"
+        resnets = " with the resnets" if cfg.compile_resnets else ""
         trained = f"{self.n_trainable / 1e6:.2f}M trained" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
         return (
             f"{self.family.name} {self.family.denoiser_folder} {self.n_params / 1e6:.1f}M params ({trained}) | "
@@ -219,7 +226,7 @@ class Trainer:
             f"{self.dataset.skipped.summary()}) | steps {self.step}->{cfg.max_steps}, "
             f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
-            f"{f', compiled ({E.compile_mode(cfg)})' if E.compile_mode(cfg) else ''}"
+            f"{f', compiled ({E.compile_mode(cfg)}{resnets})' if E.compile_mode(cfg) else ''}"
             f", {cfg.attention} attention, recompute {recompute_mode(cfg)}"
             f"{f', fp8 {cfg.fp8_recipe} in {self.n_fp8} linear layers' if cfg.fp8 else ''}"
             f"{' (emulated on the CPU)' if cfg.fp8 and self.device.type != 'cuda' else ''}"

@@ -41,6 +41,7 @@ class ModelFamily:
     default_beta: ClassVar[float | None] = None  # the objectives' beta where --beta is not given (None: theirs)
     sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
+    resnet_blocks: ClassVar[tuple[str, ...]] = ()  # what --compile-resnets adds to regional compile (UNets)
     max_sequence_length: int | None = None  # T5 tokens per caption (families with a T5 encoder)
 
     def __init_subclass__(cls, **kw):

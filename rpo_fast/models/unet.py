@@ -24,6 +24,7 @@ class SD15Family(ModelFamily):
     encoder_folders = ("text_encoder", "tokenizer")
     dspo_form = "sd15"
     guidance = 7.5
+    resnet_blocks = ("ResnetBlock2D",)
 
     @classmethod
     def detect(cls, model_index, denoiser_config):
