@@ -31,14 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import ResultTable, cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [  # (DeepSpeed config, recompute)
-    ("single_gpu", "none"),
-    ("single_gpu", "selective"),
-    ("single_gpu", "full"),
-    ("zero2_8bit", "none"),
-    ("zero3_8bit", "none"),
-    ("zero3_8bit", "full"),
+CONFIGS = [  # (DeepSpeed config, recompute, option)
+    ("single_gpu", "none", "-"),
+    ("single_gpu", "selective", "-"),
+    ("single_gpu", "full", "-"),
+    ("zero2_8bit", "none", "-"),
+    ("zero3_8bit", "none", "-"),
+    ("zero3_8bit", "full", "-"),
+    ("single_gpu", "none", "fuse-qkv"),
+    ("single_gpu", "none", "regional"),
+    ("single_gpu", "none", "regional+resnets"),
 ]
+# the step options as TrainConfig fields (regional compile with inductor: on a CPU it generates C++ loops, so the
+# row shows how many per-op dispatches a compiled region saves; its compilation happens in the warm-up steps)
+OPTIONS = {
+    "-": {},
+    "fuse-qkv": dict(fuse_qkv=True),
+    "regional": dict(compile_mode="regional", compile_backend="inductor"),
+    "regional+resnets": dict(compile_mode="regional", compile_resnets=True, compile_backend="inductor"),
+}
 
 
 def skeleton_config() -> dict:
@@ -90,6 +101,7 @@ def measure_here(a) -> dict:
             mixed_precision="no",
             optimizer="adamw",
             recompute=a.recompute,
+            **OPTIONS[a.option],
             export=False,
             progress=False,
             tensorboard=False,
@@ -165,6 +177,7 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
         [
             "ds_config",
             "recompute",
+            "option",
             "host_ms_per_step",
             "vs_stage0",
             "module_calls_per_step",
@@ -181,7 +194,7 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
         "interleaved, the fastest median kept (a 2-core machine drifts). Hook calls: "
         "calls of functions whose name contains 'hook' in one cProfile'd step. ZeRO-3 with selective recompute is "
         "refused by the trainer (see README), so it has no row.",
-        key=("ds_config", "recompute"),
+        key=("ds_config", "recompute", "option"),
         device="cpu",
     )
     table.env["device"] = cpu_name()
@@ -190,17 +203,18 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
         model, cache = build(Path(tmp))
         best: dict[tuple, dict] = {}
         for _ in range(rounds):
-            for ds_config, recompute in configs:
-                row = _child(Path(tmp), model, cache, ds_config, recompute, steps)
-                old = best.get((ds_config, recompute))
+            for config in configs:
+                row = _child(Path(tmp), model, cache, *config, steps)
+                old = best.get(config)
                 if old is None or row.get("host_ms_per_step", float("inf")) < old.get("host_ms_per_step", float("inf")):
-                    best[ds_config, recompute] = row
-        base = best.get(("single_gpu", "none"), {}).get("host_ms_per_step")
-        for (ds_config, recompute), row in best.items():
+                    best[config] = row
+        base = best.get(("single_gpu", "none", "-"), {}).get("host_ms_per_step")
+        for (ds_config, recompute, option), row in best.items():
             ms = row.get("host_ms_per_step")
             table.add(
                 ds_config=ds_config,
                 recompute=recompute,
+                option=option,
                 vs_stage0=ms / base if ms and base else None,
                 command=command,
                 **row,
@@ -209,11 +223,11 @@ def run(steps: int, configs=CONFIGS, command: str = "", rounds: int = 2) -> Resu
     return table
 
 
-def _child(tmp: Path, model: Path, cache: Path, ds_config: str, recompute: str, steps: int) -> dict:
+def _child(tmp: Path, model: Path, cache: Path, ds_config: str, recompute: str, option: str, steps: int) -> dict:
     """One measurement in its own process: its row, or {"errors": ...}."""
-    result = tmp / f"{ds_config}-{recompute}.json"
+    result = tmp / f"{ds_config}-{recompute}-{option}.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", "--ds-config", ds_config, "--recompute", recompute]
+    cmd = [sys.executable, __file__, "--child", "--ds-config", ds_config, "--recompute", recompute, "--option", option]
     cmd += ["--model", str(model), "--cache", str(cache), "--steps", str(steps), "--result", str(result)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -227,7 +241,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     ap.add_argument("--quick", action="store_true", help="2 timed steps, stage 0 and ZeRO-3 only (CI)")
-    for name in ("--ds-config", "--recompute", "--model", "--cache", "--result"):  # the child
+    for name in ("--ds-config", "--recompute", "--option", "--model", "--cache", "--result"):  # the child
         ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -236,7 +250,7 @@ def main(argv=None) -> None:
         return
     command = "python benchmarks/bench_host_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.quick:
-        table = run(2, [("single_gpu", "none"), ("zero3_8bit", "none")], command=command, rounds=1)
+        table = run(2, [("single_gpu", "none", "-"), ("zero3_8bit", "none", "-")], command=command, rounds=1)
     else:
         table = run(a.steps, command=command)
     for p in table.write():

@@ -239,6 +239,9 @@ def one_process(flow, tmp_path_factory):
     runs["sd3", "bf16"] = root / "sd3-bf16"  # the shipped defaults: bf16 with 8-bit AdamW
     bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
     argv.append(_args(flow, "sd3", runs["sd3", "bf16"], "dpo", *bf16))
+    for k in FLOW:  # FP8 linear layers (torchao, emulated on the CPU) in policy and reference
+        runs[k, "fp8"] = root / f"{k}-fp8"
+        argv.append(_args(flow, k, runs[k, "fp8"], "dpo", *bf16, "--fp8"))
     for k in FLOW:  # the reference in its own ZeRO-3 engine instead of replicated
         runs[k, "ref-zero3"] = root / f"{k}-ref-zero3"
         extra = ("--micro-batch-size", "2", "--max-steps", "3", "--ref-placement", "zero3")
@@ -283,6 +286,17 @@ def test_bf16_policy_and_reference_tie_at_step_one(one_process):
     row = train_rows(one_process["sd3", "bf16"])[1]
     assert row["loss/mse_w"] == row["loss/ref_mse_w"] and row["loss/mse_l"] == row["loss/ref_mse_l"]
     assert row["loss/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", FLOW)
+def test_fp8_ties_at_step_one_and_trains(one_process, kind):
+    """--fp8 on the flow transformers (nearly all of their FLOPs are linear layers): policy and reference run the same
+    FP8 layers, so step 1 ties to the bit; step 2's losses are finite and the policy has moved."""
+    rows = train_rows(one_process[kind, "fp8"])
+    assert rows[1]["loss/mse_w"] == rows[1]["loss/ref_mse_w"] and rows[1]["loss/loss"] == pytest.approx(math.log(2))
+    assert math.isfinite(rows[2]["loss/loss"]) and rows[2]["loss/mse_w"] != rows[2]["loss/ref_mse_w"]
 
 
 @pytest.mark.slow
