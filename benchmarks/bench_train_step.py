@@ -1,7 +1,8 @@
 """End-to-end preference-training step: rpo_fast against a step in the style of the reference DPO scripts.
 
     python benchmarks/bench_train_step.py --kind sdxl --pairs 1 2 4 [--recompute none|selective|full]
-        [--ds-config single_gpu|zero2_8bit|zero3_8bit] [--compile] [--ref-placement zero3] [--lora-rank 8]
+        [--ds-config single_gpu|zero2_8bit|zero3_8bit] [--compile] [--compile-mode regional [--compile-resnets]]
+        [--fp8] [--reference-graphs] [--ref-placement zero3] [--lora-rank 8]
                                                            (GPU: full-size UNets with random weights)
     python benchmarks/bench_train_step.py --quick          (CPU: tiny models; checks that it runs)
     python benchmarks/bench_train_step.py --kind sd3.5-medium flux.1-dev --recompute full --lora-rank 16
@@ -303,6 +304,10 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
+    ap.add_argument("--compile-resnets", action="store_true", help="with --compile-mode regional: the resnets too")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao; sm_89+)")
+    ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
     ap.add_argument("--ref-placement", default="replicated", choices=["replicated", "zero3"])
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--steps", type=int, default=5)
@@ -314,6 +319,10 @@ def main(argv=None) -> None:
     if a.measure:
         return _measure_here(a)
     flags = dict(ds_config=a.ds_config, ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
+    options = dict(
+        compile_mode=a.compile_mode, compile_resnets=a.compile_resnets, fp8=a.fp8, reference_graphs=a.reference_graphs
+    )
+    flags |= {k: v for k, v in options.items() if v}  # only those given: an older row's key keeps its spelling
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")
     table = run(
