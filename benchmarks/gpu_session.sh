@@ -13,12 +13,14 @@
 #   then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every step);
 #   last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
 #   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096),
-#   with the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit).
+#   with the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit)
+#   and FP8 on CUDA (tests/test_fp8.py -m gpu: torch._scaled_mm runs, within 10% of bf16).
 # call2 (BUDGET 240 s): SDXL at 4 pairs: --recompute none, then with --compile-mode regional, regional with
-#   --compile-resnets, regional + --fp8 (against the regional row); SDXL at 1 pair with --reference-graphs (against call1's fast row); 4 pairs with
-#   --recompute selective and full; ZeRO-3 on one GPU at 1 pair (its cost against call1's row); SD1.5 at 512px,
-#   1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64. Every step row also counts the host syncs of the
-#   measured steps (CUDA's sync debug mode). Rows the budget does not reach are reported as not started.
+#   --compile-resnets, regional + --fp8 (against the regional row); SDXL at 1 pair with --reference-graphs (against
+#   call1's fast row); 4 pairs with --recompute selective and full; ZeRO-3 on one GPU at 1 pair (its cost against
+#   call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64. Every step row
+#   also counts the host syncs of the measured steps (CUDA's sync debug mode). Rows the budget does not reach are
+#   reported as not started.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
 # flow (a later slot, about 8 minutes): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full)
 #   and FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
@@ -124,7 +126,7 @@ for stage in "$@"; do
         check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
         check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
         check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
-        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_graphs.py -m gpu \
+        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_graphs.py tests/test_fp8.py -m gpu \
             --junitxml "$WORK/native-gpu.xml"
         ;;
     call2)
