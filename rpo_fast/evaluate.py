@@ -94,14 +94,17 @@ def load_pipeline(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     scheduler: str = "auto",
+    max_sequence_length: int | None = None,
 ):
     """The model family's sampling pipeline from a local folder, with the tuned ``unet`` folder or ``lora`` swapped
-    in. ``pipe.family`` is the family (its ``guidance`` is the papers' default)."""
+    in. ``pipe.family`` is the family (its ``guidance`` is the papers' default). ``max_sequence_length``: the T5
+    tokens per prompt of SD3/FLUX (default: the pipeline's, 256 / 512; give the cache's when it was built with
+    another, so that sampling sees the captions as training did)."""
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     from .models import load_family
 
-    family = load_family(model)
+    family = load_family(model, max_sequence_length=max_sequence_length)
     if family.denoiser_folder == "transformer" and scheduler not in ("auto", "folder"):
         raise ValueError(f"--scheduler {scheduler}: {family.name} models sample with their flow-matching scheduler")
     pipe = family.load_pipeline(dtype=dtype)
@@ -150,8 +153,14 @@ def sample(
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
             gens = [torch.Generator(device).manual_seed(seed_of(seed, i, j)) for (i, j), _ in chunk]
+            t5 = (
+                {}
+                if pipe.family.max_sequence_length is None
+                else dict(max_sequence_length=pipe.family.max_sequence_length)
+            )
             out = pipe(
                 [prompts[i] for (i, _), _ in chunk],
+                **t5,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=gens,
@@ -540,6 +549,7 @@ def evaluate(
     limit=None,
     device=None,
     scheduler="auto",
+    max_sequence_length=None,
     progress=True,
     title="Evaluation",
     style=None,
@@ -560,10 +570,11 @@ def evaluate(
     if style is not None and (style_refs is None or style_clip is None):
         raise ValueError("--style needs --style-refs (the styled images) and --style-clip (a CLIP folder)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if steps is None:  # the family's recipe, recorded in the summary
-        from .models import load_family
+    from .models import load_family
 
-        steps = load_family(model).sample_steps
+    family = load_family(model, max_sequence_length=max_sequence_length)  # a bad --max-sequence-length fails now
+    if steps is None:  # the family's recipe, recorded in the summary
+        steps = family.sample_steps
     prompts = read_prompts(prompts_file, limit)
     references = read_style_references(style_refs) if style is not None else None
     out = Path(out)
@@ -578,7 +589,8 @@ def evaluate(
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     paths = {}
     for name, kw in (("base", {}), ("tuned", dict(unet=unet, lora=lora))):
-        pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, **kw)
+        t5 = dict(max_sequence_length=max_sequence_length)
+        pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, **t5, **kw)
         paths[name] = sample(
             pipe,
             prompts,
@@ -622,6 +634,7 @@ def evaluate(
         seed=seed,
         steps=steps,
         guidance=guidance,
+        max_sequence_length=max_sequence_length,
         metrics=[c.__dict__ for c in comparisons],
         not_computed=unavailable,
     )
@@ -705,6 +718,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL), 7 (SD3), 3.5 (FLUX)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
+    ap.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3/FLUX: T5 tokens per prompt (default: the pipeline's, 256 / 512); use the cache's if it was built "
+        "with another",
+    )
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     ap.add_argument(
         "--scheduler",
@@ -745,6 +765,7 @@ def _evaluate_args(a: argparse.Namespace) -> dict:
         guidance=a.guidance,
         batch_size=a.batch_size,
         resolution=a.resolution,
+        max_sequence_length=a.max_sequence_length,
         limit=a.limit,
         device=a.device,
         scheduler=a.scheduler,

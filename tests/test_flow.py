@@ -389,3 +389,28 @@ def test_regional_compile_compiles_the_blocks_and_trains_alike(flow, kind, block
     compiled = [m for m in regional.engine.module.modules() if type(m).__name__ in blocks]
     assert compiled and all(m._compiled_call_impl is not None for m in compiled)
     assert step_losses(regional, 2) == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,t5", [("sd3", "text_encoder_3"), ("flux", "text_encoder_2")])
+def test_sampling_takes_the_caches_t5_length(flow, kind, t5, tmp_path):
+    """evaluate's --max-sequence-length reaches the pipeline: the T5 encoder sees that many tokens per prompt (the
+    family's default, the pipeline's, otherwise); on a UNet model the flag is refused before anything is sampled."""
+    from rpo_fast.evaluate import evaluate, load_pipeline, sample
+
+    def tokens(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen[length].add(ids.shape[1])
+
+    seen = {}
+    for length in (None, 12):
+        seen[length] = set()
+        pipe = load_pipeline(flow[kind], device="cpu", max_sequence_length=length)
+        hook = getattr(pipe, t5).register_forward_pre_hook(tokens, with_kwargs=True)
+        sample(pipe, ["a warm square"], tmp_path / f"images-{length}", steps=1, resolution=32, progress=False)
+        hook.remove()
+    assert seen == {None: {load_family(flow[kind]).max_sequence_length}, 12: {12}}
+    (tmp_path / "prompts.txt").write_text("a warm square\n")
+    sd15 = T.save_tiny_pipeline(tmp_path / "sd15", "sd15")
+    with pytest.raises(ValueError, match="--max-sequence-length applies to models with a T5 text encoder"):
+        evaluate(sd15, tmp_path / "prompts.txt", tmp_path / "eval", unet=sd15 / "unet", max_sequence_length=12)
