@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT, step_losses
+from trainrun import ROOT, in_process_trainer, step_losses
 
 from rpo_fast.config import TrainConfig
 from rpo_fast.engine import ZeroOneRankWarning
@@ -15,23 +15,7 @@ CONFIGS = ROOT / "configs"
 
 
 def _trainer(runs, out, **kw):
-    from rpo_fast.train import Trainer
-
-    cfg = dict(
-        ds_config=str(CONFIGS / "single_gpu.json"),
-        model=str(runs["sd15"]),
-        data=str(runs["root"] / "cache_sd15"),
-        output=str(out),
-        objective="dpo",
-        micro_batch_size=2,
-        max_steps=100,
-        optimizer="adamw",
-        mixed_precision="no",
-        export=False,
-        progress=False,
-        tensorboard=False,
-    )
-    return Trainer(TrainConfig(**(cfg | kw)))
+    return in_process_trainer(runs, out, **kw)
 
 
 def test_engine_configs_and_recompute_train_alike(runs, tmp_path, restore_linear):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT, step_losses
+from trainrun import ROOT, in_process_trainer, step_losses
 
 from rpo_fast.config import TrainConfig
 from rpo_fast.engine import ZeroOneRankWarning
@@ -56,24 +56,8 @@ def test_eligible_linear_layers_convert_and_keep_their_parameters(recipe):
 
 
 def _trainer(runs, out, **kw):
-    from rpo_fast.train import Trainer
-
-    cfg = dict(
-        ds_config=str(CONFIGS / "single_gpu.json"),
-        model=str(runs["sdxl"]),
-        data=str(runs["root"] / "cache_sdxl"),
-        output=str(out),
-        objective="dpo",
-        micro_batch_size=2,
-        max_steps=100,
-        optimizer="adamw",
-        lr=1e-4,
-        mixed_precision="bf16",
-        export=False,
-        progress=False,
-        tensorboard=False,
-    )
-    return Trainer(TrainConfig(**(cfg | kw)))
+    """Tiny SDXL in bf16 (what --fp8 runs under), lr 1e-4 so that 3 steps move the loss."""
+    return in_process_trainer(runs, out, "sdxl", **(dict(lr=1e-4, mixed_precision="bf16") | kw))
 
 
 @pytest.mark.slow

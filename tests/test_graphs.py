@@ -5,7 +5,7 @@ gpu-marked test (benchmarks/gpu_session.sh call1)."""
 
 import pytest
 import torch
-from trainrun import ROOT, step_losses
+from trainrun import ROOT, in_process_trainer, step_losses
 
 from rpo_fast import graphs
 from rpo_fast.config import TrainConfig
@@ -65,25 +65,8 @@ def test_a_failed_capture_names_the_flag():
 
 
 def _trainer(runs, out, **kw):
-    from rpo_fast.train import Trainer
-
-    cfg = dict(
-        ds_config=str(CONFIGS / "single_gpu.json"),
-        model=str(runs["sdxl"]),
-        data=str(runs["root"] / "cache_sdxl"),
-        output=str(out),
-        objective="dpo",
-        micro_batch_size=2,
-        max_steps=100,
-        optimizer="adamw",
-        mixed_precision="no",
-        eval_pairs=3,
-        eval_every=1,
-        export=False,
-        progress=False,
-        tensorboard=False,
-    )
-    return Trainer(TrainConfig(**(cfg | kw)))
+    """Tiny SDXL, with an evaluation set of 3 pairs (at 2 pairs a micro-step: a short last batch)."""
+    return in_process_trainer(runs, out, "sdxl", **(dict(eval_pairs=3, eval_every=1) | kw))
 
 
 @pytest.mark.slow

@@ -44,6 +44,29 @@ def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def in_process_trainer(runs, out, kind: str = "sd15", **kw):
+    """A Trainer in this process on the tiny ``kind`` model's warm-preference cache (the ``runs`` fixture): DPO, 2
+    pairs a step, stage 0, fp32, torch's AdamW, no export, progress bar or TensorBoard; ``kw`` overrides."""
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.train import Trainer
+
+    cfg = dict(
+        ds_config=str(ROOT / "configs" / "single_gpu.json"),
+        model=str(runs[kind]),
+        data=str(runs["root"] / f"cache_{kind}"),
+        output=str(out),
+        objective="dpo",
+        micro_batch_size=2,
+        max_steps=100,
+        optimizer="adamw",
+        mixed_precision="no",
+        export=False,
+        progress=False,
+        tensorboard=False,
+    )
+    return Trainer(TrainConfig(**(cfg | kw)))
+
+
 def step_losses(trainer, steps: int = 3) -> list[float]:
     """``steps`` optimizer steps of an in-process Trainer, the mean loss after each; the trainer is closed."""
     out = []
