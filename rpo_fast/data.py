@@ -23,10 +23,12 @@ was first seen); ``strict=True`` raises ``DataError`` instead. Rows are owned ro
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -474,6 +476,10 @@ def _candidates(v: dict, cols: Columns, rule: str) -> list[tuple[object, object,
     return [(images[a], images[b], tie) for a, b, tie in ranked_pairs(keys, rule)]
 
 
+# threads that decode (iter_pairs) and preprocess (the cache's encode_pairs) images; RPO_FAST_DECODE_THREADS sets it
+DECODE_THREADS = int(os.environ.get("RPO_FAST_DECODE_THREADS") or min(8, os.cpu_count() or 1))
+
+
 def iter_pairs(
     path: str | Path,
     *,
@@ -486,22 +492,71 @@ def iter_pairs(
     world: int = 1,
     start: tuple[int, ...] = (0, 0, 0),
     first_index: int = 0,
+    decode_threads: int | None = None,
 ) -> Iterator[RawPair]:
     """Usable pairs of an input (``open_source``) read with ``columns`` (default: the format's), from cursor
     ``start`` on.
 
     ``counts`` (a Counter; a ``SkipCounts`` also keeps where each cause was first seen) receives the skipped rows
     by cause. A file that lacks a column skips its rows under the cause "missing column 'NAME'". ``first_index``
-    numbers the first pair yielded (a resumed read continues the numbering)."""
+    numbers the first pair yielded (a resumed read continues the numbering).
+
+    Images are decoded by ``decode_threads`` threads (default ``DECODE_THREADS``; 0: on the caller's thread), a
+    window of rows ahead of the one being yielded (PIL releases the GIL while it decodes). Everything else stays in
+    row order on the caller's thread: the pairs, their numbering, and the skip counts, which hold only the rows up to
+    the last pair yielded, as with 0 threads (the cache records them with each shard)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     counts = Counter() if counts is None else counts
+    threads = DECODE_THREADS if decode_threads is None else decode_threads
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="rpo_fast-decode") if threads > 0 else None
+    window = collections.deque()  # rows read ahead: (kind, ...) in row order
+    items = _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, tuple(start))
+    index = first_index
+    try:
+        while True:
+            while len(window) < max(1, 4 * threads):  # read ahead; a row's decode starts when it is read
+                item = next(items, None)
+                if item is None:
+                    break
+                if item[0] == "row":
+                    job = (_decode_row, *item[3:])
+                    item = (*item[:3], pool.submit(*job) if pool else job)
+                window.append(item)
+            if not window:
+                return
+            item = window.popleft()
+            if item[0] == "skip":  # (skip, cause, where, n[, the strict mode's message])
+                if strict and len(item) > 4:
+                    raise DataError(item[4])
+                _skip(counts, strict, *item[1:4])
+                continue
+            _, where, caption, job = item
+            for kind, payload in job.result() if pool else job[0](*job[1:]):
+                if kind == "tie":
+                    counts["tie dropped"] += 1
+                elif kind == "skip":
+                    _skip(counts, strict, payload.cause, where + payload.detail)
+                else:
+                    (w, l), tie, cursor = payload
+                    yield RawPair(index, caption, w, l, tie, cursor)
+                    index += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, start):
+    """This rank's rows of ``iter_pairs`` in order, undecoded: ("skip", cause, where, n[, strict message]) for a row
+    (or a file's rows) that fails before decoding; ("row", where, caption, candidates, first candidate, keep_ties,
+    base folder, cursors) for a row whose images are to be decoded."""
     src = open_source(path)
     cols = columns or src.default_columns
     if cols.style == "ranked" and src.format == "csv":
         raise DataError(f"{src.path}: ranked lists need JSON, JSONL, parquet or Arrow (a CSV cell holds no list)")
     names = list(dict.fromkeys(cols.roles().values()))
-    start = tuple(start) + (0,) * (3 - len(start))  # caches of before 0.3 kept (file, row)
+    start = start + (0,) * (3 - len(start))  # caches of before 0.3 kept (file, row)
     g = sum(src.num_rows(f) for f in range(start[0]))  # global raw row index
-    index = first_index
     line = src.format in LINE_FORMATS.values()
     for fi in range(start[0], len(src.files)):
         file, first, n_rows = src.files[fi], start[1] if fi == start[0] else 0, src.num_rows(fi)
@@ -511,9 +566,8 @@ def iter_pairs(
             owned = sum(1 for r in range(first, n_rows) if (g + r) % world == rank)
             if owned:
                 where = f"{file.name}; its columns are {', '.join(have)} (map others with --columns)"
-                if strict:
-                    raise DataError(f"no column {missing[0]!r} in {where} (strict mode)")
-                _skip(counts, False, f"missing column {missing[0]!r}", where, owned)
+                strict_error = f"no column {missing[0]!r} in {where} (strict mode)"
+                yield ("skip", f"missing column {missing[0]!r}", where, owned, strict_error)
             g += n_rows
             continue
         for r, v in src.rows(fi, first, names):
@@ -522,28 +576,36 @@ def iter_pairs(
             where = f"{file.name} {'line' if src.format == 'jsonl' else 'row'} {r + 1 if line else r}"
             absent = [c for c in names if v[c] is None or v[c] == ""]
             if absent:
-                _skip(counts, strict, f"missing value in {absent[0]!r}", where)
+                yield ("skip", f"missing value in {absent[0]!r}", where, 1)
                 continue
             try:
                 cands = _candidates(v, cols, pairs_from_ranking)
             except _Skip as s:
-                _skip(counts, strict, s.cause, where + s.detail)
+                yield ("skip", s.cause, where + s.detail, 1)
                 continue
-            decoded: dict = {}  # a ranked list's images, decoded once per row
-            for k in range(start[2] if (fi, r) == start[:2] else 0, len(cands)):
-                w, l, tie = cands[k]
-                if tie and not keep_ties:
-                    counts["tie dropped"] += 1
-                    continue
-                try:
-                    images = [_load_once(decoded, x, file.parent) for x in (w, l)]
-                except _Skip as s:
-                    _skip(counts, strict, s.cause, where + s.detail)
-                    continue
-                cursor = (fi, r, k + 1) if k + 1 < len(cands) else (fi, r + 1, 0)
-                yield RawPair(index, str(v[cols.caption]), images[0], images[1], tie, cursor)
-                index += 1
+            first_k = start[2] if (fi, r) == start[:2] else 0
+            cursors = [(fi, r, k + 1) if k + 1 < len(cands) else (fi, r + 1, 0) for k in range(len(cands))]
+            yield ("row", where, str(v[cols.caption]), cands, first_k, keep_ties, file.parent, cursors)
         g += n_rows
+
+
+def _decode_row(cands: list, first_k: int, keep_ties: bool, base: Path, cursors: list) -> list[tuple]:
+    """One row's candidates from ``first_k`` on, decoded (each image once): ("tie", None), ("skip", _Skip) or
+    ("pair", ((winner, loser), tie, cursor)), in order."""
+    decoded: dict = {}  # a ranked list's images, decoded once per row
+    out = []
+    for k in range(first_k, len(cands)):
+        w, l, tie = cands[k]
+        if tie and not keep_ties:
+            out.append(("tie", None))
+            continue
+        try:
+            images = tuple(_load_once(decoded, x, base) for x in (w, l))
+        except _Skip as s:
+            out.append(("skip", s))
+            continue
+        out.append(("pair", (images, tie, cursors[k])))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -214,3 +214,36 @@ def test_sampler_covers_each_pair_once_per_epoch_and_resumes():
     assert any(f for _, f in straight) and not all(f for _, f in straight)
     with pytest.raises(ValueError, match="sampler state"):
         PairSampler(n + 1, seed=5).load_state_dict(state)
+
+
+def test_decode_threads_change_nothing_but_speed(tmp_path):
+    """The same mixed input (undecodable images, ties, an unknown label, a file missing a column) read with 0, 1 and
+    4 decode threads: the same pairs (pixels, captions, indices, cursors, ties) in the same order, and after each
+    pair the same skip counts and first-seen places (the counts hold only the rows up to the pair yielded); strict
+    mode stops at the same row; a read resumed from a cursor continues alike (a read-ahead window that counted the
+    rows it had read, not the rows yielded, would show in the snapshots)."""
+    rows = T.pickapic_rows(12, tie_every=4, corrupt=(1, 5, 9))
+    rows[6]["label_0"] = 0.7
+    T.write_pickapic_shard(tmp_path / "d" / "a.parquet", rows)
+    T.write_pickapic_shard(tmp_path / "d" / "b.parquet", T.pickapic_rows(3, seed=1), drop_columns=("label_1",))
+    T.write_pickapic_shard(tmp_path / "d" / "c.parquet", T.pickapic_rows(5, seed=2, tie_every=2))
+
+    def read(threads, **kw):
+        counts, seen = D.SkipCounts(), []
+        for p in D.iter_pairs(tmp_path / "d", counts=counts, decode_threads=threads, **kw):
+            pixels = (np.asarray(p.winner).tobytes(), np.asarray(p.loser).tobytes())
+            seen.append((p.index, p.caption, p.tie, p.cursor, pixels, dict(counts), dict(counts.first)))
+        return seen, dict(counts)
+
+    want = read(0)
+    assert len(want[0]) >= 5 and want[1]["undecodable image"] == 3 and want[1]["missing column 'label_1'"] == 3
+    assert want[0][0][5] != want[1]  # the counts grow along the read: the per-pair snapshots test something
+    for threads in (1, 4):
+        assert read(threads) == want, threads
+    k = 3
+    cursor = want[0][k - 1][3]
+    resumed = [read(t, start=cursor, first_index=k)[0] for t in (0, 4)]
+    assert [r[:5] for r in resumed[0]] == [r[:5] for r in want[0][k:]] and resumed[0] == resumed[1]
+    for threads in (0, 4):
+        with pytest.raises(D.DataError, match="a.parquet row 1.*undecodable image"):
+            list(D.iter_pairs(tmp_path / "d", strict=True, decode_threads=threads))
