@@ -200,27 +200,13 @@ def measure_read(threads: int, pairs: int = 48, side: int = 768, target: int = 5
         path = Path(tmp) / "jpeg.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path)
         cols = D.Columns.parse(MIRROR_COLUMNS)
-        saved = D.DECODE_THREADS
-        try:
-            for _ in range(rounds):
-                for n in (1, threads):
-                    D.DECODE_THREADS = n
-                    t = time.perf_counter()
-                    got = list(D.iter_pairs(path, columns=cols, decode_threads=n if n > 1 else 0))
-                    for k in range(0, len(got), 16):  # the cache's batches, preprocessed as encode_pairs does
-                        chunk = got[k : k + 16]
-                        prepare = lambda p: D.preprocess_pair(p, target, crop="center", flip=False, seed=0)  # noqa: E731
-                        if n > 1:
-                            from concurrent.futures import ThreadPoolExecutor
-
-                            with ThreadPoolExecutor(n) as pool:
-                                list(pool.map(prepare, chunk))
-                        else:
-                            [prepare(p) for p in chunk]
-                    rate = len(got) / (time.perf_counter() - t)
-                    best[n] = max(best.get(n, 0.0), rate)
-        finally:
-            D.DECODE_THREADS = saved
+        for _ in range(rounds):
+            for n in (1, threads):
+                t = time.perf_counter()
+                got = list(D.iter_pairs(path, columns=cols, decode_threads=n if n > 1 else 0))
+                for k in range(0, len(got), 16):  # the cache's batches, preprocessed as encode_pairs does
+                    D.preprocess_pairs(got[k : k + 16], target, threads=n, crop="center", flip=False, seed=0)
+                best[n] = max(best.get(n, 0.0), len(got) / (time.perf_counter() - t))
     return best
 
 

@@ -154,20 +154,9 @@ def encode_pairs(
     flip_twin: bool = False,
     embedder: Embedder | None = None,
 ) -> dict:
-    """Everything the trainer needs of ``pairs``, fp32 on CPU, captions deduplicated. The pairs are preprocessed
-    (resized, cropped, flipped: each pair from its own seeded stream, so the threads change no bit) by
-    ``data.DECODE_THREADS`` threads."""
-
-    def prepare(p):
-        return D.preprocess_pair(p, resolution, crop=crop, flip=flip, seed=seed, flip_twin=flip_twin)
-
-    if D.DECODE_THREADS > 1 and len(pairs) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(D.DECODE_THREADS, len(pairs)), thread_name_prefix="rpo_fast-preprocess") as pool:
-            prepared = list(pool.map(prepare, pairs))
-    else:
-        prepared = [prepare(p) for p in pairs]
+    """Everything the trainer needs of ``pairs``, fp32 on CPU, captions deduplicated (the pairs preprocessed by
+    ``data.DECODE_THREADS`` threads)."""
+    prepared = D.preprocess_pairs(pairs, resolution, crop=crop, flip=flip, seed=seed, flip_twin=flip_twin)
     out: dict = {}
     for v, suffix in enumerate(["", "_flip"] if flip_twin else [""]):
         pixels = torch.cat([prep[v][0] for prep in prepared])  # (2n, 3, res, res): w0, l0, w1, l1, ...

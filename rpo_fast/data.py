@@ -515,13 +515,12 @@ def iter_pairs(
     index = first_index
     try:
         while True:
-            while len(window) < max(1, 4 * threads):  # read ahead; a row's decode starts when it is read
+            while len(window) < max(1, 4 * threads):  # read ahead
                 item = next(items, None)
                 if item is None:
                     break
-                if item[0] == "row":
-                    job = (_decode_row, *item[3:])
-                    item = (*item[:3], pool.submit(*job) if pool else job)
+                if item[0] == "row":  # its decode starts now, or (no pool) when it is reached
+                    item = (*item[:3], pool.submit(_decode_row, *item[3:]) if pool else item[3:])
                 window.append(item)
             if not window:
                 return
@@ -532,7 +531,7 @@ def iter_pairs(
                 _skip(counts, strict, *item[1:4])
                 continue
             _, where, caption, job = item
-            for kind, payload in job.result() if pool else job[0](*job[1:]):
+            for kind, payload in job.result() if pool else _decode_row(*job):
                 if kind == "tie":
                     counts["tie dropped"] += 1
                 elif kind == "skip":
@@ -656,6 +655,18 @@ def preprocess(
 def pair_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of one pair: its crop and flip do not depend on batching or resumption."""
     return np.random.default_rng(seed_of(seed, index))
+
+
+def preprocess_pairs(pairs: list[RawPair], resolution: int, *, threads: int | None = None, **kw) -> list:
+    """``preprocess_pair`` of each pair (``kw``: its options), in order, by ``threads`` threads (default
+    ``DECODE_THREADS``; each pair has its own seeded stream, so the threads change no bit)."""
+    threads = DECODE_THREADS if threads is None else threads
+    if threads <= 1 or len(pairs) <= 1:
+        return [preprocess_pair(p, resolution, **kw) for p in pairs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(pairs)), thread_name_prefix="rpo_fast-preprocess") as pool:
+        return list(pool.map(lambda p: preprocess_pair(p, resolution, **kw), pairs))
 
 
 def preprocess_pair(pair: RawPair, resolution: int, *, crop: str, flip: bool, seed: int, flip_twin: bool = False):

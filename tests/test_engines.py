@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT, in_process_trainer, step_losses
+from trainrun import ROOT, in_process_trainer, step_losses, train_config
 
 from rpo_fast.config import TrainConfig
 from rpo_fast.engine import ZeroOneRankWarning
@@ -73,8 +73,7 @@ def test_selective_recompute_is_refused_under_zero3(runs, tmp_path):
     the bias counts twice in backward (measured: the loss 4% off after one step). Refused before loading."""
     from rpo_fast.config import validate
 
-    base = dict(model=str(runs["sd15"]), data=str(runs["root"] / "cache_sd15"), output=str(tmp_path / "o"))
-    cfg = TrainConfig(**base, ds_config=str(CONFIGS / "zero3_8bit.json"), recompute="selective")
+    cfg = train_config(runs, tmp_path / "o", ds_config=str(CONFIGS / "zero3_8bit.json"), recompute="selective")
     with pytest.raises(ValueError, match="--recompute selective does not work under ZeRO-3"):
         validate(cfg)
 
@@ -82,8 +81,7 @@ def test_selective_recompute_is_refused_under_zero3(runs, tmp_path):
 def test_compile_resnets_is_refused_without_regional_compile(runs, tmp_path):
     from rpo_fast.config import validate
 
-    base = dict(model=str(runs["sd15"]), data=str(runs["root"] / "cache_sd15"), output=str(tmp_path / "o"))
-    cfg = TrainConfig(**base, ds_config=str(CONFIGS / "single_gpu.json"), compile=True, compile_resnets=True)
+    cfg = train_config(runs, tmp_path / "o", compile=True, compile_resnets=True)
     with pytest.raises(ValueError, match="--compile-resnets adds the resnets to regional compile"):
         validate(cfg)
 

@@ -7,9 +7,8 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT, in_process_trainer, step_losses
+from trainrun import ROOT, in_process_trainer, step_losses, train_config
 
-from rpo_fast.config import TrainConfig
 from rpo_fast.engine import ZeroOneRankWarning
 
 pytest.importorskip("torchao", reason="torchao is a dev dependency: pip install -e '.[dev]'")
@@ -148,24 +147,17 @@ def test_fp8_refusals(runs, tmp_path, monkeypatch):
 
     from rpo_fast.config import validate
 
-    base = dict(
-        ds_config=str(CONFIGS / "single_gpu.json"),
-        model=str(runs["sd15"]),
-        data=str(runs["root"] / "cache_sd15"),
-        output=str(tmp_path / "o"),
-        fp8=True,
-    )
     find_spec = importlib.util.find_spec
     hide = lambda name, *a: None if name == "torchao" else find_spec(name, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", hide)
     with pytest.raises(ValueError, match=r"--fp8 needs torchao: pip install 'rpo_fast\[fp8\]'"):
-        validate(TrainConfig(**base))
+        validate(train_config(runs, tmp_path / "o", fp8=True))
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(ValueError, match="compute capability 8.9.*A100-SXM4-80GB is sm_80: drop --fp8"):
-        validate(TrainConfig(**base))
+        validate(train_config(runs, tmp_path / "o", fp8=True))
 
 
 @pytest.mark.slow

@@ -5,13 +5,10 @@ gpu-marked test (benchmarks/gpu_session.sh call1)."""
 
 import pytest
 import torch
-from trainrun import ROOT, in_process_trainer, step_losses
+from trainrun import in_process_trainer, step_losses, train_config
 
 from rpo_fast import graphs
-from rpo_fast.config import TrainConfig
 from rpo_fast.graphs import GraphedForward
-
-CONFIGS = ROOT / "configs"
 
 
 def stand_in_capture(fn, args):
@@ -89,13 +86,6 @@ def test_the_trainer_with_reference_graphs_trains_like_the_plain_path(runs, tmp_
 def test_reference_graphs_refusals(runs, tmp_path):
     from rpo_fast.config import validate
 
-    base = dict(
-        ds_config=str(CONFIGS / "single_gpu.json"),
-        model=str(runs["sd15"]),
-        data=str(runs["root"] / "cache_sd15"),
-        output=str(tmp_path / "o"),
-        reference_graphs=True,
-    )
     cases = [
         (dict(objective="sft"), "--objective sft has no reference model"),
         (dict(lora_rank=4), "the reference is the policy itself"),
@@ -104,7 +94,7 @@ def test_reference_graphs_refusals(runs, tmp_path):
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
-            validate(TrainConfig(**(base | extra)))
+            validate(train_config(runs, tmp_path / "o", reference_graphs=True, **extra))
 
 
 @pytest.mark.gpu

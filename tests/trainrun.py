@@ -44,17 +44,21 @@ def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def in_process_trainer(runs, out, kind: str = "sd15", **kw):
-    """A Trainer in this process on the tiny ``kind`` model's warm-preference cache (the ``runs`` fixture): DPO, 2
-    pairs a step, stage 0, fp32, torch's AdamW, no export, progress bar or TensorBoard; ``kw`` overrides."""
+def train_config(runs, out, kind: str = "sd15", **kw):
+    """The TrainConfig of a run on the tiny ``kind`` model's warm-preference cache (the ``runs`` fixture), writing to
+    ``out``: stage 0 (configs/single_gpu.json) and TrainConfig's defaults; ``kw`` overrides."""
     from rpo_fast.config import TrainConfig
+
+    paths = dict(ds_config=str(ROOT / "configs" / "single_gpu.json"), model=str(runs[kind]))
+    return TrainConfig(**(paths | dict(data=str(runs["root"] / f"cache_{kind}"), output=str(out)) | kw))
+
+
+def in_process_trainer(runs, out, kind: str = "sd15", **kw):
+    """A Trainer in this process (``train_config``): DPO, 2 pairs a step, fp32, torch's AdamW, no export, progress
+    bar or TensorBoard; ``kw`` overrides."""
     from rpo_fast.train import Trainer
 
     cfg = dict(
-        ds_config=str(ROOT / "configs" / "single_gpu.json"),
-        model=str(runs[kind]),
-        data=str(runs["root"] / f"cache_{kind}"),
-        output=str(out),
         objective="dpo",
         micro_batch_size=2,
         max_steps=100,
@@ -64,7 +68,7 @@ def in_process_trainer(runs, out, kind: str = "sd15", **kw):
         progress=False,
         tensorboard=False,
     )
-    return Trainer(TrainConfig(**(cfg | kw)))
+    return Trainer(train_config(runs, out, kind, **(cfg | kw)))
 
 
 def step_losses(trainer, steps: int = 3) -> list[float]:
