@@ -36,7 +36,6 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402
 
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
@@ -190,7 +189,9 @@ class Trainer:
             policy._repeated_blocks = [*policy._repeated_blocks, *self.family.resnet_blocks]
             # one graph per resnet shape (SDXL: a dozen (channels, resolution) pairs) must not hit Dynamo's
             # recompile limit (8), past which it would silently run the rest eagerly
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            import torch._dynamo as dynamo  # here, not at start-up: it is imported only where compile is used
+
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         self.family.set_attention(policy, cfg.attention)
         if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
             self.family.fuse_qkv(policy)
