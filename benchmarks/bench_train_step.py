@@ -297,17 +297,28 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
     return table
 
 
+def add_step_options(ap: argparse.ArgumentParser) -> None:
+    """The step's speed options, as this benchmark and benchmarks/gpu_check.py's step stage take them."""
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
+    ap.add_argument("--compile-resnets", action="store_true", help="with --compile-mode regional: the resnets too")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao; sm_89+)")
+    ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
+
+
+def step_options(a: argparse.Namespace) -> dict:
+    """``add_step_options``' flags beyond --compile, as TrainConfig fields."""
+    keys = ("compile_mode", "compile_resnets", "fp8", "reference_graphs")
+    return {k: getattr(a, k) for k in keys}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl", *FLOW])
     ap.add_argument("--pairs", nargs="+", type=int, default=[1])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
-    ap.add_argument("--compile-resnets", action="store_true", help="with --compile-mode regional: the resnets too")
-    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao; sm_89+)")
-    ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
+    add_step_options(ap)
     ap.add_argument("--ref-placement", default="replicated", choices=["replicated", "zero3"])
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--steps", type=int, default=5)
@@ -319,10 +330,7 @@ def main(argv=None) -> None:
     if a.measure:
         return _measure_here(a)
     flags = dict(ds_config=a.ds_config, ref_placement=a.ref_placement, lora_rank=a.lora_rank, compile=a.compile)
-    options = dict(
-        compile_mode=a.compile_mode, compile_resnets=a.compile_resnets, fp8=a.fp8, reference_graphs=a.reference_graphs
-    )
-    flags |= {k: v for k, v in options.items() if v}  # only those given: an older row's key keeps its spelling
+    flags |= {k: v for k, v in step_options(a).items() if v}  # only those given: an older row's key keeps its spelling
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")
     table = run(

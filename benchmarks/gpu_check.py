@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train_step as B  # noqa: E402
 from bench_utils import ResultTable, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,8 +180,6 @@ class PhaseTimes:
 
 def step(a) -> ResultTable:
     """One training-step configuration of rpo_fast's Trainer on the random full-size model (dry: the tiny one)."""
-    import bench_train_step as B
-
     from rpo_fast import testing as T
     from rpo_fast.train import Trainer
 
@@ -221,7 +220,7 @@ def step(a) -> ResultTable:
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
     with tempfile.TemporaryDirectory() as out:
         flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
-        flags.update(lora_rank=a.lora_rank, compile_mode=a.compile_mode, compile_resnets=a.compile_resnets, fp8=a.fp8)
+        flags.update(lora_rank=a.lora_rank, **B.step_options(a))
         flags["compile_backend"] = "aot_eager" if dry else "inductor"  # dry: no C++ build of inductor's CPU code
         flags["reference_graphs"] = a.reference_graphs and not dry  # CUDA only: the dry run takes the eager path
         trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
@@ -276,7 +275,7 @@ STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "lora_rank", "
 class HostSyncCount:
     """Counts the host-device synchronizations of a region with ``torch.cuda.set_sync_debug_mode("warn")``: CUDA
     warns at each synchronizing call (``.item()``, a blocking copy, ``nonzero``...). ``sites`` counts them by the
-    innermost frame outside torch (file:line). The step's own tensor code has none (tests/test_loader.py holds that
+    frame each warning names (file:line). The step's own tensor code has none (tests/test_loader.py holds that
     on CPU); what is left is DeepSpeed's optimizer step (gradient norm, overflow check). A no-op without CUDA."""
 
     def __enter__(self):
@@ -366,11 +365,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--compile-mode", choices=["whole", "regional"], help="implies --compile")
-    ap.add_argument("--compile-resnets", action="store_true", help="with --compile-mode regional: the resnets too")
-    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
-    ap.add_argument("--reference-graphs", action="store_true", help="the reference forward from a CUDA graph")
+    B.add_step_options(ap)
     ap.add_argument("--baseline", action="store_true", help="the reference-script step instead of rpo_fast's")
     ap.add_argument("--profile", action="store_true", help="also 3 profiled steps: top kernels, GPU-busy fraction")
     ap.add_argument("--steps", type=int, default=5)
