@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A GPU slot's work: run from the repository root on the GPU machine, with `.whl` carried (scripts/device-wheels.sh
-# builds it: diffusers, deepspeed, bitsandbytes, open_clip).
+# builds it: diffusers, deepspeed, bitsandbytes, torchao, open_clip).
 #
 #   bash benchmarks/gpu_session.sh call1        first device call, 6 minutes: worth committing alone
 #   bash benchmarks/gpu_session.sh call2        second device call, 4 minutes

@@ -206,6 +206,50 @@ def test_the_project_stands_alone():
     assert out.returncode == 0, out.stderr
 
 
+def test_slim_wheel_drops_members_and_their_record_lines_and_pip_installs_the_rest(tmp_path):
+    """scripts/slim_wheel.py (device-wheels.sh's cut of bitsandbytes' other CUDA builds) on a small real wheel."""
+    import zipfile
+
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    files = {
+        "demo_pkg/__init__.py": b"VALUE = 7\n",
+        "demo_pkg/lib_cuda118.so": b"x" * 1000,
+        "demo_pkg/lib_cuda130.so": b"y" * 10,
+        "demo_pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n",
+        "demo_pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "demo_pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("demo_pkg-1.0.dist-info/RECORD", record)
+    script = ROOT / "scripts" / "slim_wheel.py"
+    out = subprocess.run([sys.executable, script, wheel, "*_cuda11*.so"], capture_output=True, text=True)
+    assert out.returncode == 0 and "dropped 1 files" in out.stdout, out.stderr
+    with zipfile.ZipFile(wheel) as z:
+        assert "demo_pkg/lib_cuda118.so" not in z.namelist() and "demo_pkg/lib_cuda130.so" in z.namelist()
+        assert "lib_cuda118" not in z.read("demo_pkg-1.0.dist-info/RECORD").decode()
+        assert z.read("demo_pkg/lib_cuda130.so") == b"y" * 10
+    target = tmp_path / "site"
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--target",
+        target,
+        wheel,
+    ]
+    assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
+    assert sorted(p.name for p in (target / "demo_pkg").iterdir()) == ["__init__.py", "lib_cuda130.so"]
+    out = subprocess.run([sys.executable, script, wheel, "*_rocm*.so"], capture_output=True, text=True)
+    assert out.returncode != 0 and "no member matches" in out.stderr  # a pattern that matches nothing is an error
+
+
 def test_train_help_shows_defaults_and_choices():
     out = subprocess.run(
         [sys.executable, str(PACKAGE / "train.py"), "--help"], capture_output=True, text=True, timeout=120
