@@ -150,9 +150,12 @@ class ResultTable:
     def _key(self, row: dict) -> tuple:
         return tuple(row.get(k) for k in self.key)
 
-    def _earlier_rows(self) -> list[dict]:
+    def _earlier(self) -> dict:
         path = self._path(".json")
-        return json.loads(path.read_text())["rows"] if path.exists() else []
+        return json.loads(path.read_text()) if path.exists() else dict(rows=[], columns=[])
+
+    def _earlier_rows(self) -> list[dict]:
+        return self._earlier()["rows"]
 
     def measured(self, **key) -> bool:
         """With RPO_FAST_BENCH_RESUME=1: whether the results file already holds this configuration, measured at
@@ -175,11 +178,12 @@ class ResultTable:
             return []
         json_path, md_path = self._path(".json"), self._path(".md")
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        rows = self.rows
-        if self.key:
-            ours = {self._key(r) for r in rows}
-            rows = [r for r in self._earlier_rows() if self._key(r) not in ours] + rows
-        data = dict(title=self.title, environment=self.env, notes=self.notes, columns=self.columns, rows=rows)
+        rows, columns = self.rows, self.columns
+        if self.key:  # the earlier rows stay, and their columns (a row of another kind may have fewer or others)
+            earlier, ours = self._earlier(), {self._key(r) for r in rows}
+            rows = [r for r in earlier["rows"] if self._key(r) not in ours] + rows
+            columns = [*columns[:-1], *(c for c in earlier["columns"] if c not in columns), "run"]
+        data = dict(title=self.title, environment=self.env, notes=self.notes, columns=columns, rows=rows)
         json_path.write_text(json.dumps(data, indent=1))
         lines = [
             f"# {self.title}",
@@ -188,11 +192,11 @@ class ResultTable:
             "",
             self.notes,
             "",
-            "| " + " | ".join(self.columns) + " |",
-            "|" + "---|" * len(self.columns),
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
         ]
         for row in rows:
-            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |")
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
         md_path.write_text("\n".join(lines) + "\n")
         return [json_path, md_path]
 

@@ -13,12 +13,15 @@ Per-phase times of a step come from CUDA events around each phase (``time.perf_c
 loader's next batch, host to device), reference forward, policy forward and loss, backward, optimizer step, summed
 over the timed steps and divided by their number. ``--profile`` also records 3 steps with ``torch.profiler``: the
 top kernels by GPU time and the GPU-busy fraction (the union of kernel intervals over the wall time of the 3 steps)
-go to the results folder.
+go to the results folder. Each row also gives ``build_s`` (the Trainer: models loaded) and ``warmup_s`` (the
+warm-up steps: compile and graph capture happen there); a step stopped by gpu_session.sh's time limit (SIGINT)
+writes a row that names the phase it was in, and exits 124.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -181,7 +184,6 @@ class PhaseTimes:
 def step(a) -> ResultTable:
     """One training-step configuration of rpo_fast's Trainer on the random full-size model (dry: the tiny one)."""
     from rpo_fast import testing as T
-    from rpo_fast.train import Trainer
 
     dry = a.dry or not CUDA
     root = Path(os.environ.get("RPO_FAST_BENCH_MODELS") or tempfile.mkdtemp(prefix="rpo_fast_models_"))
@@ -218,53 +220,83 @@ def step(a) -> ResultTable:
             matmul_tflops=rate / 1e12,
         )
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
+    marks = {"build": time.perf_counter()}  # when each phase began: a row stopped by its time limit says where
+    try:
+        return _timed_step(a, dry, model, cache, key, flops, hw_flops, rate, marks)
+    except KeyboardInterrupt:  # gpu_session.sh's `timeout --signal=INT`: a row that says where the time went
+        phase, began = list(marks.items())[-1]
+        error = f"stopped by its time limit in the {phase} phase after {time.perf_counter() - began:.0f} s"
+        print(f"[gpu_check] {error}", flush=True)
+        row = dict(**key, side="rpo_fast", **_phase_seconds(marks), error=error)
+        return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
+
+
+def _phase_seconds(marks: dict[str, float]) -> dict[str, float]:
+    """The seconds of each finished phase (``build_s``, ``warmup_s``...), from when each phase began."""
+    times = list(marks.values())
+    return {f"{name}_s": end - start for name, start, end in zip(marks, times, times[1:])}
+
+
+def _timed_step(a, dry, model, cache, key, flops, hw_flops, rate, marks) -> ResultTable:
+    """step's measurement: build the Trainer (the models load), warm up (compile and graph capture happen here),
+    time the steps; ``marks`` records when each phase began."""
+    from rpo_fast.train import Trainer
+
     with tempfile.TemporaryDirectory() as out:
         flags = dict(recompute=a.recompute, compile=a.compile, mixed_precision="no" if dry else "bf16")
         flags.update(lora_rank=a.lora_rank, **B.step_options(a))
         flags["compile_backend"] = "aot_eager" if dry else "inductor"  # dry: no C++ build of inductor's CPU code
         flags["reference_graphs"] = a.reference_graphs and not dry  # CUDA only: the dry run takes the eager path
-        trainer = Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
-        phases = PhaseTimes()
-        phases.wrap(trainer.loader, "next", "data")
-        phases.wrap(trainer, "reference_forward", "reference_forward")
-        phases.wrap(trainer, "forward_loss", "forward_total")
-        phases.wrap(trainer.engine, "backward", "backward")
-        phases.wrap(trainer.engine, "step", "optimizer")
-        for _ in range(a.warmup):
-            trainer.train_step()
-        sync()
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-        phases.on = True
-        t0 = time.perf_counter()
-        with HostSyncCount() as syncs:  # CUDA's sync debug mode: each synchronizing call warns once
-            for _ in range(a.steps):
+        with contextlib.closing(
+            Trainer(B.bench_config(model, cache, a.pairs, out, ds_config=a.ds_config, **flags))
+        ) as trainer:
+            phases = PhaseTimes()
+            phases.wrap(trainer.loader, "next", "data")
+            phases.wrap(trainer, "reference_forward", "reference_forward")
+            phases.wrap(trainer, "forward_loss", "forward_total")
+            phases.wrap(trainer.engine, "backward", "backward")
+            phases.wrap(trainer.engine, "step", "optimizer")
+            marks["warmup"] = time.perf_counter()
+            for _ in range(a.warmup):
                 trainer.train_step()
             sync()
-        sec = (time.perf_counter() - t0) / a.steps
-        ms = {k: v / a.steps for k, v in phases.totals_ms().items()}
-        ms["policy_forward_and_loss"] = ms.pop("forward_total") - ms["reference_forward"]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
-        pairs_s = a.pairs / sec
-        row = dict(
-            **key,
-            side="rpo_fast",
-            step_ms=1e3 * sec,
-            pairs_per_s=pairs_s,
-            peak_gb=peak,
-            mfu=pairs_s * flops / rate,
-            hfu=pairs_s * hw_flops / rate,
-            matmul_tflops=rate / 1e12,
-            **{f"{k}_ms": v for k, v in ms.items()},
-            host_syncs_per_step=syncs.count / a.steps if CUDA else float("nan"),
-        )
-        if CUDA and syncs.sites:
-            print("[gpu_check] synchronizing calls in the step (count, where):", flush=True)
-            for where, n in syncs.sites.most_common(8):
-                print(f"  {n:5d}  {where}", flush=True)
-        if a.profile:
-            profile(trainer, a, dry)
-        trainer.close()
+            marks["timed"] = time.perf_counter()
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            phases.on = True
+            t0 = time.perf_counter()
+            with HostSyncCount() as syncs:  # CUDA's sync debug mode: each synchronizing call warns once
+                for _ in range(a.steps):
+                    trainer.train_step()
+                sync()
+            sec = (time.perf_counter() - t0) / a.steps
+            ms = {k: v / a.steps for k, v in phases.totals_ms().items()}
+            ms["policy_forward_and_loss"] = ms.pop("forward_total") - ms["reference_forward"]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+            pairs_s = a.pairs / sec
+            row = dict(
+                **key,
+                side="rpo_fast",
+                step_ms=1e3 * sec,
+                pairs_per_s=pairs_s,
+                peak_gb=peak,
+                mfu=pairs_s * flops / rate,
+                hfu=pairs_s * hw_flops / rate,
+                matmul_tflops=rate / 1e12,
+                **{f"{k}_ms": v for k, v in ms.items()},
+                host_syncs_per_step=syncs.count / a.steps if CUDA else float("nan"),
+                **_phase_seconds(marks),
+            )
+            if CUDA and syncs.sites:
+                print("[gpu_check] synchronizing calls in the step (count, where):", flush=True)
+                for where, n in syncs.sites.most_common(8):
+                    print(f"  {n:5d}  {where}", flush=True)
+            if a.profile:
+                t0 = time.perf_counter()
+                try:
+                    profile(trainer, a, dry)
+                except KeyboardInterrupt:  # the measured row stands
+                    row["error"] = f"the profile was stopped by its time limit after {time.perf_counter() - t0:.0f} s"
     return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
 
 
@@ -353,7 +385,7 @@ def _table(name: str, title: str, key: tuple[str, ...], rows: list[dict]) -> Res
     return table
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=["loss-check", "matmul", "step"])
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
@@ -371,14 +403,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     a = ap.parse_args(argv)
-    dry = a.dry or not CUDA
-    if dry:
+    if a.dry or not CUDA:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
     backends = tuple(b for b in a.backends.split(",") if b)
     unknown = [b for b in backends if b not in BACKENDS] or ([] if backends else ["(none)"])
     if unknown:
         ap.error(f"--backends {a.backends!r}: {', '.join(unknown)} is not one of {', '.join(BACKENDS)}")
-    stages = {"loss-check": lambda: loss_check(dry, backends), "matmul": lambda: matmul(dry), "step": lambda: step(a)}
+    a.backends = backends
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    dry = a.dry or not CUDA
+    stages = {"loss-check": lambda: loss_check(dry, a.backends), "matmul": lambda: matmul(dry), "step": lambda: step(a)}
     table = stages[a.stage]()
     for row in table.rows:
         print("[gpu_check]", json.dumps(row), flush=True)
@@ -387,6 +425,8 @@ def main(argv=None) -> None:
     failed = [r for r in table.rows if r.get("ok") is False]
     if failed:
         sys.exit(f"[gpu_check] {len(failed)} row(s) outside the tolerance: {failed}")
+    if any("by its time limit" in str(r.get("error", "")) for r in table.rows):
+        sys.exit(124)  # timeout's own code: the session's log says the step was cut, its row says where
 
 
 if __name__ == "__main__":

@@ -55,3 +55,43 @@ def test_the_flow_stage_runs_in_dry_mode(tmp_path):
     lines = (tmp_path / "session" / "work" / "steps.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["sd35m-1", "flux-1-lora"], lines
     assert all(line.split()[1] == "rc=0" for line in lines), lines
+
+
+@pytest.mark.bench
+def test_a_step_stopped_by_its_time_limit_keeps_a_row_saying_where(tmp_path, monkeypatch):
+    """gpu_session.sh stops a step at its limit with SIGINT (KeyboardInterrupt): the step's row says in which phase
+    (here the warm-up, where compiling happens) and keeps the seconds of the phases before it."""
+    import gpu_check
+
+    from rpo_fast.train import Trainer
+
+    monkeypatch.setenv("RPO_FAST_BENCH_MODELS", str(tmp_path))
+    warmups = []
+
+    def interrupted(self):
+        warmups.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    try:
+        table = gpu_check.step(gpu_check.parse_args(["step", "--dry", "--pairs", "1", "--recompute", "none"]))
+    except KeyboardInterrupt:
+        pytest.fail("the step let the interrupt through: no row")
+    (row,) = table.rows
+    assert warmups == [1]
+    assert row["error"].startswith("stopped by its time limit in the warmup phase after"), row
+    assert row["build_s"] > 0 and "step_ms" not in row and row["side"] == "rpo_fast"
+
+
+@pytest.mark.bench
+def test_a_result_table_keeps_the_columns_of_its_earlier_rows(tmp_path, monkeypatch):
+    """A row with other columns (a baseline's, a stopped step's) is written after a full one: the Markdown table
+    still shows the full row's columns."""
+    from bench_utils import ResultTable
+
+    monkeypatch.setattr(ResultTable, "_path", lambda self, suffix: tmp_path / f"t{suffix}")
+    ResultTable("t", "T", ["kind", "step_ms", "peak_gb"], key=("kind",)).add(kind="a", step_ms=12.5, peak_gb=3.0)
+    ResultTable("t", "T", ["kind", "error"], key=("kind",)).add(kind="b", error="stopped")
+    md = (tmp_path / "t.md").read_text()
+    assert "| kind | error | step_ms | peak_gb | run |" in md, md
+    assert "| a | n/a | 12.5 | 3 |" in md and "| b | stopped | n/a | n/a |" in md, md
