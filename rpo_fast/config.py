@@ -242,8 +242,9 @@ class TrainConfig:
         default=None,
         **_help(
             "whole: the denoiser's forward through DeepSpeed's engine.compile; regional: diffusers' "
-            "compile_repeated_blocks, each BasicTransformerBlock compiled alone (one graph reused by all; resnets "
-            "stay eager), before DeepSpeed wraps the model (implies --compile)"
+            "compile_repeated_blocks, each BasicTransformerBlock compiled alone for the run's fixed shapes (one static "
+            "graph per block shape, reused by every block of it; resnets stay eager), before DeepSpeed wraps the "
+            "model (implies --compile)"
         ),
     )
     compile_resnets: bool = field(

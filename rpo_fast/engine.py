@@ -166,7 +166,13 @@ def build_engine(policy: torch.nn.Module, cfg, ds_config: dict, lr: float):
     import deepspeed
 
     if compile_mode(cfg) == "regional":  # each repeated block compiled in place, before DeepSpeed's hooks
-        policy.compile_repeated_blocks(backend=cfg.compile_backend)
+        import torch._dynamo as dynamo  # here, not at start-up: imported only where compile is used
+
+        # static graphs (a run's shapes are fixed, so every kernel is specialised): one per block shape and grad
+        # mode, an evaluation's short last batch adding its own, the resnets a dozen more. Past Dynamo's recompile
+        # limit (8 per block class) the rest would silently run eagerly.
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64 if cfg.compile_resnets else 16)
+        policy.compile_repeated_blocks(backend=cfg.compile_backend, dynamic=False)
     optimizer = build_optimizer(cfg, policy.parameters(), lr)  # the trainable ones (LoRA: the adapters)
     engine, _, _, schedule = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg.warmup_steps), config=ds_config

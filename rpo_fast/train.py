@@ -187,11 +187,6 @@ class Trainer:
             policy._repeated_blocks = list(self.family.repeated_blocks)  # what --compile-mode regional compiles
         if cfg.compile_resnets:
             policy._repeated_blocks = [*policy._repeated_blocks, *self.family.resnet_blocks]
-            # one graph per resnet shape (SDXL: a dozen (channels, resolution) pairs) must not hit Dynamo's
-            # recompile limit (8), past which it would silently run the rest eagerly
-            import torch._dynamo as dynamo  # here, not at start-up: it is imported only where compile is used
-
-            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         self.family.set_attention(policy, cfg.attention)
         if cfg.fuse_qkv:  # before DeepSpeed sees the parameters: the replaced layers are frozen
             self.family.fuse_qkv(policy)

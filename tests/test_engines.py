@@ -117,6 +117,44 @@ def test_regional_compile_trains_like_the_plain_path(runs, tmp_path):
     assert counters["stats"]["unique_graphs"] >= 2  # the resnets' graphs too
 
 
+def test_regional_compile_builds_static_graphs_that_evaluation_reuses_or_adds_to(runs, tmp_path, caplog):
+    """Regional compile specialises each block to the run's fixed shapes (dynamic=False): no graph takes a symbolic
+    size (torch.compile's default would make the second block shape's graph dynamic, and in SDXL that shape holds 60
+    of the 70 transformer layers). An evaluation whose last batch is shorter compiles more graphs without reaching
+    Dynamo's recompile limit (past which blocks would run eagerly), and gives the plain path's metrics."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    @register_backend(name="rpo_fast_test_shapes")
+    def record(gm, example_inputs, **kw):
+        sizes = [s for x in example_inputs if isinstance(x, torch.Tensor) for s in x.shape]
+        graphs.append(
+            any(isinstance(s, torch.SymInt) for s in sizes) or any(isinstance(x, torch.SymInt) for x in example_inputs)
+        )
+        return aot_eager(gm, example_inputs, **kw)
+
+    kw = dict(eval_every=100, eval_pairs=3)  # micro-batch 2: evaluation batches of 2 and 1 pairs
+    plain = _trainer(runs, tmp_path / "plain", **kw)
+    plain.train_step()
+    want = plain.evaluate()
+    plain.close()
+    counters.clear()
+    trainer = _trainer(
+        runs, tmp_path / "regional", compile_mode="regional", compile_backend="rpo_fast_test_shapes", **kw
+    )
+    trainer.train_step()
+    trained = len(graphs)
+    got = trainer.evaluate()
+    trainer.close()
+    assert trained >= 2 and len(graphs) > trained, graphs  # two block shapes, then evaluation's own
+    assert not any(graphs), f"graphs with symbolic sizes: {graphs}"
+    assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_fuse_qkv_trains_alike_and_exports_the_trained_policy(runs, tmp_path):
     """--fuse-qkv: 3 steps of DPO in fp32 give the plain path's losses within rtol 1e-4 (the fused matmul sums the same
     products in another blocking: the last bits differ, and beta 5000 amplifies them), the replaced layers get no
