@@ -181,24 +181,40 @@ class PhaseTimes:
         return out
 
 
+def random_model(kind: str, dry: bool) -> Path:
+    """The random full-size model folder of ``kind`` (dry: the tiny one) under $RPO_FAST_BENCH_MODELS, built once
+    per machine (SDXL: 7 GB, about a minute on a GPU): the same seed gives the same weights."""
+    from rpo_fast import testing as T
+
+    root = Path(os.environ.get("RPO_FAST_BENCH_MODELS") or tempfile.mkdtemp(prefix="rpo_fast_models_"))
+    model = root / (f"tiny-{kind}" if dry else kind)
+    if not (model / ".complete").exists():
+        t0 = time.perf_counter()
+        dtype, device = (torch.float32, "cpu") if dry else (torch.bfloat16, "cuda")
+        T.save_random_model(model, kind, full=not dry, dtype=dtype, device=device)
+        (model / ".complete").touch()
+        print(f"[gpu_check] built {model} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
+def models(kinds: list[str], dry: bool) -> ResultTable:
+    """The ``models`` stage: build the random folders first, in a step of their own, so that on a fresh machine no
+    measured step spends its time limit building one (and leaves it half-built for the next)."""
+    rows = []
+    for kind in kinds:
+        t0 = time.perf_counter()
+        path = random_model(kind, dry)
+        rows.append(dict(kind=kind, folder=str(path), seconds=time.perf_counter() - t0))
+    return _table("gpu_models", "The random model folders (built once per machine)", ("kind",), rows)
+
+
 def step(a) -> ResultTable:
     """One training-step configuration of rpo_fast's Trainer on the random full-size model (dry: the tiny one)."""
     from rpo_fast import testing as T
 
     dry = a.dry or not CUDA
-    root = Path(os.environ.get("RPO_FAST_BENCH_MODELS") or tempfile.mkdtemp(prefix="rpo_fast_models_"))
-    model = root / (f"tiny-{a.kind}" if dry else a.kind)
-    if not (model / ".complete").exists():
-        t0 = time.perf_counter()
-        T.save_random_model(
-            model,
-            a.kind,
-            full=not dry,
-            dtype=torch.bfloat16 if not dry else torch.float32,
-            device="cuda" if not dry else "cpu",
-        )
-        (model / ".complete").touch()
-        print(f"[gpu_check] built {model} in {time.perf_counter() - t0:.0f} s", flush=True)
+    model = random_model(a.kind, dry)
+    root = model.parent
     res = 32 if dry else B.RESOLUTION[a.kind]
     cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
     flops, hw_flops = B.flops_per_pair(model, a.recompute)
@@ -385,14 +401,18 @@ def _table(name: str, title: str, key: tuple[str, ...], rows: list[dict]) -> Res
     return table
 
 
+KINDS = ["sd15", "sdxl", "sd3.5-medium", "sd3.5-large", "flux.1-dev"]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["loss-check", "matmul", "step"])
+    ap.add_argument("stage", choices=["models", "loss-check", "matmul", "step"])
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument(
         "--backends", default=",".join(BACKENDS), help="loss-check: the loss backends, comma-separated (default: all)"
     )
-    ap.add_argument("--kind", default="sdxl", choices=["sd15", "sdxl", "sd3.5-medium", "sd3.5-large", "flux.1-dev"])
+    ap.add_argument("--kind", default="sdxl", choices=KINDS)
+    ap.add_argument("--kinds", default="sdxl", help="models: the kinds to build, comma-separated")
     ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters (FLUX's full states exceed a GPU)")
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
@@ -410,13 +430,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--backends {a.backends!r}: {', '.join(unknown)} is not one of {', '.join(BACKENDS)}")
     a.backends = backends
+    a.kinds = [k for k in a.kinds.split(",") if k]
+    if not a.kinds or any(k not in KINDS for k in a.kinds):
+        ap.error(f"--kinds {','.join(a.kinds)!r}: each must be one of {', '.join(KINDS)}")
     return a
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
     dry = a.dry or not CUDA
-    stages = {"loss-check": lambda: loss_check(dry, a.backends), "matmul": lambda: matmul(dry), "step": lambda: step(a)}
+    stages = {
+        "models": lambda: models(a.kinds, dry),
+        "loss-check": lambda: loss_check(dry, a.backends),
+        "matmul": lambda: matmul(dry),
+        "step": lambda: step(a),
+    }
     table = stages[a.stage]()
     for row in table.rows:
         print("[gpu_check]", json.dumps(row), flush=True)

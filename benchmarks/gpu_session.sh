@@ -7,20 +7,21 @@
 #   RPO_FAST_GPU_DRY=1 bash benchmarks/gpu_session.sh call1 call2     the same stages at tiny shapes on a CPU (CI)
 #
 # call1 (BUDGET 360 s): install; every loss backend against float64 at SDXL latents (60 s); the bf16 matmul rate
-#   (8192^3 and the UNet's largest GEMMs); the random full-size SDXL folder built once to local disk (about a
-#   minute, counted here); the SDXL 1024px step at 1 pair, the fast path (configs/single_gpu.json, --recompute
-#   selective) with per-phase CUDA-event times, peak memory and 3 profiled steps (top kernels, GPU-busy fraction),
-#   then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every step);
-#   last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
-#   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096),
-#   with the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit)
-#   and FP8 on CUDA (tests/test_fp8.py -m gpu: torch._scaled_mm runs, within 10% of bf16).
-# call2 (BUDGET 240 s): SDXL at 4 pairs: --recompute none, then with --compile-mode regional, regional with
-#   --compile-resnets, regional + --fp8 (against the regional row); SDXL at 1 pair with --reference-graphs (against
-#   call1's fast row); 4 pairs with --recompute selective and full; ZeRO-3 on one GPU at 1 pair (its cost against
-#   call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark at SDXL latents, B = 16 and 64. Every step row
-#   also counts the host syncs of the measured steps (CUDA's sync debug mode). Rows the budget does not reach are
-#   reported as not started.
+#   (8192^3 and the UNet's largest GEMMs); the random full-size SDXL folder built once to local disk (its own step,
+#   `models`: about a minute, counted here); the SDXL 1024px step at 1 pair, the fast path (configs/single_gpu.json,
+#   --recompute selective) with per-phase CUDA-event times, peak memory and 3 profiled steps (top kernels, GPU-busy
+#   fraction), then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every
+#   step); last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
+#   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096), with
+#   the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit) and FP8 on
+#   CUDA (tests/test_fp8.py -m gpu: torch._scaled_mm runs, within 10% of bf16).
+# call2 (BUDGET 240 s; start it at once after call1: a machine stays warm 30 s after a call, and a fresh one spends a
+#   minute of this budget on the install and the SDXL folder again, in the `models` step): SDXL at 4 pairs: --recompute
+#   none, then with --compile-mode regional, regional with --compile-resnets, regional + --fp8 (against the regional
+#   row); SDXL at 1 pair with --reference-graphs (against call1's fast row); 4 pairs with --recompute selective and
+#   full; ZeRO-3 on one GPU at 1 pair (its cost against call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark
+#   at SDXL latents, B = 16 and 64. Every step row also counts the host syncs of the measured steps (CUDA's sync debug
+#   mode). Rows the budget does not reach are reported as not started.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
 # flow (a later slot, about 8 minutes): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full)
 #   and FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
@@ -123,6 +124,7 @@ for stage in "$@"; do
         "$PY" -m rpo_fast.kernels.native > "$WORK/native-build.log" 2>&1 &
         check 60 loss-check loss-check --backends eager,triton,compile
         check 30 matmul matmul
+        check 120 models models --kinds sdxl  # the random SDXL folder, once per machine: no step pays for it
         check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
         check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
         check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
@@ -130,6 +132,7 @@ for stage in "$@"; do
             --junitxml "$WORK/native-gpu.xml"
         ;;
     call2)
+        check 120 models models --kinds sdxl  # no time where call1's machine is still warm; else about a minute
         check 60 sdxl-4-none step --kind sdxl --pairs 4 --recompute none
         check 75 sdxl-4-regional step --kind sdxl --pairs 4 --recompute none --compile-mode regional
         check 75 sdxl-4-resnets step --kind sdxl --pairs 4 --recompute none --compile-mode regional --compile-resnets

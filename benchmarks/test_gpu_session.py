@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["loss-check", "matmul", "sdxl-1-fast", "sdxl-1-baseline", "native-check", "native-gpu", "sdxl-4-none"]
+STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline", "native-check", "native-gpu", "models"]
+STEPS += ["sdxl-4-none"]
 STEPS += ["sdxl-4-regional", "sdxl-4-resnets", "sdxl-4-fp8", "sdxl-1-graphs", "sdxl-4-selective", "sdxl-4-full"]
 STEPS += ["sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
 
