@@ -199,6 +199,22 @@ def _measure_here(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
+def random_model(root: Path, kind: str, tiny: bool) -> Path:
+    """The random model folder of ``kind`` under ``root`` (full size in bf16 on the GPU; tiny: the small config in
+    fp32 on the CPU), built once: the same seed gives the same weights, and a folder left half-built is redone."""
+    from rpo_fast import testing as T
+
+    model = root / (f"tiny-{kind}" if tiny else kind)
+    if not (model / ".complete").exists():
+        t0 = time.perf_counter()
+        shutil.rmtree(model, ignore_errors=True)
+        dtype, device = (torch.float32, "cpu") if tiny else (torch.bfloat16, "cuda")
+        T.save_random_model(model, kind, full=not tiny, dtype=dtype, device=device)
+        (model / ".complete").touch()
+        print(f"[bench] built {model} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
 def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=None, command="", **flags) -> ResultTable:
     from rpo_fast import testing as T
 
@@ -243,13 +259,7 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
             if not todo:
                 print(f"[bench] {kind}: measured earlier at this commit (RPO_FAST_BENCH_RESUME=1)", flush=True)
                 continue
-            model = Path(root) / (kind if not QUICK else f"tiny-{kind}")
-            if not (model / ".complete").exists():  # the same seed gives the same random weights: build once
-                shutil.rmtree(model, ignore_errors=True)
-                dev = "cuda" if torch.cuda.is_available() else "cpu"
-                dtype = torch.bfloat16 if not QUICK else torch.float32
-                T.save_random_model(model, kind, full=not QUICK, dtype=dtype, device=dev)
-                (model / ".complete").touch()
+            model = random_model(Path(root), kind, tiny=QUICK)
             flops, hw_flops = flops_per_pair(model, recompute)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU

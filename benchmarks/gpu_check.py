@@ -182,19 +182,10 @@ class PhaseTimes:
 
 
 def random_model(kind: str, dry: bool) -> Path:
-    """The random full-size model folder of ``kind`` (dry: the tiny one) under $RPO_FAST_BENCH_MODELS, built once
-    per machine (SDXL: 7 GB, about a minute on a GPU): the same seed gives the same weights."""
-    from rpo_fast import testing as T
-
+    """bench_train_step's random model folder of ``kind`` (dry: the tiny one) under $RPO_FAST_BENCH_MODELS, built
+    once per machine (SDXL: 7 GB, about a minute on a GPU)."""
     root = Path(os.environ.get("RPO_FAST_BENCH_MODELS") or tempfile.mkdtemp(prefix="rpo_fast_models_"))
-    model = root / (f"tiny-{kind}" if dry else kind)
-    if not (model / ".complete").exists():
-        t0 = time.perf_counter()
-        dtype, device = (torch.float32, "cpu") if dry else (torch.bfloat16, "cuda")
-        T.save_random_model(model, kind, full=not dry, dtype=dtype, device=device)
-        (model / ".complete").touch()
-        print(f"[gpu_check] built {model} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return model
+    return B.random_model(root, kind, tiny=dry)
 
 
 def models(kinds: list[str], dry: bool) -> ResultTable:
