@@ -141,3 +141,16 @@ def test_known_log_noise_is_dropped_and_nothing_else(monkeypatch, capsys):
     for name in noise:  # the filters stay out of the way of other sessions' tests
         for f in [f for f in logging.getLogger(name).filters if isinstance(f, logs._DropKnown)]:
             logging.getLogger(name).removeFilter(f)
+
+
+def test_every_cli_keeps_its_flags():
+    """Every CLI's flags, spellings, defaults, choices and types are those of ``tests/cli_flags.json`` (written by
+    ``python tests/cli_flags.py``, only for a deliberate change of a CLI)."""
+    import json
+
+    from cli_flags import GOLDEN, cli_flags
+
+    now, golden = json.loads(json.dumps(cli_flags())), json.loads(GOLDEN.read_text())
+    assert set(now) == set(golden)
+    for cli in golden:
+        assert now[cli] == golden[cli], cli
