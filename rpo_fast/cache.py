@@ -514,15 +514,14 @@ EXAMPLE = """example (SDXL at 1024 px, RPO's CLIP embeddings, 8 GPUs splitting t
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse_config, run_cli
-    from .logs import quiet_known_noise
+    from .cli import run
 
-    quiet_known_noise()
-    prog = "python -m rpo_fast.cache"
-    a = parse_config(CacheConfig, argv, prog=prog, description=__doc__, epilog=EXAMPLE)
-    kw = dataclasses.asdict(a)
-    kw.pop("local_rank")
-    run_cli(prog, lambda: build_cache(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw))
+    def body(cfg: CacheConfig):
+        kw = dataclasses.asdict(cfg)
+        kw.pop("local_rank")
+        return build_cache(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw)
+
+    run(CacheConfig, argv, body, prog="python -m rpo_fast.cache", description=__doc__, epilog=EXAMPLE)
 
 
 if __name__ == "__main__":

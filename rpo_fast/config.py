@@ -1,24 +1,17 @@
-"""Configuration as typed data, and the command lines built from it.
-
-A CLI's options are the fields of a dataclass: the field's type gives argparse's ``type`` (``Literal[...]`` its
-``choices``, ``bool`` a ``--flag/--no-flag`` pair), its default is the default shown in ``--help``, and its
-``metadata`` holds the help text (and, rarely, other flag names). ``check_choices`` applies the same choices to a
-config built in Python. ``TrainConfig`` is ``rpo_fast/train.py``'s; ``validate`` runs every check that needs no
-model, before anything is loaded.
+"""The trainer's configuration: ``TrainConfig`` is ``rpo_fast/train.py``'s command line (through ``rpo_fast.cli``),
+``validate`` runs every check that needs no model, before anything is loaded, and ``loss_options`` resolves the
+objective's options for the run's family.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import os
-import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .cli import check_choices, parse_config
 from .data import COLUMNS_HELP, RANKING_HELP, RANKING_RULES, Columns
 from .embed import MODES
 from .engine import OPTIMIZERS, PRECISIONS, read_ds_config
@@ -26,118 +19,6 @@ from .fp8 import RECIPES as FP8_RECIPES
 from .loss import BACKENDS
 from .objectives import OBJECTIVE_TABLE, OBJECTIVES, objective
 from .recompute import RECOMPUTE
-
-# --------------------------------------------------------------------------------------------------
-# Dataclass -> argparse
-# --------------------------------------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and shows each option's default (unless it is None or hidden)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            return text
-        return f"{text} (default: %(default)s)".strip()
-
-
-def _choices(tp) -> tuple | None:
-    for t in (tp, *typing.get_args(tp)):
-        if typing.get_origin(t) is Literal:
-            return typing.get_args(t)
-    return None
-
-
-def _base_type(tp):
-    """int for ``int | None``, str for a Literal of strings."""
-    choices = _choices(tp)
-    if choices is not None:
-        return type(choices[0])
-    return next(t for t in (typing.get_args(tp) or (tp,)) if t is not type(None))  # Optional[T] -> T
-
-
-def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
-    """A field's option strings: ``metadata["flags"]``, or --the-name."""
-    return f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    return flags_of(f)[0]
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of the dataclass ``cls``."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        kw = dict(dest=f.name, help=f.metadata.get("help"))
-        flags = flags_of(f)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **kw)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(*flags, action="append", type=typing.get_args(tp)[0], default=[], **kw)
-        else:
-            default = None if required else f.default
-            parser.add_argument(
-                *flags, type=_base_type(tp), choices=_choices(tp), required=required, default=default, **kw
-            )
-
-
-def parse_config(cls, argv: list[str] | None, **parser_kw):
-    """Parse ``argv`` into an instance of the dataclass ``cls``."""
-    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, **parser_kw)
-    add_arguments(ap, cls)
-    return cls(**vars(ap.parse_args(argv)))
-
-
-# The errors a user causes: a path that is missing or of the wrong kind, a flag or value that is refused, a file
-# that is not what it should be (the checks raise these with a message naming the path, flag or value).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def run_cli(prog: str, body: typing.Callable[[], typing.Any]):
-    """Run a CLI's work: an error the user caused (``USER_ERRORS``) ends in one line, ``PROG: error: MESSAGE``, and
-    exit code 2 (argparse's), with no traceback. ``RPO_FAST_DEBUG=1`` lets it raise, traceback and all."""
-    try:
-        return body()
-    except USER_ERRORS as e:
-        if os.environ.get("RPO_FAST_DEBUG") == "1":
-            raise
-        message = str(e).strip() or type(e).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def check_choices(cfg) -> None:
-    """The Literal fields of a config built in Python hold one of their choices (argparse checks the CLI's)."""
-    hints = typing.get_type_hints(type(cfg), include_extras=True)
-    for f in dataclasses.fields(cfg):
-        choices, value = _choices(hints[f.name]), getattr(cfg, f.name)
-        if choices is not None and value is not None and value not in choices:
-            raise ValueError(f"{flag_of(f)} must be one of: {', '.join(map(str, choices))}; got {value!r}")
-
-
-def flag_table(cls) -> str:
-    """The markdown table of a config's flags (flag, default, choices, help), as the README shows it."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    rows = ["| flag | default | choices | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        text = f.metadata.get("help") or ""
-        if text == argparse.SUPPRESS:
-            continue
-        flag = flag_of(f)
-        if hints[f.name] is bool:
-            flag = f"{flag} / --no-{flag[2:]}"
-        required = f.default is dataclasses.MISSING
-        default = "required" if required else "-" if f.default is None else f"`{f.default}`"
-        choices = _choices(hints[f.name])
-        listed = " ".join(f"`{c}`" for c in choices) if choices else ""
-        rows.append(f"| `{flag}` | {default} | {listed} | {text.replace('|', chr(92) + '|')} |")
-    return "\n".join(rows)
 
 
 def _options(name: str, option: str) -> tuple:

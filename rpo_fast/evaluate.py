@@ -18,20 +18,20 @@ metrics with a bar chart, and every prompt's base and tuned images side by side.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import html
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from .config import HelpFormatter, run_cli
-from .logs import quiet_known_noise
+from .cli import run
 from .seeding import seed_of
 
 # --------------------------------------------------------------------------------------------------
@@ -534,7 +534,7 @@ t-interval; win rate of tuned over base, ties counted half: Wilson).</p>
 
 def evaluate(
     model,
-    prompts_file,
+    prompts,
     out,
     *,
     unet=None,
@@ -575,7 +575,7 @@ def evaluate(
     family = load_family(model, max_sequence_length=max_sequence_length)  # a bad --max-sequence-length fails now
     if steps is None:  # the family's recipe, recorded in the summary
         steps = family.sample_steps
-    prompts = read_prompts(prompts_file, limit)
+    prompts_file, prompts = prompts, read_prompts(prompts, limit)
     references = read_style_references(style_refs) if style is not None else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -683,99 +683,67 @@ EXAMPLE = """example (the tuned UNet of a run against its base model, PickScore 
       --scorer hps=MODELS/HPS_v2.1_compressed.pt:MODELS/CLIP-ViT-H-14"""
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.evaluate",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog=__doc__.split("\n\n", 2)[2] + "\n\n" + EXAMPLE,
+def _opt(default, text: str, **meta):
+    return field(default=default, metadata=dict(help=text, **meta))
+
+
+SCORER_HELP = "NAME=PATH (repeat): " + ", ".join(
+    [
+        "pickscore=DIR",
+        "hps=CKPT:TOKENIZER_DIR",
+        "aesthetic=MLP:CLIP_DIR",
+        "clipscore=DIR",
+        "imagereward=CKPT",
+        "module.path:Factory[=ARG]",
+    ]
+)
+
+
+@dataclass
+class EvaluateConfig:
+    """``python -m rpo_fast.evaluate``'s command line: the keyword arguments of ``evaluate``."""
+
+    model: str = field(metadata=dict(help="the base model folder (SD1.5 or SDXL)"))
+    prompts: str = field(metadata=dict(help="PartiPrompts .tsv/.csv, HPSv2 .json (or folder), .parquet, .txt"))
+    out: str = field(metadata=dict(help="output folder (resumed if it holds images)"))
+    unet: str | None = _opt(None, "the tuned UNet folder (rpo_fast/train.py's OUTPUT/unet)", one_of="tuned",
+                            required=True)  # fmt: skip
+    lora: str | None = _opt(None, "a LoRA folder diffusers' load_lora_weights reads", one_of="tuned")
+    scorers: list[str] = field(default_factory=list, metadata=dict(help=SCORER_HELP, flags=("--scorer",)))
+    seed: int = _opt(0, "image j of prompt i: seed_of(seed, i, j)")
+    per_prompt: int = _opt(1, "images per prompt")
+    steps: int | None = _opt(None, "denoising steps per image (default: 50; SD3/FLUX 28)")
+    guidance: float | None = _opt(None, "default: 7.5 (SD1.5), 5 (SDXL), 7 (SD3), 3.5 (FLUX)")
+    batch_size: int = _opt(8, "images per pipeline call")
+    resolution: int | None = _opt(None, "default: the model's")
+    max_sequence_length: int | None = _opt(
+        None,
+        "SD3/FLUX: T5 tokens per prompt (default: the pipeline's, 256 / 512); use the cache's if it was built with "
+        "another",
     )
-    ap.add_argument("--model", required=True, help="the base model folder (SD1.5 or SDXL)")
-    tuned = ap.add_mutually_exclusive_group(required=True)
-    tuned.add_argument("--unet", help="the tuned UNet folder (rpo_fast/train.py's OUTPUT/unet)")
-    tuned.add_argument("--lora", help="a LoRA folder diffusers' load_lora_weights reads")
-    ap.add_argument("--prompts", required=True, help="PartiPrompts .tsv/.csv, HPSv2 .json (or folder), .parquet, .txt")
-    ap.add_argument("--out", required=True, help="output folder (resumed if it holds images)")
-    ap.add_argument(
-        "--scorer",
-        action="append",
-        default=[],
-        help="NAME=PATH (repeat): "
-        + ", ".join(
-            [
-                "pickscore=DIR",
-                "hps=CKPT:TOKENIZER_DIR",
-                "aesthetic=MLP:CLIP_DIR",
-                "clipscore=DIR",
-                "imagereward=CKPT",
-                "module.path:Factory[=ARG]",
-            ]
-        ),
+    limit: int | None = _opt(None, "the first N prompts only")
+    scheduler: Literal["auto", "folder", "ddim", "euler", "pndm"] = _opt(
+        "auto", "auto: DDIM where the folder holds a training (DDPM) scheduler; folder: the folder's"
     )
-    ap.add_argument("--seed", type=int, default=0, help="image j of prompt i: seed_of(seed, i, j)")
-    ap.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps per image (default: 50; SD3/FLUX 28)")
-    ap.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5 (SDXL), 7 (SD3), 3.5 (FLUX)")
-    ap.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
-    ap.add_argument(
-        "--max-sequence-length",
-        type=int,
-        default=None,
-        help="SD3/FLUX: T5 tokens per prompt (default: the pipeline's, 256 / 512); use the cache's if it was built "
-        "with another",
-    )
-    ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
-    ap.add_argument(
-        "--scheduler",
-        choices=["auto", "folder", "ddim", "euler", "pndm"],
-        default="auto",
-        help="auto: DDIM where the folder holds a training (DDPM) scheduler; folder: the folder's",
-    )
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--style", default=None, help="style alignment: vangogh | sketch | winter (rpo_fast.style_data)")
-    ap.add_argument("--style-refs", default=None, help="the styled reference images (style_data output or a folder)")
-    ap.add_argument("--style-clip", default=None, help="CLIP folder for CLIP-FID and the style score")
-    ap.add_argument("--inception", default=None, help="pytorch-fid Inception weights file (needs torchvision)")
-    ap.add_argument(
-        "--report-prompts", type=int, default=None, help="report.html shows the first N prompts (default: every prompt)"
-    )
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
+    device: str | None = _opt(None, "default: cuda if available, else cpu")
+    style: str | None = _opt(None, "style alignment: vangogh | sketch | winter (rpo_fast.style_data)")
+    style_refs: str | None = _opt(None, "the styled reference images (style_data output or a folder)")
+    style_clip: str | None = _opt(None, "CLIP folder for CLIP-FID and the style score")
+    inception: str | None = _opt(None, "pytorch-fid Inception weights file (needs torchvision)")
+    report_prompts: int | None = _opt(None, "report.html shows the first N prompts (default: every prompt)")
+    progress: bool = _opt(True, "no progress bar", flags=("--no-progress",), switch=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
-    quiet_known_noise()
-    s = run_cli("python -m rpo_fast.evaluate", lambda: _evaluate_args(a))
-    _print_summary(s)
-
-
-def _evaluate_args(a: argparse.Namespace) -> dict:
-    return evaluate(
-        a.model,
-        a.prompts,
-        a.out,
-        unet=a.unet,
-        lora=a.lora,
-        scorers=a.scorer,
-        seed=a.seed,
-        per_prompt=a.per_prompt,
-        steps=a.steps,
-        guidance=a.guidance,
-        batch_size=a.batch_size,
-        resolution=a.resolution,
-        max_sequence_length=a.max_sequence_length,
-        limit=a.limit,
-        device=a.device,
-        scheduler=a.scheduler,
-        progress=not a.no_progress,
-        style=a.style,
-        style_refs=a.style_refs,
-        style_clip=a.style_clip,
-        inception=a.inception,
-        report_prompts=a.report_prompts,
+    s = run(
+        EvaluateConfig,
+        argv,
+        lambda cfg: evaluate(**dataclasses.asdict(cfg)),
+        prog="python -m rpo_fast.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2] + "\n\n" + EXAMPLE,
     )
+    _print_summary(s)
 
 
 def _print_summary(s: dict) -> None:

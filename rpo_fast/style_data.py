@@ -16,17 +16,18 @@ Our choices (documented in the README): the instructions below, 20 DDIM steps, t
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from . import data as D
-from .config import HelpFormatter, run_cli
-from .logs import quiet_known_noise
+from .cli import run
 from .seeding import seed_of
 
 STYLES = {
@@ -196,50 +197,36 @@ def _finish(out: Path, settings: dict, shards: list[Path], counts: dict) -> dict
     return summary
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.style_data",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog="example (10,000 Van Gogh pairs from a Pick-a-Pic folder):\n"
-        "  python -m rpo_fast.style_data --src pickapic_v2/data --style vangogh --editor MODELS/instruct-pix2pix \\\n"
-        "      --out styled/vangogh --limit 10000",
-    )
-    ap.add_argument("--src", required=True, help="Pick-a-Pic v2 parquet folder (or a pairs .jsonl/.csv)")
-    ap.add_argument("--style", required=True, choices=sorted(STYLES), help="the edit applied to each winner")
-    ap.add_argument(
-        "--editor", required=True, help="local InstructPix2Pix pipeline folder (timbrooks/instruct-pix2pix)"
-    )
-    ap.add_argument("--out", required=True, help="output folder of parquet shards (resumed)")
-    ap.add_argument("--limit", type=int, default=None, help="edit at most this many winners")
-    ap.add_argument("--resolution", type=int, default=512, help="pixels of the edited images")
-    ap.add_argument("--shard-size", type=int, default=256, help="rows per parquet shard")
-    ap.add_argument("--batch-size", type=int, default=4, help="images per editor call")
-    ap.add_argument("--seed", type=int, default=0, help="the edit of row i uses seed_of(seed, i)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
+@dataclass
+class StyleDataConfig:
+    """``python -m rpo_fast.style_data``'s command line: the arguments of ``build_style_set``."""
+
+    src: str = field(metadata=dict(help="Pick-a-Pic v2 parquet folder (or a pairs .jsonl/.csv)"))
+    style: Literal[tuple(sorted(STYLES))] = field(metadata=dict(help="the edit applied to each winner"))
+    editor: str = field(metadata=dict(help="local InstructPix2Pix pipeline folder (timbrooks/instruct-pix2pix)"))
+    out: str = field(metadata=dict(help="output folder of parquet shards (resumed)"))
+    limit: int | None = field(default=None, metadata=dict(help="edit at most this many winners"))
+    resolution: int = field(default=512, metadata=dict(help="pixels of the edited images"))
+    shard_size: int = field(default=256, metadata=dict(help="rows per parquet shard"))
+    batch_size: int = field(default=4, metadata=dict(help="images per editor call"))
+    seed: int = field(default=0, metadata=dict(help="the edit of row i uses seed_of(seed, i)"))
+    device: str | None = field(default=None, metadata=dict(help="default: cuda if available, else cpu"))
+    progress: bool = field(default=True, metadata=dict(help="no progress bar", flags=("--no-progress",), switch=True))
+
+
+EXAMPLE = """example (10,000 Van Gogh pairs from a Pick-a-Pic folder):
+  python -m rpo_fast.style_data --src pickapic_v2/data --style vangogh --editor MODELS/instruct-pix2pix \\
+      --out styled/vangogh --limit 10000"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
-    quiet_known_noise()
-    run_cli("python -m rpo_fast.style_data", lambda: _build(a))
-
-
-def _build(a: argparse.Namespace) -> None:
-    build_style_set(
-        a.src,
-        a.style,
-        a.editor,
-        a.out,
-        limit=a.limit,
-        resolution=a.resolution,
-        shard_size=a.shard_size,
-        batch_size=a.batch_size,
-        device=a.device,
-        progress=not a.no_progress,
-        seed=a.seed,
+    run(
+        StyleDataConfig,
+        argv,
+        lambda cfg: build_style_set(**dataclasses.asdict(cfg)),
+        prog="python -m rpo_fast.style_data",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLE,
     )
 
 

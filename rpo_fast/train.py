@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
-from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, run_cli, validate  # noqa: E402
+from rpo_fast.cli import run_cli  # noqa: E402
+from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, validate  # noqa: E402
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402

@@ -25,7 +25,7 @@ class _Caught(Exception):
     pass
 
 
-def _parser_of(module: str) -> argparse.ArgumentParser:
+def parser_of(module: str) -> argparse.ArgumentParser:
     """The parser a CLI's ``main`` builds, caught at its ``parse_args``."""
     seen = []
     original = argparse.ArgumentParser.parse_args
@@ -65,7 +65,7 @@ def _describe(action: argparse.Action) -> dict:
 def cli_flags() -> dict[str, list[dict]]:
     out = {}
     for module in CLIS:
-        parser = _parser_of(module)
+        parser = parser_of(module)
         rows = [_describe(a) for a in parser._actions if a.option_strings and a.dest != "help"]
         for group in parser._mutually_exclusive_groups:
             rows.append(

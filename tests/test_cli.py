@@ -154,3 +154,18 @@ def test_every_cli_keeps_its_flags():
     assert set(now) == set(golden)
     for cli in golden:
         assert now[cli] == golden[cli], cli
+
+
+def test_an_argparse_error_is_one_line_without_the_usage(capsys):
+    """argparse printed the usage (50 lines for the trainer) before the line that matters; now it is that line."""
+    from cli_flags import CLIS
+
+    for module in CLIS:
+        main = importlib.import_module(module).main
+        for argv, named in ((["--seed", "x"], "'x'"), (["--seed"], "expected one argument")):
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 2, module
+            assert len(err) == 1 and "error:" in err[0] and named in err[0], (module, err)
+            assert "usage:" not in err[0] and "--help" in err[0], (module, err)

@@ -2,12 +2,14 @@
 model-family interface and the objective table, and a project that stands alone."""
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_flags import parser_of
 
 from rpo_fast.models import FAMILIES, family_class, load_family, model_kind
 from rpo_fast.objectives import OBJECTIVE_TABLE
@@ -60,6 +62,11 @@ def test_layering():
         if mod.startswith(("rpo_fast.kernels", "rpo_fast.objectives", "rpo_fast.loss")):
             for lower in ("rpo_fast.data", "rpo_fast.dataset", "rpo_fast.cache", "rpo_fast.models"):
                 assert not _reaches(imports, lower), f"{mod} imports {lower}"
+        # the CLI layer is generic: no CLI but the trainer imports the trainer's configuration (and what it imports)
+        if mod != "rpo_fast.train":
+            assert "rpo_fast.config" not in imports, f"{mod} imports the trainer's configuration"
+        if mod == "rpo_fast.cli":
+            assert all(_reaches({"rpo_fast.logs"}, i) or i.startswith("rpo_fast.logs") for i in imports), imports
 
 
 def test_no_module_reaches_into_another_modules_private_names():
@@ -266,16 +273,23 @@ def test_every_flag_of_every_cli_has_help_and_shows_its_default():
     import importlib
 
     from rpo_fast.cache import CacheConfig
-    from rpo_fast.config import HelpFormatter, TrainConfig, add_arguments
+    from rpo_fast.cli import HelpFormatter, parser_for
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.demo.__main__ import DemoConfig
+    from rpo_fast.demo.pretrain import PretrainConfig
+    from rpo_fast.evaluate import EvaluateConfig
+    from rpo_fast.style_data import StyleDataConfig
 
-    parsers = []
-    for cls in (TrainConfig, CacheConfig):
-        ap = argparse.ArgumentParser(formatter_class=HelpFormatter)
-        add_arguments(ap, cls)
-        parsers.append((cls.__name__, ap))
-    for name in ("rpo_fast.evaluate", "rpo_fast.style_data", "rpo_fast.demo.__main__", "rpo_fast.demo.pretrain"):
-        parsers.append((name, importlib.import_module(name).parser()))
+    parsers = [(cls.__name__, parser_for(cls)) for cls in (TrainConfig, CacheConfig)]
+    for name, cls in (
+        ("rpo_fast.evaluate", EvaluateConfig),
+        ("rpo_fast.style_data", StyleDataConfig),
+        ("rpo_fast.demo.__main__", DemoConfig),
+        ("rpo_fast.demo.pretrain", PretrainConfig),
+    ):
+        parsers.append((name, parser_of(name)))
         assert "example" in (parsers[-1][1].epilog or ""), f"{name}: no example in its --help"
+        assert {a.dest for a in parsers[-1][1]._actions} - {"help"} == {f.name for f in dataclasses.fields(cls)}
     assert "example" in importlib.import_module("rpo_fast.cache").EXAMPLE
     for name, ap in parsers:
         assert ap.formatter_class is HelpFormatter, name
@@ -284,10 +298,14 @@ def test_every_flag_of_every_cli_has_help_and_shows_its_default():
                 continue
             assert action.help, f"{name}: {action.option_strings} has no help"
         text = ap.format_help()
+        switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)  # --fresh, --no-progress: no default
         shown = [
             a
             for a in ap._actions
-            if a.option_strings and a.help != argparse.SUPPRESS and a.default not in (None, False, argparse.SUPPRESS)
+            if a.option_strings
+            and a.help != argparse.SUPPRESS
+            and a.default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(a, switches)
         ]
         for action in shown:
             assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)

@@ -28,7 +28,7 @@ def test_objectives_and_scorers_are_documented():
 
 
 def test_the_flag_table_is_the_generated_one():
-    from rpo_fast.config import flag_table
+    from rpo_fast.cli import flag_table
 
     assert flag_table(TrainConfig) in README
 

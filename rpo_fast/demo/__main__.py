@@ -16,7 +16,6 @@ Threads are fixed (one per rank, two for sampling) so the result does not depend
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -25,12 +24,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from ..config import HelpFormatter, run_cli
-from ..logs import quiet_known_noise
+from .. import cli
 from . import shapes as S
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -166,45 +166,48 @@ def run(cmd: list[str], env: dict) -> None:
         raise SystemExit(f"[demo] that command failed with exit code {rc} (its output is above)")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.demo",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog="example (what make demo runs; DPO instead of RPO):\n  python -m rpo_fast.demo --objective dpo",
-    )
-    ap.add_argument("--objective", default="rpo", choices=sorted(SETTINGS), help="the objective trained")
-    ap.add_argument("--out", default="runs/demo", help="the demo's folder (OUT/OBJECTIVE: the run)")
-    ap.add_argument("--rounds", type=int, default=8, help="pairs per training caption (100 captions)")
-    ap.add_argument("--steps", type=int, default=240, help="optimizer steps (16 pairs each)")
-    ap.add_argument("--ranks", type=int, default=2, help="deepspeed ranks (processes) on this CPU")
-    ap.add_argument("--seed", type=int, default=0, help="seed of pairs, training and sampling")
-    ap.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
-    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance when sampling")
-    ap.add_argument(
-        "--mixed-precision",
-        default="no",
-        choices=["no", "bf16"],
-        help="the trainer's precision. fp32 ('no') by default: a CPU without native bf16 (AVX2 only) emulates bf16 "
+def _opt(default, text: str, **meta):
+    return field(default=default, metadata=dict(help=text, **meta))
+
+
+@dataclass
+class DemoConfig:
+    """``python -m rpo_fast.demo``'s command line."""
+
+    objective: Literal[tuple(sorted(SETTINGS))] = _opt("rpo", "the objective trained")
+    out: str = _opt("runs/demo", "the demo's folder (OUT/OBJECTIVE: the run)")
+    rounds: int = _opt(8, "pairs per training caption (100 captions)")
+    steps: int = _opt(240, "optimizer steps (16 pairs each)")
+    ranks: int = _opt(2, "deepspeed ranks (processes) on this CPU")
+    seed: int = _opt(0, "seed of pairs, training and sampling")
+    sample_steps: int = _opt(25, "DDIM steps when sampling")
+    guidance: float = _opt(3.0, "classifier-free guidance when sampling")
+    mixed_precision: Literal["no", "bf16"] = _opt(
+        "no",
+        "the trainer's precision. fp32 ('no') by default: a CPU without native bf16 (AVX2 only) emulates bf16 "
         "convolutions, 40x slower than fp32 (measured on a 2-core AMD EPYC); bf16 is the GPU recipe's",
     )
-    ap.add_argument("--model", default=str(ASSETS / "base"), help="the base model (the shipped one)")
-    ap.add_argument("--clip", default=str(ASSETS / "clip"), help="the embedder of RPO's weights (the shipped one)")
-    ap.add_argument(
-        "--fresh",
-        action="store_true",
-        help="remove OUT/OBJECTIVE first and train again (a finished run is otherwise reused: only sampled and scored)",
+    model: str = _opt(str(ASSETS / "base"), "the base model (the shipped one)")
+    clip: str = _opt(str(ASSETS / "clip"), "the embedder of RPO's weights (the shipped one)")
+    fresh: bool = _opt(
+        False,
+        "remove OUT/OBJECTIVE first and train again (a finished run is otherwise reused: only sampled and scored)",
+        switch=True,
     )
-    return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
-    a = parser().parse_args(argv)
-    quiet_known_noise()
-    return run_cli("python -m rpo_fast.demo", lambda: run_demo(a))
+    return cli.run(
+        DemoConfig,
+        argv,
+        run_demo,
+        prog="python -m rpo_fast.demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="example (what make demo runs; DPO instead of RPO):\n  python -m rpo_fast.demo --objective dpo",
+    )
 
 
-def run_demo(a: argparse.Namespace) -> dict:
+def run_demo(a: DemoConfig) -> dict:
     t0 = time.time()
     out = Path(a.out)
     run_dir = out / a.objective

@@ -15,10 +15,11 @@ Stages: (1) the VAE (32px -> 4x16x16, MSE + 1e-5 KL), its scaling factor set to 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as T
-from ..config import HelpFormatter
+from ..cli import run
 from . import shapes as S
 
 RES = 32
@@ -222,25 +223,34 @@ def save(out: Path, vae, unet, text, tok, sched, clip, clip_tok) -> None:
     clip_tok.save_pretrained(out / "clip")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m rpo_fast.demo.pretrain",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog="example (rebuild the shipped assets in a scratch folder):\n"
-        "  python -m rpo_fast.demo.pretrain --out /tmp/demo_assets",
+@dataclass
+class PretrainConfig:
+    """``python -m rpo_fast.demo.pretrain``'s command line."""
+
+    out: str = field(
+        default=str(Path(__file__).parent / "assets"), metadata=dict(help="where base/ and clip/ are written")
     )
-    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"), help="where base/ and clip/ are written")
-    ap.add_argument("--vae-steps", type=int, default=2000, help="training steps of the VAE")
-    ap.add_argument("--unet-steps", type=int, default=4500, help="training steps of the UNet (with the text encoder)")
-    ap.add_argument("--clip-steps", type=int, default=1000, help="training steps of the CLIP embedder")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed: results do not follow the machine)")
-    return ap
+    vae_steps: int = field(default=2000, metadata=dict(help="training steps of the VAE"))
+    unet_steps: int = field(default=4500, metadata=dict(help="training steps of the UNet (with the text encoder)"))
+    clip_steps: int = field(default=1000, metadata=dict(help="training steps of the CLIP embedder"))
+    seed: int = field(default=0, metadata=dict(help="seed of the data and the initial weights"))
+    threads: int = field(default=2, metadata=dict(help="torch threads (fixed: results do not follow the machine)"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
+    run(
+        PretrainConfig,
+        argv,
+        pretrain,
+        prog="python -m rpo_fast.demo.pretrain",
+        description=__doc__.split("\n\n")[0],
+        epilog="example (rebuild the shipped assets in a scratch folder):\n"
+        "  python -m rpo_fast.demo.pretrain --out /tmp/demo_assets",
+        quiet=False,
+    )
+
+
+def pretrain(a: PretrainConfig) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     save(out, vae, unet, text, tok, sched, clip, clip_tok)
     info = dict(
-        args=vars(a),
+        args=dataclasses.asdict(a),
         minutes=(time.time() - t0) / 60,
         final_loss=dict(vae=vae_loss, unet=unet_loss, clip=clip_loss),
         torch=torch.__version__,
