@@ -6,6 +6,7 @@ in ``--help``, and its ``metadata`` holds the help text and, rarely:
 
     flags=("--a", "--b")       other option strings than --the-field-name
     switch=True                a bool as ONE flag that flips the default (``--fresh``; ``--no-progress``)
+    choices=callable           the choices, read when a parser is built (a table that extensions may add rows to)
     one_of="NAME"              the fields sharing NAME are mutually exclusive (``required=True`` on one of them: one
                                must be given)
 
@@ -55,6 +56,11 @@ def _choices(tp) -> tuple | None:
     return None
 
 
+def choices_of(f: dataclasses.Field, tp) -> tuple | None:
+    """A field's choices: ``metadata["choices"]()``, or its ``Literal``'s."""
+    return tuple(f.metadata["choices"]()) if "choices" in f.metadata else _choices(tp)
+
+
 def _base_type(tp):
     """int for ``int | None``, str for a Literal of strings."""
     choices = _choices(tp)
@@ -96,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             default = None if required else f.default
             target.add_argument(
-                *flags, type=_base_type(tp), choices=_choices(tp), required=required, default=default, **kw
+                *flags, type=_base_type(tp), choices=choices_of(f, tp), required=required, default=default, **kw
             )
 
 
@@ -145,7 +151,7 @@ def check_choices(cfg) -> None:
     """The Literal fields of a config built in Python hold one of their choices (argparse checks the CLI's)."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in dataclasses.fields(cfg):
-        choices, value = _choices(hints[f.name]), getattr(cfg, f.name)
+        choices, value = choices_of(f, hints[f.name]), getattr(cfg, f.name)
         if choices is not None and value is not None and value not in choices:
             raise ValueError(f"{flag_of(f)} must be one of: {', '.join(map(str, choices))}; got {value!r}")
 
@@ -163,7 +169,7 @@ def flag_table(cls) -> str:
             flag = f"{flag} / --no-{flag[2:]}"
         required = f.default is dataclasses.MISSING
         default = "required" if required else "-" if f.default is None else f"`{f.default}`"
-        choices = _choices(hints[f.name])
+        choices = choices_of(f, hints[f.name])
         listed = " ".join(f"`{c}`" for c in choices) if choices else ""
         rows.append(f"| `{flag}` | {default} | {listed} | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)

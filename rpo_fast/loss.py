@@ -41,22 +41,19 @@ def validate_inputs(spec: Objective, x: LossInputs) -> None:
     if rows == 0 or model_pred.numel() == 0:
         raise ValueError(f"model_pred is empty (shape {tuple(model_pred.shape)})")
     tensors = {"model_pred": model_pred, "target": target}
+    layout = spec.layout
+    b = layout.units(rows)
+    if b is None:
+        odd = (
+            "an odd first dimension"
+            if layout.per_unit == 2
+            else f"a first dimension not a multiple of {layout.per_unit}"
+        )
+        raise ValueError(f"{name}: model_pred has {odd} ({rows}); it must hold {layout.description}")
     if not spec.reference:
         if ref_pred is not None:
             raise ValueError(f"objective {name!r} uses no reference model: pass ref_pred=None")
-        if tuple(target.shape) != tuple(model_pred.shape):
-            raise ValueError(
-                f"{name}: target shape {tuple(target.shape)} must equal model_pred shape {tuple(model_pred.shape)} "
-                "(winners only)"
-            )
-        b = rows
     else:
-        if rows % 2:
-            raise ValueError(
-                f"{name}: model_pred has an odd first dimension ({rows}); it must hold 2B rows, "
-                "the B winners first and then the B losers"
-            )
-        b = rows // 2
         if ref_pred is None:
             raise ValueError(f"{name} needs ref_pred, the frozen reference model's prediction")
         _floating("ref_pred", ref_pred)
@@ -65,11 +62,16 @@ def validate_inputs(spec: Objective, x: LossInputs) -> None:
                 f"ref_pred shape {tuple(ref_pred.shape)} must equal model_pred shape {tuple(model_pred.shape)}"
             )
         tensors["ref_pred"] = ref_pred
-        if tuple(target.shape) not in ((rows, *tail), (b, *tail)):
-            raise ValueError(
-                f"target shape {tuple(target.shape)} must be {(rows, *tail)} (per sample) or {(b, *tail)} "
-                "(shared by winner and loser, epsilon-prediction only)"
-            )
+    if layout.per_unit == 1 and tuple(target.shape) != tuple(model_pred.shape):
+        raise ValueError(
+            f"{name}: target shape {tuple(target.shape)} must equal model_pred shape {tuple(model_pred.shape)} "
+            f"({layout.description})"
+        )
+    if tuple(target.shape) not in ((rows, *tail), (b, *tail)):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must be {(rows, *tail)} (per sample) or {(b, *tail)} "
+            "(shared by the rows of a unit, epsilon-prediction only)"
+        )
     embedders = [k for k, o in OBJECTIVE_TABLE.items() if o.embeddings]
     if spec.embeddings:
         if x.embeds_w is None or x.embeds_l is None:
@@ -129,7 +131,8 @@ class PreferenceLoss(nn.Module):
 
     Args:
         objective: "dpo" | "sft" | "rpo" | "dspo" | "dense-dpo" | "cal-dpo".
-        backend: "auto" (Triton for CUDA tensors, eager otherwise) | "eager" | "compile" (torch.compile of
+        backend: "auto" (Triton for CUDA tensors, eager otherwise; compile on CUDA for an objective the table
+            declares without a fused kernel) | "eager" | "compile" (torch.compile of
             the eager code, static shapes; past Dynamo's recompile_limit of shapes and objectives in one
             process it runs eagerly) | "triton" (the fused kernels; on CPU only under ``TRITON_INTERPRET=1``) |
             "native" (the same fused algorithm in C++ for CPU and CUDA C++ for GPUs, from csrc/, built on first use).
@@ -163,7 +166,22 @@ class PreferenceLoss(nn.Module):
         self.objective = objective
         self.options = self.spec.resolve(options)
         self.backend = O.one_of(*BACKENDS)("backend", backend)
+        if self.backend in ("triton", "native") and not self.spec.fused:
+            eager_only = [k for k, o in OBJECTIVE_TABLE.items() if not o.fused]
+            raise ValueError(
+                f"backend={backend!r}: objective {objective!r} has no fused kernel (objectives without one: "
+                f"{_names(eager_only)}); use 'auto', 'eager' or 'compile'"
+            )
         self._compiled = None
+
+    def backend_for(self, device: torch.device | str) -> str:
+        """The backend a call on ``device`` runs: ``auto`` is Triton on CUDA (compile for an objective without a
+        fused kernel) and eager elsewhere."""
+        if self.backend != "auto":
+            return self.backend
+        if torch.device(device).type == "cuda" and _triton_available():
+            return "triton" if self.spec.fused else "compile"
+        return "eager"
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
@@ -182,9 +200,7 @@ class PreferenceLoss(nn.Module):
     ) -> LossOutput:
         args = LossInputs(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps)
         validate_inputs(self.spec, args)
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if model_pred.is_cuda and _triton_available() else "eager"
+        backend = self.backend_for(model_pred.device)
         if backend == "triton":
             from .kernels import fused_preference_loss
 

@@ -388,14 +388,36 @@ class one_of:  # noqa: N801 (used like the other checks: one_of("a", "b")(name, 
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How the rows of a loss call's predictions are arranged: ``per_unit`` rows per unit (a pair, or a winner
+    alone), the units' first rows first. Per-unit inputs (weights, timesteps, embeddings, a shared target) have
+    one row per unit."""
+
+    name: str
+    per_unit: int
+    description: str
+
+    def units(self, rows: int) -> int | None:
+        """The units in ``rows`` rows, or None where ``rows`` does not fit the layout."""
+        return rows // self.per_unit if rows % self.per_unit == 0 else None
+
+
+PAIRS = Layout("pairs", 2, "2B rows, the B winners first and then the B losers")
+WINNERS = Layout("winners", 1, "B rows, the winners only")
+
+
+@dataclass(frozen=True)
 class Objective:
     """One objective, declared once.
 
     ``options``: name -> (default, check); a default of None is filled by ``defaults`` (options that depend on
     others, as DSPO's do). ``eager(err, inputs, opts)`` is its plain-torch loss. What it needs: ``reference``
     (a ref_pred), ``embeddings`` (embeds_w / embeds_l: RPO's weight matrix), ``timesteps`` (B,),
-    ``weights`` (takes optional per-pair weights). ``score_terms``: it reads <e, d> and |d|^2 of the winners,
-    and its gradient has a term in (p - q) (DSPO). ``metrics``: the names it reports."""
+    ``weights`` (takes optional per-pair weights). ``layout``: how its rows are arranged (``PAIRS``, ``WINNERS``).
+    ``fused``: a fused kernel exists (Triton and native; ``rpo_fast.kernels.shared.KERNEL_BRANCH``); without one
+    the objective runs eagerly or compiled, and ``backend="auto"`` picks compile on CUDA. ``score_terms``: it reads
+    <e, d> and |d|^2 of the winners, and its gradient has a term in (p - q) (DSPO). ``metrics``: the names it
+    reports."""
 
     name: str
     eager: Callable[[SampleErrors, LossInputs, dict], LossOutput]
@@ -405,6 +427,8 @@ class Objective:
     embeddings: bool = False
     timesteps: bool = False
     weights: bool = False
+    layout: Layout = PAIRS
+    fused: bool = True
     score_terms: bool = False
     metrics: tuple[str, ...] = PAIR_METRICS
 
@@ -454,7 +478,7 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
             dict(beta=BETA),
             weights=True,
         ),
-        Objective("sft", lambda err, x, o: sft_loss(err), reference=False, metrics=("loss", "mse_w")),
+        Objective("sft", lambda err, x, o: sft_loss(err), reference=False, layout=WINNERS, metrics=("loss", "mse_w")),
         Objective(
             "rpo",
             _rpo_eager,
@@ -512,6 +536,16 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
     )
 }
 OBJECTIVES = tuple(OBJECTIVE_TABLE)
+
+
+def register(objective: Objective) -> Objective:
+    """Add an objective to the table (an extension, or a test's throwaway one): from then on ``PreferenceLoss``,
+    the trainer's ``--objective`` (in processes that register it before parsing) and the kernels' dispatch see it.
+    Without ``fused`` it runs on the eager and compile backends only."""
+    if objective.name in OBJECTIVE_TABLE:
+        raise ValueError(f"objective {objective.name!r} is already in the table")
+    OBJECTIVE_TABLE[objective.name] = objective
+    return objective
 
 
 def objective(name: str) -> Objective:

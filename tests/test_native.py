@@ -293,13 +293,18 @@ def test_build_ahead_command():
 
 
 def test_auto_keeps_triton_on_cuda():
-    """``auto`` picks Triton on CUDA (until GPU figures say otherwise) and eager on CPU, never native."""
-    import inspect
+    """``auto`` picks Triton on CUDA (until GPU figures say otherwise) and eager on CPU, never native; an objective
+    the table declares without a fused kernel runs compiled on CUDA."""
+    import dataclasses
 
-    from rpo_fast import loss
+    from rpo_fast.objectives import OBJECTIVE_TABLE
 
-    src = inspect.getsource(loss.PreferenceLoss.forward)
-    assert 'backend = "triton" if model_pred.is_cuda and _triton_available() else "eager"' in src
+    for name in OBJECTIVE_TABLE:
+        loss = PreferenceLoss(name)
+        assert (loss.backend_for("cuda"), loss.backend_for("cpu")) == ("triton", "eager"), name
+        assert PreferenceLoss(name, backend="native").backend_for("cuda") == "native"
+    loss.spec = dataclasses.replace(loss.spec, fused=False)
+    assert (loss.backend_for("cuda"), loss.backend_for("cpu")) == ("compile", "eager")
 
 
 @pytest.mark.multiprocess
@@ -462,3 +467,20 @@ def record_figures() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     record_figures()
+
+
+def test_objective_ids_and_metric_order_are_csrc_enums():
+    """The kernels' objective ids (Triton's OBJ) are the named constants of kernels.shared, and csrc's enums repeat
+    them and the metrics vector's order; every objective the table declares fused has a kernel branch."""
+    from rpo_fast.kernels import shared
+    from rpo_fast.objectives import OBJECTIVE_TABLE
+
+    header = (Path(N.__file__).resolve().parents[2] / "csrc" / "preference_loss.h").read_text()
+    enum = re.search(r"enum Objective : int \{([^}]*)\}", header).group(1)
+    ids = {k.strip(): int(v) for k, v in (item.split("=") for item in enum.split(","))}
+    names = dict(kDPO="DPO", kSFT="SFT", kRPO="RPO", kDSPO="DSPO", kDense="DENSE", kCal="CAL")
+    assert {names[k]: v for k, v in ids.items()} == {n: getattr(shared, n) for n in names.values()}
+    assert {KB[0] for KB in shared.KERNEL_BRANCH.values()} == set(ids.values())
+    metrics = re.search(r"enum Metric : int \{([^}]*)\}", header).group(1).replace("\n", " ").split(",")
+    assert len(metrics) - 1 == len(shared.METRIC_NAMES) and metrics[0].strip() == "kLoss = 0"
+    assert {k for k, o in OBJECTIVE_TABLE.items() if o.fused} == set(shared.KERNEL_BRANCH)

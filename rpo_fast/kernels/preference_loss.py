@@ -32,7 +32,9 @@ from .shared import METRIC_NAMES, K, define_fused_op, fused_loss, objective_para
 __all__ = ["METRIC_NAMES", "errors_bwd", "errors_fwd", "fused_preference_loss", "objective_params", "pair_fwd"]
 
 K_PARTS = tl.constexpr(K)  # partial sums per sample and chunk, as the kernels may read a global (constexpr only)
-_DPO, _SFT, _RPO, _DSPO, _DENSE, _CAL = shared.DPO, shared.SFT, shared.RPO, shared.DSPO, shared.DENSE, shared.CAL
+# The objective ids the kernels branch on (OBJ), as globals a kernel may read (constexpr only): shared's numbering,
+# which csrc's enum Objective repeats (a test holds the two equal)
+_SFT, _DSPO, _DENSE, _CAL = (tl.constexpr(i) for i in (shared.SFT, shared.DSPO, shared.DENSE, shared.CAL))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ def _pair_kernel(
         iw = (i0 + ar).to(tl.int64)
         mask = iw < B
         mw, rw, dw, edw, ddw = _stats(PART, iw, mask, CHUNKS, inv_n)
-        if OBJ == 1:  # sft: L = mean m^w, dL/dp = (2 / N B) (p - t)
+        if OBJ == _SFT:  # sft: L = mean m^w, dL/dp = (2 / N B) (p - t)
             s_loss += tl.where(mask, mw, 0.0)
             s_mw += tl.where(mask, mw, 0.0)
             tl.store(GE + iw, zero + two_n * inv_b, mask=mask)
@@ -239,7 +241,7 @@ def _pair_kernel(
             il = iw + B
             ml, rl, dl = _stats(PART, il, mask, CHUNKS, inv_n)[:3]
             scale = zero + a0  # h = -scale * delta
-            if OBJ == 4:  # dense-dpo: w(t) = gamma ** (((T - 1 - t) * N_steps) // T)
+            if OBJ == _DENSE:  # dense-dpo: w(t) = gamma ** (((T - 1 - t) * N_steps) // T)
                 t = tl.load(TS + iw, mask=mask, other=0).to(tl.int64)
                 k = ((TTRAIN - 1 - t) * NSTEPS) // TTRAIN
                 scale = scale * tl.exp2(k.to(tl.float32) * a1)
@@ -254,7 +256,7 @@ def _pair_kernel(
             gdl = zero
             gd_w = zero  # coefficient of (p - q) for the winner, before 2/N
             ge_w = zero  # extra coefficient of (p - t) for the winner, before 2/N
-            if OBJ == 3:  # DSPO
+            if OBJ == _DSPO:  # DSPO
                 sg = tl.sigmoid(-u)
                 dsg_du = -sg * (1.0 - sg)
                 if SDXL:
@@ -274,7 +276,7 @@ def _pair_kernel(
                 dli_du0 = -tl.sigmoid(-u) * sw  # d/d(h^w - h^l) of -log sigmoid(s u)
                 ghw = dli_du0
                 ghl = -dli_du0
-                if OBJ == 5:  # cal-dpo: + lam ((h^w - c)^2 + (h^l + c)^2)
+                if OBJ == _CAL:  # cal-dpo: + lam ((h^w - c)^2 + (h^l + c)^2)
                     li += a2 * ((hw - a1) * (hw - a1) + (hl + a1) * (hl + a1))
                     ghw += 2.0 * a2 * (hw - a1)
                     ghl += 2.0 * a2 * (hl + a1)
@@ -567,7 +569,7 @@ def pair_fwd(
         out = shared.pair_outputs(rows, dev)
     loss, met, ge, gd = out
     obj = shared.KERNEL_BRANCH[objective][0]
-    if obj == _RPO:
+    if obj == shared.RPO:
         b, d = embeds_w.shape
         beta, tau, inside = params
         ew, el = embeds_w.contiguous(), embeds_l.contiguous()
@@ -580,7 +582,7 @@ def pair_fwd(
             part, ew, el, row, ge, gd, loss, met, b, d, n, chunks, beta / 2, 1 / tau, **meta
         )
         return out
-    b = rows if obj == _SFT else rows // 2
+    b = rows if obj == shared.SFT else rows // 2
     obj, a0, a1, a2, nsteps, ttrain, sdxl = pair_scalars(objective, params)
     _pair_kernel[(1,)](
         part,
