@@ -146,7 +146,8 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
 
     def step():
         with torch.no_grad():
-            x0 = family.latents(vae.encode(images.to(vae.dtype)).latent_dist.sample().float())
+            mean, std = family.encode_latents(vae, images.to(vae.dtype))
+            x0 = family.latents((mean + std * torch.randn_like(std)).float())
             batch = family.encode_texts(encoders, captions)  # the text encoders every step
             batch |= {k: v.to(dev).expand(pairs, *v.shape) for k, v in whole.items()}
             cond = family.conditioning(batch, keep, {k: v[0] for k, v in batch.items()})

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from . import data as D
 from . import distributed
 from .embed import Embedder, load_embedder
-from .models import family_class, load_family, model_kind
+from .models import ModelFamily, load_family
 
 FORMAT = 1
 STORAGE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -71,10 +71,13 @@ SETTINGS = (
 )
 
 
-def is_caption_key(key: str) -> bool:
-    """A per-caption tensor of a shard (one row per unique caption, indexed by text_index): its name ends in
-    ``prompt_embeds`` (the families' text encodings); every other tensor has one row per pair."""
-    return key.endswith("prompt_embeds")
+def caption_keys_of(index: dict) -> tuple[str, ...]:
+    """The per-caption tensors of a cache's shards (one row per unique caption, indexed by text_index; every other
+    tensor has one row per pair): the family's ``caption_keys``, recorded in the index. A cache built before the
+    index recorded them holds the four built-in families' encodings, each named ``...prompt_embeds``."""
+    if "caption_keys" in index:
+        return tuple(index["caption_keys"])
+    return ("prompt_embeds", "pooled_prompt_embeds", "clip_prompt_embeds", "t5_prompt_embeds")
 
 
 class CacheError(ValueError):
@@ -86,13 +89,13 @@ class CacheError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model: str | Path) -> str:
-    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) of the model's family
+def model_fingerprint(family: ModelFamily) -> str:
+    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) of the family's model folder
     (configs, and the size plus first and last MiB of each weight file: cheap on multi-GB files, and still tells
     models apart)."""
-    model = Path(model)
+    model = family.path
     h = hashlib.sha256()
-    for sub in ("vae", *family_class(model).encoder_folders):
+    for sub in ("vae", *family.encoder_folders):
         folder = model / sub
         if not folder.is_dir():
             continue
@@ -109,20 +112,18 @@ def model_fingerprint(model: str | Path) -> str:
 
 
 class PairEncoder:
-    """The VAE and text encoder(s) of a local diffusers model folder (through its model family), as the cache
-    and the on-the-fly dataset use them."""
+    """The VAE and text encoder(s) of a model family's folder, as the cache and the on-the-fly dataset use them."""
 
     def __init__(
         self,
-        model: str | Path,
+        family: ModelFamily,
         *,
         device: str | torch.device = "cpu",
         vae_dtype: torch.dtype = torch.float32,
         text_dtype: torch.dtype = torch.float32,
-        max_sequence_length: int | None = None,
     ):
-        self.family = load_family(model, max_sequence_length=max_sequence_length)
-        self.model, self.kind, self.device = Path(model), self.family.name, torch.device(device)
+        self.family = family
+        self.model, self.kind, self.device = family.path, family.name, torch.device(device)
         self.vae = self.family.load_vae(device=device, dtype=vae_dtype)
         self.vae_dtype = vae_dtype
         self.encoders = self.family.load_text_encoders(device=device, dtype=text_dtype)
@@ -130,8 +131,8 @@ class PairEncoder:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 3, H, W) in [-1, 1] -> mean, std (n, C, H/f, W/f) fp32 on CPU, unscaled."""
-        dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        mean, std = self.family.encode_latents(self.vae, pixels.to(self.device, self.vae_dtype))
+        return mean.float().cpu(), std.float().cpu()
 
     def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The family's per-caption tensors (``ModelFamily.encode_texts``), fp32 on CPU."""
@@ -180,7 +181,7 @@ def encode_pairs(
     return out
 
 
-def _concat(batches: list[dict]) -> dict:
+def _concat(batches: list[dict], caption_keys: tuple[str, ...]) -> dict:
     """Join encoded batches into one shard: captions deduplicated again across batches."""
     captions = list(dict.fromkeys(c for b in batches for c in b["captions"]))
     out = {"captions": captions}
@@ -190,7 +191,7 @@ def _concat(batches: list[dict]) -> dict:
         for j, c in enumerate(b["captions"]):
             first.setdefault(c, (bi, j))
     for key in batches[0]:
-        if is_caption_key(key):
+        if key in caption_keys:
             out[key] = torch.stack([batches[bi][key][j] for bi, j in (first[c] for c in captions)])
     out["text_index"] = torch.cat(
         [torch.tensor([rows[b["captions"][i]] for i in b["text_index"].tolist()]) for b in batches]
@@ -218,14 +219,15 @@ def _write_atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict) -> None:
-    """One shard file: ``shard``'s tensors (latents and embeddings stored as ``storage``), its captions and
-    ``meta`` in the metadata; written under a temporary name and renamed when complete."""
+def write_shard(path: Path, shard: dict, storage: torch.dtype, meta: dict, caption_keys: tuple[str, ...]) -> None:
+    """One shard file: ``shard``'s tensors (latents, embeddings and the floating per-caption tensors stored as
+    ``storage``), its captions and ``meta`` in the metadata; written under a temporary name and renamed when
+    complete."""
     tensors = {}
     for k, v in shard.items():
         if k == "captions":
             continue
-        if k.startswith(("latent_", "clip_")) or is_caption_key(k):
+        if k.startswith(("latent_", "clip_")) or (k in caption_keys and v.is_floating_point()):
             v = v.to(storage)
         tensors[k] = v.contiguous()
     # one metadata key: safetensors keeps metadata in a hash map whose order changes from run to run
@@ -287,10 +289,11 @@ def build_cache(
     source = D.describe_source(data, columns, pairs_from_ranking)  # the format, and a clear error for a bad input
     device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     emb = load_embedder(embedder, device=device) if isinstance(embedder, str) else embedder
+    family = load_family(model, max_sequence_length=max_sequence_length)
     settings = dict(
         format=FORMAT,
-        model_fingerprint=model_fingerprint(model),
-        kind=model_kind(model),
+        model_fingerprint=model_fingerprint(family),
+        kind=family.name,
         resolution=resolution,
         crop=crop,
         flip=flip,
@@ -303,7 +306,7 @@ def build_cache(
         world=world,
         embedder=getattr(emb, "name", None) if emb else None,
         data=source,
-        max_sequence_length=load_family(model, max_sequence_length=max_sequence_length).max_sequence_length,
+        max_sequence_length=family.max_sequence_length,
     )
     out.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_folder(out, "--out", reads="Rank 0 joins every rank's shards into index.json there")
@@ -326,7 +329,7 @@ def build_cache(
         return summary
 
     first_pair_or_error(data, **read)  # bad data fails here, before any model loads
-    encoder = PairEncoder(model, device=device, vae_dtype=STORAGE[vae_dtype], max_sequence_length=max_sequence_length)
+    encoder = PairEncoder(family, device=device, vae_dtype=STORAGE[vae_dtype])
     if rank == 0 and not (out / "empty_prompt.safetensors").exists():
         tensors = {k: v.to(STORAGE[storage]) for k, v in encoder.encode_texts([""]).items()}
         save_file(tensors, str(out / "empty_prompt.safetensors.tmp"))
@@ -382,13 +385,14 @@ def build_cache(
                 break
         if shard_pairs == 0:
             break
-        shard = _concat(batches)
+        shard = _concat(batches, family.caption_keys)
         shard_counts = {c: counts[c] - before.get(c, 0) for c in counts if counts[c] - before.get(c, 0)}
         write_shard(
             out / shard_name(rank, k),
             shard,
             STORAGE[storage],
             dict(n=shard_pairs, pairs_before=pairs, cursor=list(last_cursor), counts=shard_counts),
+            family.caption_keys,
         )
         pairs += shard_pairs
         written_now += shard_pairs
@@ -410,7 +414,8 @@ def build_cache(
             skipped.update(r["skipped"])
             for cause, where in r.get("skipped_first", {}).items():
                 skipped.first.setdefault(cause, where)
-        index = write_index(out, settings, model, sum(r["pairs"] for r in ranks), skipped, shards)
+        pairs = sum(r["pairs"] for r in ranks)
+        index = write_index(out, settings, model, pairs, skipped, shards, caption_keys=family.caption_keys)
         print(f"[cache] wrote {index['pairs']} pairs in {len(shards)} shard(s) to {out}; skipped: {skipped.summary()}")
         return index
     return mine
@@ -426,11 +431,15 @@ def first_pair_or_error(data: str | Path, **read) -> D.RawPair:
     return pair
 
 
-def write_index(out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict]) -> dict:
+def write_index(
+    out: Path, settings: dict, model: Path, pairs: int, skipped: dict, shards: list[dict], *, caption_keys
+) -> dict:
     """index.json, written last (its presence marks a finished cache): the settings, what was written (skips by
-    cause, and where each cause was first seen), the versions and the model it was made for."""
+    cause, and where each cause was first seen), the family's per-caption tensors, the versions and the model it
+    was made for."""
     index = dict(
         settings,
+        caption_keys=list(caption_keys),
         pairs=pairs,
         skipped=dict(skipped),
         skipped_first=dict(sorted(getattr(skipped, "first", {}).items())),

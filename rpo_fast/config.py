@@ -17,7 +17,7 @@ from .embed import MODES
 from .engine import OPTIMIZERS, PRECISIONS, read_ds_config
 from .fp8 import RECIPES as FP8_RECIPES
 from .loss import BACKENDS
-from .objectives import OBJECTIVE_TABLE, OBJECTIVES, objective
+from .objectives import OBJECTIVE_TABLE, objective
 from .recompute import RECOMPUTE
 
 
@@ -52,7 +52,9 @@ class TrainConfig:
     data: str = field(metadata=dict(help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs"))
     output: str = field(default="runs/rpo_fast", **_help("run folder: checkpoints, logs, the exported model"))
     unet: str | None = field(default=None, **_help("start policy and reference from this UNet folder (MODEL/unet)"))
-    objective: Literal[OBJECTIVES] = field(default="rpo", **_help("the preference objective"))
+    objective: str = field(
+        default="rpo", metadata=dict(help="the preference objective", choices=lambda: tuple(OBJECTIVE_TABLE))
+    )
     # loss options (those of PreferenceLoss; None: the objective's default)
     beta: float | None = field(default=None, **_help("beta (default 5000; sd3/flux: 100; dspo: by --form)"))
     tau: float | None = field(default=None, **_help("rpo: softmax temperature (default 0.5)"))
@@ -232,16 +234,24 @@ def recompute_mode(cfg: TrainConfig) -> str:
     return "full" if cfg.gradient_checkpointing else cfg.recompute
 
 
-def validate(cfg: TrainConfig, world: int = 1) -> dict:
-    """Every check that needs no model: a clear error before anything is loaded. Returns the DeepSpeed config."""
-    from .checkpoint import latest_checkpoint
-    from .models import family_class
+def model_family(cfg: TrainConfig):
+    """The family of ``--model`` (read from its JSON configs; nothing is loaded), or an error naming the folder."""
+    from .models import load_family
 
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"--model {cfg.model} is not a folder")
-    family = family_class(cfg.model)
+    family = load_family(cfg.model)
     if not (Path(cfg.model) / family.denoiser_folder / "config.json").exists():
         raise FileNotFoundError(f"--model {cfg.model} has no {family.denoiser_folder}/ (config.json missing)")
+    return family
+
+
+def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
+    """Every check that needs no model: a clear error before anything is loaded. Returns the DeepSpeed config.
+    ``family``: the run's ``model_family(cfg)`` where the caller has it."""
+    from .checkpoint import latest_checkpoint
+
+    family = family or model_family(cfg)
     if cfg.unet is not None and not (Path(cfg.unet) / "config.json").exists():
         raise FileNotFoundError(f"--unet {cfg.unet} is not a UNet folder (config.json missing)")
     if not Path(cfg.data).exists():

@@ -3,8 +3,9 @@ batch collation, the seeded, resumable sampler (``PairSampler``) and the prefetc
 (``PrefetchLoader``). The cache writer is ``rpo_fast.cache``.
 
 An item is a dict of fp32 tensors: latent_mean, latent_std (2, C, h, w) [winner, loser]; every per-caption tensor
-of the family (names ending in ``prompt_embeds``: SD1.5's (77, D), SDXL's also pooled (D2,)); the family's
-per-image conditioning (SDXL: time_ids (2, 6)); clip_text (E,) and clip_image (2, E) where embedded; caption (str).
+of the family (its ``caption_keys``, recorded in the cache's index: SD1.5's prompt_embeds (77, D), SDXL's also
+pooled_prompt_embeds (D2,)); the family's per-image conditioning (SDXL: time_ids (2, 6)); clip_text (E,) and
+clip_image (2, E) where embedded; caption (str).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from . import data as D
-from .cache import CacheError, PairEncoder, encode_pairs, is_caption_key, model_fingerprint
+from .cache import CacheError, PairEncoder, caption_keys_of, encode_pairs, model_fingerprint
 from .embed import Embedder
 from .seeding import seed_of
 
@@ -48,6 +49,7 @@ class CachedPairs:
         self._captions: dict[int, list[str]] = {}
         self._keys: dict[int, set[str]] = {}
         self.kind, self.resolution = self.index["kind"], self.index["resolution"]
+        self.caption_keys = caption_keys_of(self.index)
         self.has_twins = self.index["flip_twin"]
         self.has_embeddings = self.index["embedder"] is not None
         with safe_open(str(self.path / "empty_prompt.safetensors"), framework="pt") as f:
@@ -56,15 +58,15 @@ class CachedPairs:
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def check(self, *, model: str | Path, resolution: int) -> None:
-        """Refuse a cache made with another model or resolution than the run asks for."""
+    def check(self, *, family, resolution: int) -> None:
+        """Refuse a cache made with another model (``family``'s folder) or resolution than the run asks for."""
         if self.resolution != resolution:
             raise CacheError(f"{self.path} was cached at resolution {self.resolution}, the run asks for {resolution}")
-        fp = model_fingerprint(model)
+        fp = model_fingerprint(family)
         if fp != self.index["model_fingerprint"]:
             raise CacheError(
                 f"{self.path} was cached with another model ({self.index['model']}, fingerprint "
-                f"{self.index['model_fingerprint']}) than {model} (fingerprint {fp})"
+                f"{self.index['model_fingerprint']}) than {family.path} (fingerprint {fp})"
             )
 
     def ties(self) -> int:
@@ -95,7 +97,7 @@ class CachedPairs:
         for k in sorted(keys):
             if k in SKIP or k.endswith("_flip"):
                 continue
-            if is_caption_key(k):
+            if k in self.caption_keys:
                 item[k] = f.get_slice(k)[row : row + 1][0].float()
             else:
                 src = k + "_flip" if flip and self.has_twins and k + "_flip" in keys else k
@@ -111,7 +113,7 @@ class OnTheFlyPairs:
 
     def __init__(
         self,
-        model: str | Path,
+        family,
         data: str | Path,
         *,
         resolution: int,
@@ -136,7 +138,7 @@ class OnTheFlyPairs:
                 break
         if not self.pairs:
             raise D.DataError(f"no usable pairs in {data}: skipped {self.counts.summary()}")
-        self.encoder = encoder or PairEncoder(model, device=device)
+        self.encoder = encoder or PairEncoder(family, device=device)
         self.kind, self.resolution, self.crop, self.flip, self.seed = self.encoder.kind, resolution, crop, flip, seed
         self.embedder, self.has_embeddings = embedder, embedder is not None
         self.empty_prompt = {k: v[0] for k, v in self.encoder.encode_texts([""]).items()}
@@ -173,7 +175,7 @@ def collate(items: list[dict]) -> dict:
 def open_dataset(
     data: str | Path,
     *,
-    model: str | Path,
+    family,
     resolution: int | None = None,
     embedder: str | None = None,
     seed: int = 0,
@@ -182,8 +184,9 @@ def open_dataset(
     pairs_from_ranking: str = "all",
     strict: bool = False,
 ):
-    """The cache at ``data`` (refused if made for another model or resolution), or raw pairs encoded on the fly
-    (any input of ``rpo_fast.data.open_source``, read with ``columns``; those need ``resolution``)."""
+    """The cache at ``data`` (refused if made for another model than ``family``'s folder or at another resolution),
+    or raw pairs encoded on the fly by ``family`` (any input of ``rpo_fast.data.open_source``, read with
+    ``columns``; those need ``resolution``)."""
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
@@ -191,7 +194,7 @@ def open_dataset(
         if columns:
             raise ValueError(f"--columns reads raw data; {flag} {path} is a cache (its columns were mapped when built)")
         ds = CachedPairs(path)
-        ds.check(model=model, resolution=resolution or ds.resolution)
+        ds.check(family=family, resolution=resolution or ds.resolution)
         return ds
     if not resolution:
         raise ValueError(f"raw {flag} needs --resolution (a cache records its own)")
@@ -199,7 +202,7 @@ def open_dataset(
 
     read = dict(columns=D.Columns.parse(columns) if columns else None, pairs_from_ranking=pairs_from_ranking)
     return OnTheFlyPairs(
-        model,
+        family,
         path,
         resolution=resolution,
         embedder=load_embedder(embedder) if embedder else None,

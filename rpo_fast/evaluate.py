@@ -105,7 +105,7 @@ def load_pipeline(
     from .models import load_family
 
     family = load_family(model, max_sequence_length=max_sequence_length)
-    if family.denoiser_folder == "transformer" and scheduler not in ("auto", "folder"):
+    if family.flow_matching and scheduler not in ("auto", "folder"):
         raise ValueError(f"--scheduler {scheduler}: {family.name} models sample with their flow-matching scheduler")
     pipe = family.load_pipeline(dtype=dtype)
     if unet is not None:

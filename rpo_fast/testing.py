@@ -840,37 +840,21 @@ def write_synthetic_cache(
         "clip_text": torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=g), dim=-1),
         "clip_image": torch.nn.functional.normalize(torch.randn(n, 2, embed_dim, generator=g), dim=-1),
     }
-    widths = _synthetic_text_shapes(model, family)
+    widths = family.caption_shapes()
     shard.update({k: torch.randn(n, *shape, generator=g) for k, shape in widths.items()})
-    if family.name == "sdxl":
-        shard["time_ids"] = torch.tensor(
-            [[resolution, resolution, 0, 0, resolution, resolution]] * 2 * n, dtype=torch.float32
-        ).view(n, 2, 6)
+    square = D.Crop((resolution, resolution), (0, 0))  # a square image, centre-cropped
+    for key, v in family.image_conditioning([square, square], resolution).items():
+        shard[key] = v.expand(n, *v.shape).contiguous()
     empty = {k: torch.randn(1, *shape, generator=g).half() for k, shape in widths.items()}
-    C.write_shard(out / C.shard_name(0, 0), shard, torch.float16, dict(n=n, pairs_before=0, cursor=[0, n], counts={}))
+    meta = dict(n=n, pairs_before=0, cursor=[0, n], counts={})
+    C.write_shard(out / C.shard_name(0, 0), shard, torch.float16, meta, family.caption_keys)
     save_file(empty, str(out / "empty_prompt.safetensors"))
     settings = dict(
-        format=C.FORMAT, model_fingerprint=C.model_fingerprint(model), kind=family.name, resolution=resolution,
+        format=C.FORMAT, model_fingerprint=C.model_fingerprint(family), kind=family.name, resolution=resolution,
         crop="center", flip=False, flip_twin=False, keep_ties=False, seed=seed, shard_size=n, batch_size=n,
         storage="fp16", world=1, embedder="synthetic", data="synthetic", max_sequence_length=family.max_sequence_length,
     )  # fmt: skip
     (out / "cache.json").write_text(json.dumps(settings))
-    C.write_index(out, settings, model, n, {}, [dict(name=C.shard_name(0, 0), pairs=n)])
+    shards = [dict(name=C.shard_name(0, 0), pairs=n)]
+    C.write_index(out, settings, model, n, {}, shards, caption_keys=family.caption_keys)
     return out
-
-
-def _synthetic_text_shapes(model: Path, family) -> dict[str, tuple[int, ...]]:
-    """The per-caption tensors of ``family`` and their shapes: from the text encoders' configs for SD1.5/SDXL, from the
-    transformer's for SD3/FLUX (SD3's CLIP part is as wide as its pooled projection: CLIP-L and CLIP-G side by side)."""
-    if family.name in ("sd3", "flux"):
-        cfg = family.config("transformer")
-        shapes = {"t5_prompt_embeds": (family.max_sequence_length, cfg["joint_attention_dim"])}
-        shapes["pooled_prompt_embeds"] = (cfg["pooled_projection_dim"],)
-        if family.name == "sd3":
-            shapes["clip_prompt_embeds"] = (CLIP_MAX_LENGTH, cfg["pooled_projection_dim"])
-        return shapes
-    te = [family.config(sub) for sub in ("text_encoder", "text_encoder_2") if (model / sub / "config.json").exists()]
-    shapes = {"prompt_embeds": (CLIP_MAX_LENGTH, sum(c["hidden_size"] for c in te))}
-    if family.name == "sdxl":
-        shapes["pooled_prompt_embeds"] = (te[1].get("projection_dim", te[1]["hidden_size"]),)
-    return shapes

@@ -40,7 +40,14 @@ import torch  # noqa: E402
 from rpo_fast import PreferenceLoss, checkpoint, distributed  # noqa: E402
 from rpo_fast import engine as E  # noqa: E402
 from rpo_fast.cli import run_cli  # noqa: E402
-from rpo_fast.config import TrainConfig, loss_options, parse_args, recompute_mode, validate  # noqa: E402
+from rpo_fast.config import (  # noqa: E402
+    TrainConfig,
+    loss_options,
+    model_family,
+    parse_args,
+    recompute_mode,
+    validate,
+)
 from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402
@@ -54,8 +61,8 @@ from rpo_fast.metrics import (  # noqa: E402
     progress_bar,
     run_environment,
 )
-from rpo_fast.models import cast_conditioning, load_family  # noqa: E402
-from rpo_fast.objectives import discounted_timestep_probs, objective  # noqa: E402
+from rpo_fast.models import cast_conditioning  # noqa: E402
+from rpo_fast.objectives import PAIRS, discounted_timestep_probs, objective  # noqa: E402
 from rpo_fast.recompute import apply_recompute  # noqa: E402
 from rpo_fast.seeding import seed_of  # noqa: E402
 
@@ -68,7 +75,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.ds_config = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is loaded
+        self.family = model_family(cfg)  # from the folder's JSON configs
+        self.ds_config = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), self.family)  # before anything loads
         self.rank, self.world, self.local_rank = distributed.init_distributed()
         distributed.check_shared_folder(
             cfg.output,
@@ -77,7 +85,6 @@ class Trainer:
         )
         E.warn_on_zero3_alone(self.ds_config, self.world)
         E.check_fp16(cfg)
-        self.family = load_family(cfg.model)
         self.spec = objective(cfg.objective)
         self.loss_opts = loss_options(cfg, self.family)
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -177,7 +184,7 @@ class Trainer:
         cfg = self.cfg
         read = dict(columns=cfg.columns, pairs_from_ranking=cfg.pairs_from_ranking, strict=cfg.strict)
         return open_dataset(
-            data, model=cfg.model, resolution=resolution, embedder=cfg.clip, seed=cfg.seed, flag=flag, **read
+            data, family=self.family, resolution=resolution, embedder=cfg.clip, seed=cfg.seed, flag=flag, **read
         )
 
     def _policy(self) -> torch.nn.Module:
@@ -228,6 +235,7 @@ class Trainer:
             f"{f', fp8 {cfg.fp8_recipe} in {self.n_fp8} linear layers' if cfg.fp8 else ''}"
             f"{' (emulated on the CPU)' if cfg.fp8 and self.device.type != 'cuda' else ''}"
             f"{', reference forward from a CUDA graph' if cfg.reference_graphs else ''}"
+            f", loss backend {self.loss_fn.backend_for(self.device)}"
         )
 
     # ---------------------------------------------------------------- one step
@@ -260,12 +268,13 @@ class Trainer:
         noisy, target = fam.noisy_and_target(x0, noise, t)  # one noise draw and timestep per pair
         noisy = noisy.to(self.dtype)
         loss_fn = self.loss_fn if train else self.eval_loss_fn
-        if not self.spec.reference:  # winners only, no reference
-            cond = cast_conditioning(fam.conditioning(batch, drop, self.empty, pairs=False), self.dtype)
-            return loss_fn(fam.predict(self.engine, noisy[:b], t, cond), target[:b])
-        cond = cast_conditioning(fam.conditioning(batch, drop, self.empty), self.dtype)
-        t2 = t.repeat(2)
-        ref = self.reference_forward(noisy, t2, cond)
+        pairs = self.spec.layout is PAIRS  # else the winners only
+        cond = cast_conditioning(fam.conditioning(batch, drop, self.empty, pairs=pairs), self.dtype)
+        if pairs:
+            t2 = t.repeat(2)
+        else:
+            noisy, target, t2 = noisy[:b], target[:b], t
+        ref = self.reference_forward(noisy, t2, cond) if self.spec.reference else None
         pred = fam.predict(self.engine, noisy, t2, cond)
         kw = {}
         if self.spec.embeddings:

@@ -19,7 +19,7 @@ from trainrun import free_port
 from rpo_fast import testing as T
 from rpo_fast.cache import CacheError, PairEncoder, build_cache
 from rpo_fast.dataset import CachedPairs, OnTheFlyPairs, collate
-from rpo_fast.models import model_kind
+from rpo_fast.models import load_family, model_kind
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,9 @@ def test_cache_equals_on_the_fly_encoding(tmp_path, pickapic, clip, kind, reques
     assert index["skipped"] == {"tie dropped": 5, "undecodable image": 1}
     cached = CachedPairs(out)
     assert len(cached) == 18 and cached.kind == kind
-    fly = OnTheFlyPairs(model, pickapic, resolution=32, crop="random", flip=True, embedder=cached_embedder(clip))
+    fly = OnTheFlyPairs(
+        load_family(model), pickapic, resolution=32, crop="random", flip=True, embedder=cached_embedder(clip)
+    )
     assert len(fly) == 18
     for i in (0, 5, 17):
         a, b = cached[i], fly[i]
@@ -220,11 +222,11 @@ def test_refusals(tmp_path, pickapic, tiny_sd15, tiny_sdxl):
             world=1,
         )
     cached = CachedPairs(out)
-    cached.check(model=tiny_sd15, resolution=32)
+    cached.check(family=load_family(tiny_sd15), resolution=32)
     with pytest.raises(CacheError, match="resolution 32, the run asks for 64"):
-        cached.check(model=tiny_sd15, resolution=64)
+        cached.check(family=load_family(tiny_sd15), resolution=64)
     with pytest.raises(CacheError, match="another model"):
-        cached.check(model=tiny_sdxl, resolution=32)
+        cached.check(family=load_family(tiny_sdxl), resolution=32)
     with pytest.raises(CacheError, match="not an rpo_fast cache"):
         CachedPairs(tmp_path)
     with pytest.raises(ValueError, match="multiple of --batch-size"):
@@ -235,7 +237,7 @@ def test_refusals(tmp_path, pickapic, tiny_sd15, tiny_sdxl):
 
 def test_model_kind_and_encoder(tiny_sd15, tiny_sdxl):
     assert model_kind(tiny_sd15) == "sd15" and model_kind(tiny_sdxl) == "sdxl"
-    enc = PairEncoder(tiny_sdxl)
+    enc = PairEncoder(load_family(tiny_sdxl))
     texts = enc.encode_texts(["a", "b"])
     embeds, pooled = texts["prompt_embeds"], texts["pooled_prompt_embeds"]
     assert embeds.shape == (2, 77, 2 * T.TINY_HIDDEN) and pooled.shape == (2, T.TINY_HIDDEN)

@@ -267,9 +267,10 @@ def test_inputs_refused_with_a_clear_message(formats, tmp_path, tiny_sd15, monke
     ):
         build_cache(tiny_sd15, mirror, tmp_path / "cache", resolution=32, progress=False)
     from rpo_fast.dataset import open_dataset
+    from rpo_fast.models import load_family
 
     with pytest.raises(D.DataError, match="no usable pairs in .*data.parquet: skipped missing column 'caption' 7"):
-        open_dataset(mirror, model=tiny_sd15, resolution=32)
+        open_dataset(mirror, family=load_family(tiny_sd15), resolution=32)
 
 
 def test_cli_names_the_column(formats, tiny_sd15, tmp_path):

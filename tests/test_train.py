@@ -14,11 +14,12 @@ from rpo_fast.config import TrainConfig, parse_args, validate
 from rpo_fast.dataset import check_dataset as _check_dataset
 from rpo_fast.dataset import open_dataset as _open_dataset
 from rpo_fast.metrics import eval_keys, row_keys
+from rpo_fast.models import load_family
 from rpo_fast.objectives import objective
 
 
 def open_dataset(cfg: TrainConfig, data: str):
-    return _open_dataset(data, model=cfg.model, resolution=cfg.resolution)
+    return _open_dataset(data, family=load_family(cfg.model), resolution=cfg.resolution)
 
 
 def check_dataset(cfg: TrainConfig, dataset, world: int) -> None:

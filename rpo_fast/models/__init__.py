@@ -8,9 +8,17 @@ the cache, build the conditioning of a batch (caption dropping, SDXL's pooled em
 latent and give the training target, sample timesteps, run the denoiser, and load the sampling pipeline. The
 trainer, the cache, evaluation and the benchmark go through it.
 
-Adding a family is one new file in this folder with a ``ModelFamily`` subclass: every module here is imported on
-first use, and each subclass with a ``name`` registers itself. ``detect`` decides which family a folder is; the
-first match in registration order wins (subclasses before their bases, so SDXL is tried before SD1.5).
+A family DECLARES what the rest of rpo_fast reads of it: its per-caption conditioning (``caption_keys``, the
+tensors ``encode_texts`` returns, one row per unique caption in a cache shard) and per-image conditioning
+(``image_keys``), how latents come from its VAE (``latent_distribution``), its noising and prediction (the piece it
+picks from ``noising``: ``DDPMNoising`` or ``FlowMatchingNoising``, which set ``flow_matching`` and
+``prediction_type``), its DSPO form, default beta, guidance and sampling steps. Nothing outside ``models/`` branches
+on a family's name.
+
+Adding a family is one new file in this folder with a ``ModelFamily`` subclass (or a subclass defined anywhere,
+imported before use): every module here is imported on first use, and each subclass with a ``name`` registers
+itself. ``detect`` decides which family a folder is; the LAST registered family is tried first (a subclass is
+registered after its base, so SDXL is tried before SD1.5; an extension after the built-in families).
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ class ModelFamily:
     name: ClassVar[str]
     denoiser_folder: ClassVar[str] = "unet"  # subfolder of the model folder
     encoder_folders: ClassVar[tuple[str, ...]] = ()  # what the cache depends on (besides vae/): its fingerprint
+    caption_keys: ClassVar[tuple[str, ...]] = ()  # per-caption conditioning: what encode_texts returns
+    latent_distribution: ClassVar[bool] = True  # the VAE encodes to a distribution (latent_dist); else .latent
+    flow_matching: ClassVar[bool]  # set by the noising piece (noising.DDPMNoising / FlowMatchingNoising)
     dspo_form: ClassVar[str | None] = None  # DSPO's form for this family (None: DSPO does not apply)
     guidance: ClassVar[float] = 7.5  # classifier-free guidance of the papers' evaluation
     image_keys: ClassVar[tuple[str, ...]] = ()  # per-image conditioning stored by the cache (n, 2, ...)
@@ -108,6 +119,11 @@ class ModelFamily:
         """Per-caption tensors (n, ...) in fp32 on the encoders' device; their names end in ``prompt_embeds``."""
         raise NotImplementedError
 
+    def caption_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one caption's tensor of each ``caption_keys`` entry, from the folder's configs (what
+        ``encode_texts`` gives per caption, without loading an encoder)."""
+        raise NotImplementedError
+
     def image_conditioning(self, crops: list, resolution: int) -> dict[str, Tensor]:
         """Per-pair conditioning from the two images' crops (``data.Crop``): tensors (2, ...); none by default."""
         return {}
@@ -123,20 +139,31 @@ class ModelFamily:
         vae = self.config("vae")
         return vae.get("shift_factor") or 0.0, vae.get("scaling_factor", 0.18215)
 
+    def encode_latents(self, vae, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(n, 3, H, W) in [-1, 1] -> the mean and std (n, C, h, w) of the VAE's latent distribution, unscaled; a
+        deterministic encoder (``latent_distribution`` False, as SANA's DC-AE) gives its latent and a zero std."""
+        if self.latent_distribution:
+            dist = vae.encode(pixels).latent_dist
+            return dist.mean, dist.std
+        z = vae.encode(pixels).latent
+        return z, torch.zeros_like(z)
+
     def latents(self, sample: Tensor) -> Tensor:
         """A sample of the VAE's latent distribution -> the latent the denoiser sees: (z - shift) * scale."""
         shift, scale = self.latent_shift_scale
         return (sample - shift) * scale
 
+    @property
+    def prediction_type(self) -> str:
+        """What the denoiser predicts: "epsilon", "v_prediction" or "flow" (the velocity); from the noising piece."""
+        raise NotImplementedError
+
     def sample_timesteps(
         self, gens: list[torch.Generator], device, probs: Tensor | None = None, latent_shape=None
     ) -> Tensor:
-        """One timestep per pair (B,), from each pair's generator: uniform, or from ``probs`` where given
-        (``latent_shape`` (C, h, w): for families whose schedule depends on the image size)."""
-        if probs is not None:
-            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens])
-        T = self.num_train_timesteps
-        return torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in gens])
+        """One timestep per pair (B,), from each pair's generator, from the family's law or from ``probs`` where
+        given (``latent_shape`` (C, h, w): for families whose schedule depends on the image size)."""
+        raise NotImplementedError
 
     def noisy_and_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """x0 (2B, ...) [winners; losers], noise and t (B, ...) shared by a pair -> the noisy input (2B, ...) and
@@ -195,7 +222,7 @@ def family_class(model: str | Path) -> type[ModelFamily]:
             f"{model} is not a diffusers model folder (no model_index.json, and no "
             f"{' or '.join(f'{s}/config.json' for s in folders)})"
         )
-    for cls in sorted(FAMILIES.values(), key=lambda c: -len(c.__mro__)):  # subclasses first
+    for cls in reversed(FAMILIES.values()):  # the last registered first: subclasses before their bases
         if cls.detect(spec, configs.get(cls.denoiser_folder)):
             return cls
     raise ValueError(f"{model}: not a model family rpo_fast knows ({', '.join(FAMILIES)})")

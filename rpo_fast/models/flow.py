@@ -1,17 +1,12 @@
 """The flow-matching transformer families: Stable Diffusion 3 / 3.5 (``sd3``, diffusers' ``SD3Transformer2DModel``)
-and FLUX.1 (``flux``, ``FluxTransformer2DModel``), rectified-flow noising with a velocity target.
-
-    x_t = (1 - s) x0 + s eps,   s in (0, 1)       (FlowMatchEulerDiscreteScheduler.scale_noise)
-    target v = eps - x0                           (the sign diffusers' samplers integrate: x_{s'} = x_s + (s' - s) v)
+and FLUX.1 (``flux``, ``FluxTransformer2DModel``), rectified-flow noising with a velocity target
+(``noising.FlowMatchingNoising``: x_t = (1 - s) x0 + s eps, v = eps - x0, the sign diffusers' samplers integrate).
 
 The trainer's timestep t is s * 1000 (float; high t = noisy, as for the UNets): SD3's transformer takes t, FLUX's
 takes s (it multiplies by 1000 itself). One s per pair, shared by winner and loser, drawn as the families' own
-training recipes do (diffusers' train_dreambooth_sd3/flux, the SD3 paper): u = sigmoid(n), n ~ N(0, 1)
-(logit-normal), then the scheduler's shift,
-
-    SD3 (shift S = 3.0):  s = S u / (1 + (S - 1) u)
-    FLUX (dynamic):       s = e^mu / (e^mu + 1/u - 1),  mu = linear in the image's token count from base_shift 0.5
-                          at 256 tokens to max_shift 1.15 at 4096 (1024px: mu = 1.15)
+training recipes do (diffusers' train_dreambooth_sd3/flux, the SD3 paper): logit-normal, then the scheduler's
+shift: SD3's static shift S = 3.0; FLUX's dynamic shift, mu from base_shift 0.5 at 256 tokens to max_shift 1.15 at
+4096 (1024px: mu = 1.15).
 
 With ``--timestep-sampling discounted`` (dense DPO) t = k + 1/2 for the drawn index k of 0..999 (s = t / 1000, no
 shift); dense DPO's discount counts floor(t). The objectives take per-sample MEAN squared velocity errors exactly as
@@ -32,7 +27,6 @@ stores the CLIP and T5 parts apart (no padding on disk) through the pipelines' o
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from pathlib import Path
 
@@ -40,10 +34,12 @@ import torch
 from torch import Tensor
 
 from . import ModelFamily
+from .noising import FlowMatchingNoising
 
 
-class FlowFamily(ModelFamily):
-    """What SD3 and FLUX share: the transformer folder, rectified flow, the pipeline's own text encoding."""
+class FlowFamily(FlowMatchingNoising, ModelFamily):
+    """What SD3 and FLUX share: the transformer folder, rectified flow (``noising.FlowMatchingNoising``), the
+    pipeline's own text encoding."""
 
     denoiser_folder = "transformer"
     dspo_form = None
@@ -52,7 +48,6 @@ class FlowFamily(ModelFamily):
     pipeline_name: str = ""
     denoiser_class_name: str = ""
     max_sequence_length = 256
-    patch: int = 2  # latent pixels per token side
 
     @classmethod
     def detect(cls, model_index, denoiser_config):
@@ -87,57 +82,13 @@ class FlowFamily(ModelFamily):
         if attention != "sdpa":
             raise ValueError(f"--attention {attention} is not supported for {self.name} models (their SDPA only)")
 
-    # ---------------------------------------------------------------- the training side
-    @cached_property
-    def scheduler_config(self) -> dict:
-        return self.config("scheduler")
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.scheduler_config.get("num_train_timesteps", 1000)
-
-    def shift(self, u: Tensor, tokens: int) -> Tensor:
-        """The scheduler's timestep shift of u in (0, 1) for an image of ``tokens`` transformer tokens."""
-        sched = self.scheduler_config
-        if sched.get("use_dynamic_shifting"):
-            lo, hi = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
-            b0, b1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
-            mu = b0 + (b1 - b0) * (tokens - lo) / (hi - lo)
-            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-        s = sched.get("shift", 1.0)
-        return s * u / (1 + (s - 1) * u)
-
-    def tokens(self, latent_shape) -> int:
-        """Transformer tokens of one latent (C, h, w): SD3's patch_size 2, FLUX's 2 x 2 packing."""
-        return (latent_shape[-2] // self.patch) * (latent_shape[-1] // self.patch)
-
-    def sample_timesteps(self, gens, device, probs=None, latent_shape=None):
-        """t = 1000 s (B,) fp32, one per pair from its generator: logit-normal, shifted (see the module doc)."""
-        T = self.num_train_timesteps
-        if probs is not None:
-            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens]).float() + 0.5
-        u = torch.sigmoid(torch.cat([torch.randn(1, generator=g, device=device) for g in gens]))
-        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
-        return (self.shift(u.double(), self.tokens(shape)) * T).float()
-
-    def dummy_latent_shape(self) -> tuple[int, int, int]:
-        vae = self.config("vae")
-        size = self.default_resolution // 2 ** (len(vae["block_out_channels"]) - 1)
-        return (vae["latent_channels"], size, size)
-
-    def noisy_and_target(self, x0, noise, t):
-        """x_t = (1 - s) x0 + s eps and v = eps - x0, s = t / 1000 per pair."""
-        n = x0.shape[0] // noise.shape[0]
-        s = (t / self.num_train_timesteps).repeat(n).view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
-        eps = noise.repeat(n, *[1] * (noise.dim() - 1))
-        return (1 - s) * x0 + s * eps, eps - x0
-
 
 class SD3Family(FlowFamily):
     name = "sd3"
     pipeline_name = "StableDiffusion3Pipeline"
     denoiser_class_name = "SD3Transformer2DModel"
     encoder_folders = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    caption_keys = ("clip_prompt_embeds", "t5_prompt_embeds", "pooled_prompt_embeds")
     guidance = 7.0  # StableDiffusion3Pipeline's default (SD3.5-Large's card: 3.5 at 28 steps)
     sample_steps = 28
     max_sequence_length = 256
@@ -159,6 +110,16 @@ class SD3Family(FlowFamily):
             "clip_prompt_embeds": embeds[:, :n_clip, :width].float(),
             "t5_prompt_embeds": embeds[:, n_clip:].float(),
             "pooled_prompt_embeds": pooled.float(),
+        }
+
+    def caption_shapes(self):
+        """t5_prompt_embeds (max_sequence_length, joint_attention_dim), pooled_prompt_embeds (pooled_projection_dim)
+        and clip_prompt_embeds (77, pooled_projection_dim: CLIP-L and CLIP-G side by side)."""
+        cfg = self.config(self.denoiser_folder)
+        return {
+            "clip_prompt_embeds": (77, cfg["pooled_projection_dim"]),
+            "t5_prompt_embeds": (self.max_sequence_length, cfg["joint_attention_dim"]),
+            "pooled_prompt_embeds": (cfg["pooled_projection_dim"],),
         }
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
@@ -189,6 +150,7 @@ class FluxFamily(FlowFamily):
     pipeline_name = "FluxPipeline"
     denoiser_class_name = "FluxTransformer2DModel"
     encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    caption_keys = ("t5_prompt_embeds", "pooled_prompt_embeds")
     guidance = 3.5  # FluxPipeline's default (FLUX.1-dev)
     sample_steps = 28
     max_sequence_length = 512
@@ -212,6 +174,14 @@ class FluxFamily(FlowFamily):
             captions, None, device=pipe.device, max_sequence_length=self.max_sequence_length
         )
         return {"t5_prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
+
+    def caption_shapes(self):
+        """t5_prompt_embeds (max_sequence_length, joint_attention_dim), pooled_prompt_embeds (pooled_projection_dim)."""
+        cfg = self.config(self.denoiser_folder)
+        return {
+            "t5_prompt_embeds": (self.max_sequence_length, cfg["joint_attention_dim"]),
+            "pooled_prompt_embeds": (cfg["pooled_projection_dim"],),
+        }
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
         def pick(key):

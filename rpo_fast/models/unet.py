@@ -1,8 +1,5 @@
-"""The UNet families: Stable Diffusion 1.5 (``sd15``) and SDXL (``sdxl``), DDPM noising with an epsilon or
-v-prediction target (the scheduler's ``prediction_type``).
-
-    noisy = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          (diffusers' DDPMScheduler.add_noise)
-    target = eps  (epsilon)   or   sqrt(abar_t) eps - sqrt(1 - abar_t) x0  (v_prediction, get_velocity)
+"""The UNet families: Stable Diffusion 1.5 (``sd15``) and SDXL (``sdxl``), DDPM noising (``noising.DDPMNoising``)
+with an epsilon or v-prediction target (the scheduler's ``prediction_type``).
 
 SD1.5 conditions on the CLIP-L text encoder's last hidden state (77, 768). SDXL concatenates the penultimate
 hidden states of both encoders (77, 2048) and adds the second encoder's pooled projection and six time ids per
@@ -11,17 +8,20 @@ image (original size, crop top-left, target size).
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from . import ModelFamily
+from .noising import DDPMNoising
+
+CLIP_TOKENS = 77  # the CLIP tokenizers' padded length (model_max_length)
 
 
-class SD15Family(ModelFamily):
+class SD15Family(DDPMNoising, ModelFamily):
     name = "sd15"
     encoder_folders = ("text_encoder", "tokenizer")
+    caption_keys = ("prompt_embeds",)
     dspo_form = "sd15"
     guidance = 7.5
     resnet_blocks = ("ResnetBlock2D",)
@@ -77,27 +77,16 @@ class SD15Family(ModelFamily):
         ((tok, enc),) = encoders
         return {"prompt_embeds": enc(self._ids(tok, captions, enc.device))[0].float().cpu()}
 
+    def caption_shapes(self):
+        """prompt_embeds (77, the encoders' widths added); SDXL's pooled_prompt_embeds (the second's projection)."""
+        subs = [s for s in self.encoder_folders if s.startswith("text_encoder") and (self.path / s).is_dir()]
+        te = [self.config(sub) for sub in subs]
+        shapes = {"prompt_embeds": (CLIP_TOKENS, sum(c["hidden_size"] for c in te))}
+        if "pooled_prompt_embeds" in self.caption_keys:
+            shapes["pooled_prompt_embeds"] = (te[-1].get("projection_dim", te[-1]["hidden_size"]),)
+        return shapes
+
     # ---------------------------------------------------------------- the training side
-    @cached_property
-    def scheduler(self):
-        from diffusers import DDPMScheduler
-
-        sched = DDPMScheduler.from_config(self.config("scheduler"))
-        if sched.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r} in {self.path}/scheduler")
-        return sched
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    def noisy_and_target(self, x0, noise, t):
-        noise2, t2 = noise.repeat(2, *[1] * (noise.dim() - 1)), t.repeat(2)
-        noisy = self.scheduler.add_noise(x0, noise2, t2)
-        if self.scheduler.config.prediction_type == "epsilon":
-            return noisy, noise  # shared by winner and loser: the loss reads it once per pair
-        return noisy, self.scheduler.get_velocity(x0, noise2, t2)
-
     def fuse_qkv(self, denoiser):
         """diffusers' ``fuse_qkv_projections``: self-attention's to_q/to_k/to_v become one ``to_qkv``, cross-attention's
         to_k/to_v one ``to_kv`` (its to_q stays), with diffusers' fused SDPA processor. The replaced layers are frozen
@@ -126,6 +115,7 @@ class SD15Family(ModelFamily):
 class SDXLFamily(SD15Family):
     name = "sdxl"
     encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    caption_keys = ("prompt_embeds", "pooled_prompt_embeds")
     dspo_form = "sdxl"
     guidance = 5.0
     image_keys = ("time_ids",)
@@ -133,8 +123,10 @@ class SDXLFamily(SD15Family):
 
     @classmethod
     def detect(cls, model_index, denoiser_config):
-        if model_index is not None:
-            return "text_encoder_2" in model_index or "XL" in model_index.get("_class_name", "")
+        if model_index is not None:  # a UNet pipeline with a second text encoder
+            return "unet" in model_index and (
+                "text_encoder_2" in model_index or "XL" in model_index.get("_class_name", "")
+            )
         return denoiser_config is not None and denoiser_config.get("addition_embed_type") == "text_time"
 
     def _text_models(self):
