@@ -168,7 +168,7 @@ def measure_decode(side: int = 768, target: int = 512, repeats: int = 20) -> flo
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        D.preprocess(D._decode(jpeg), target)
+        D.preprocess(D.load_image(jpeg, Path()), target)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -217,7 +217,7 @@ def measure_tiny_build(pairs: int = 64, resolution: int = 64) -> dict:
     import time
 
     from rpo_fast import testing as T
-    from rpo_fast.cache import build_cache
+    from rpo_fast.data.writer import build_cache
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -285,7 +285,7 @@ def style_metrics(
     each with a 95% bootstrap interval. ``clip`` is a CLIPEmbedder."""
     import torch.nn.functional as F
 
-    from .style_data import STYLES
+    from .data.style import STYLES
 
     feats = {
         k: F.normalize(clip.encode_images(v), dim=-1).numpy()

@@ -823,7 +823,9 @@ def write_synthetic_cache(
     model's configs, nothing encoded. For benchmarks of the training step, where only shapes matter."""
     from safetensors.torch import save_file
 
-    from . import cache as C
+    from .data import schema as S
+    from .data import writer as W
+    from .data.encode import model_fingerprint
     from .models import load_family
 
     model, out = Path(model), Path(out)
@@ -847,14 +849,14 @@ def write_synthetic_cache(
         shard[key] = v.expand(n, *v.shape).contiguous()
     empty = {k: torch.randn(1, *shape, generator=g).half() for k, shape in widths.items()}
     meta = dict(n=n, pairs_before=0, cursor=[0, n], counts={})
-    C.write_shard(out / C.shard_name(0, 0), shard, torch.float16, meta, family.caption_keys)
+    W.write_shard(out / S.shard_name(0, 0), shard, torch.float16, meta, family.caption_keys)
     save_file(empty, str(out / "empty_prompt.safetensors"))
     settings = dict(
-        format=C.FORMAT, model_fingerprint=C.model_fingerprint(family), kind=family.name, resolution=resolution,
+        format=S.FORMAT, model_fingerprint=model_fingerprint(family), kind=family.name, resolution=resolution,
         crop="center", flip=False, flip_twin=False, keep_ties=False, seed=seed, shard_size=n, batch_size=n,
         storage="fp16", world=1, embedder="synthetic", data="synthetic", max_sequence_length=family.max_sequence_length,
     )  # fmt: skip
     (out / "cache.json").write_text(json.dumps(settings))
-    shards = [dict(name=C.shard_name(0, 0), pairs=n)]
-    C.write_index(out, settings, model, n, {}, shards, caption_keys=family.caption_keys)
+    shards = [dict(name=S.shard_name(0, 0), pairs=n)]
+    W.write_index(out, settings, model, n, {}, shards, caption_keys=family.caption_keys)
     return out

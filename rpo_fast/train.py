@@ -48,7 +48,8 @@ from rpo_fast.config import (  # noqa: E402
     recompute_mode,
     validate,
 )
-from rpo_fast.dataset import PairSampler, PrefetchLoader, check_dataset, collate, open_dataset  # noqa: E402
+from rpo_fast.data.dataset import check_dataset, collate, open_dataset  # noqa: E402
+from rpo_fast.data.loader import PairSampler, PrefetchLoader  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402
 from rpo_fast.graphs import GraphedForward  # noqa: E402

@@ -66,7 +66,7 @@ def tiny_sdxl(tmp_path_factory):
 def runs(tmp_path_factory):
     """Tiny SD1.5 and SDXL models, a tiny CLIP, and caches of a learnable (warm beats cool) preference."""
     from rpo_fast import testing as T
-    from rpo_fast.cache import build_cache
+    from rpo_fast.data.writer import build_cache
 
     root = tmp_path_factory.mktemp("train")
     d = dict(root=root, clip=T.save_tiny_clip(root / "clip"))

@@ -17,8 +17,10 @@ from helpers import assert_close
 from trainrun import free_port
 
 from rpo_fast import testing as T
-from rpo_fast.cache import CacheError, PairEncoder, build_cache
-from rpo_fast.dataset import CachedPairs, OnTheFlyPairs, collate
+from rpo_fast.data.dataset import CachedPairs, OnTheFlyPairs, collate
+from rpo_fast.data.encode import PairEncoder
+from rpo_fast.data.schema import CacheError
+from rpo_fast.data.writer import build_cache
 from rpo_fast.models import load_family, model_kind
 
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from rpo_fast import testing as T
-from rpo_fast.cache import build_cache
+from rpo_fast.data.writer import build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

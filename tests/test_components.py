@@ -60,8 +60,22 @@ def test_layering():
         if not mod.startswith("rpo_fast.demo"):
             assert not _reaches(imports, "rpo_fast.demo"), f"{mod} imports the demo (the one upward dependency)"
         if mod.startswith(("rpo_fast.kernels", "rpo_fast.objectives", "rpo_fast.loss")):
-            for lower in ("rpo_fast.data", "rpo_fast.dataset", "rpo_fast.cache", "rpo_fast.models"):
+            for lower in ("rpo_fast.data", "rpo_fast.cache", "rpo_fast.models"):
                 assert not _reaches(imports, lower), f"{mod} imports {lower}"
+        # the data package, bottom up: readers < preprocess < encode < writer; the reader (dataset) beside the
+        # writer, never importing it; schema shared by both and importing neither
+        data = {f"rpo_fast.data.{m}" for m in ("readers", "preprocess", "encode", "schema")}
+        if mod in data:
+            for upper in ("writer", "dataset", "loader", "style"):
+                assert not _reaches(imports, f"rpo_fast.data.{upper}"), f"{mod} imports rpo_fast.data.{upper}"
+        if mod in ("rpo_fast.data.readers", "rpo_fast.data.preprocess"):
+            assert not _reaches(imports, "rpo_fast.data.encode"), f"{mod} imports the encoder"
+            assert not _reaches(imports, "rpo_fast.models"), f"{mod} imports the model families"
+        if mod in ("rpo_fast.data.dataset", "rpo_fast.data.loader"):
+            assert not _reaches(imports, "rpo_fast.data.writer"), f"{mod} (the reader) imports the cache writer"
+            assert not _reaches(imports, "rpo_fast.cache"), f"{mod} (the reader) imports the cache's command"
+        if mod.startswith("rpo_fast.data"):
+            assert not _reaches(imports, "rpo_fast.cache") and not _reaches(imports, "rpo_fast.style_data"), mod
         # the CLI layer is generic: no CLI but the trainer imports the trainer's configuration (and what it imports)
         if mod != "rpo_fast.train":
             assert "rpo_fast.config" not in imports, f"{mod} imports the trainer's configuration"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from rpo_fast import data as D
 from rpo_fast import testing as T
-from rpo_fast.dataset import PairSampler
+from rpo_fast.data.loader import PairSampler
 from rpo_fast.embed import CLIPEmbedder, combine, load_embedder
 
 

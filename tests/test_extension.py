@@ -169,7 +169,7 @@ del FAMILIES[MaskedTextFamily.name]  # registered by the fixture below, for its 
 def masked_text(tmp_path_factory):
     """The family registered, a tiny model folder of it, and a cache of the warm-preference pairs built by it."""
     from rpo_fast import testing as T
-    from rpo_fast.cache import build_cache
+    from rpo_fast.data.writer import build_cache
 
     FAMILIES[MaskedTextFamily.name] = MaskedTextFamily
     root = tmp_path_factory.mktemp("masked")
@@ -185,7 +185,7 @@ def masked_text(tmp_path_factory):
 def test_a_family_in_one_file_caches_its_declared_conditioning(masked_text):
     """The cache keeps the declared per-caption mask per caption (not per pair, an integer tensor not cast to the
     storage dtype), the latents of a deterministic encoder with a zero std, and records the caption keys."""
-    from rpo_fast.dataset import CachedPairs
+    from rpo_fast.data.dataset import CachedPairs
 
     assert load_family(masked_text["masked"]).name == "masked-text"
     cache = CachedPairs(masked_text["root"] / "cache_masked")

@@ -27,7 +27,7 @@ SINGLE = ZERO3.parent / "single_gpu.json"
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     """Tiny SD3 and FLUX pipelines, a tiny CLIP, and a cache of 24 warm-beats-cool pairs for each (32 px)."""
-    from rpo_fast.cache import build_cache
+    from rpo_fast.data.writer import build_cache
 
     root = tmp_path_factory.mktemp("flow")
     d = dict(root=root, clip=T.save_tiny_clip(root / "clip"))
@@ -173,7 +173,7 @@ def test_beta_convention_and_dspo_refused(flow, tiny_sd15):
 
 
 def test_max_sequence_length_is_recorded_and_refused_without_t5(flow, tiny_sd15, tmp_path):
-    from rpo_fast.cache import build_cache
+    from rpo_fast.data.writer import build_cache
 
     T.write_pairs_jsonl(tmp_path / "raw", 2)
     out = tmp_path / "c"

@@ -6,6 +6,7 @@ malformed variant names its file, row or column, or is a counted skip."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from trainrun import ZERO3, launch, train_rows
 
 from rpo_fast import data as D
 from rpo_fast import testing as T
-from rpo_fast.cache import build_cache
+from rpo_fast.data.writer import build_cache
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,10 @@ def _pixels(image):
 def test_every_format_gives_the_same_pairs(formats):
     pairs, written = formats
     assert set(written) == {"pickapic", "mirror", "save_to_disk", "ranked", "jsonl", "csv"}
-    want = [(p["caption"], _pixels(D._decode(p["winner"])), _pixels(D._decode(p["loser"]))) for p in pairs]
+    want = [
+        (p["caption"], _pixels(D.load_image(p["winner"], Path())), _pixels(D.load_image(p["loser"], Path())))
+        for p in pairs
+    ]
     for name, (path, columns) in written.items():
         got = _read(path, columns)
         assert [(p.caption, _pixels(p.winner), _pixels(p.loser)) for p in got] == want, name
@@ -255,7 +259,7 @@ def test_inputs_refused_with_a_clear_message(formats, tmp_path, tiny_sd15, monke
         _read(csv, "images=winner,ranking=loser")
 
     # nothing usable: one error, before any model loads
-    import rpo_fast.cache as C
+    import rpo_fast.data.writer as C
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the data was checked")
@@ -266,7 +270,7 @@ def test_inputs_refused_with_a_clear_message(formats, tmp_path, tiny_sd15, monke
         D.DataError, match=r"no usable pairs in .*data.parquet: skipped missing column 'caption' 7 \(first"
     ):
         build_cache(tiny_sd15, mirror, tmp_path / "cache", resolution=32, progress=False)
-    from rpo_fast.dataset import open_dataset
+    from rpo_fast.data.dataset import open_dataset
     from rpo_fast.models import load_family
 
     with pytest.raises(D.DataError, match="no usable pairs in .*data.parquet: skipped missing column 'caption' 7"):

@@ -4,7 +4,8 @@ pair; and the training step's tensor code needs no value on the host."""
 import pytest
 import torch
 
-from rpo_fast.dataset import CachedPairs, PairSampler, PrefetchLoader
+from rpo_fast.data.dataset import CachedPairs
+from rpo_fast.data.loader import PairSampler, PrefetchLoader
 from rpo_fast.debug import HostSyncs
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from rpo_fast import evaluate as E
 from rpo_fast import testing as T
-from rpo_fast.style_data import STYLES, build_style_set
+from rpo_fast.data.style import STYLES, build_style_set
 
 
 @pytest.fixture(scope="module")

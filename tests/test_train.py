@@ -9,10 +9,11 @@ import pytest
 from trainrun import ROOT, ZERO3, common, launch, metrics, train_rows
 
 from rpo_fast import testing as T
-from rpo_fast.cache import CacheError, build_cache
 from rpo_fast.config import TrainConfig, parse_args, validate
-from rpo_fast.dataset import check_dataset as _check_dataset
-from rpo_fast.dataset import open_dataset as _open_dataset
+from rpo_fast.data.dataset import check_dataset as _check_dataset
+from rpo_fast.data.dataset import open_dataset as _open_dataset
+from rpo_fast.data.schema import CacheError
+from rpo_fast.data.writer import build_cache
 from rpo_fast.metrics import eval_keys, row_keys
 from rpo_fast.models import load_family
 from rpo_fast.objectives import objective

@@ -89,7 +89,7 @@ def render_pairs(out: Path, *, rounds: int, seed: int = 0) -> tuple[Path, Path]:
 def cache_pairs(out: Path, model: str, pairs: tuple[Path, Path], *, seed: int = 0, embedder: str | None = None):
     """The rendered pairs cached for ``model`` (and ``embedder``) in ``out/cache`` and ``out/eval_cache``
     (a complete cache is reused)."""
-    from ..cache import build_cache
+    from ..data.writer import build_cache
 
     caches = []
     for src, dest in zip(pairs, (out / "cache", out / "eval_cache")):

@@ -1,6 +1,6 @@
-"""The training data: the cache's reader (``CachedPairs``), raw pairs encoded on the fly (``OnTheFlyPairs``), the
-batch collation, the seeded, resumable sampler (``PairSampler``) and the prefetching loader over it
-(``PrefetchLoader``). The cache writer is ``rpo_fast.cache``.
+"""The training data: the cache's reader (``CachedPairs``), raw pairs encoded on the fly (``OnTheFlyPairs``) and
+the batch collation. The sampler and the prefetching loader are ``loader``; the cache writer is ``writer`` (this
+module does not import it: both follow ``schema``).
 
 An item is a dict of fp32 tensors: latent_mean, latent_std (2, C, h, w) [winner, loser]; every per-caption tensor
 of the family (its ``caption_keys``, recorded in the cache's index: SD1.5's prompt_embeds (77, D), SDXL's also
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import bisect
 import json
-import threading
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from . import data as D
-from .cache import CacheError, PairEncoder, caption_keys_of, encode_pairs, model_fingerprint
-from .embed import Embedder
-from .seeding import seed_of
-
-SKIP = ("text_index", "tie", "captions")  # shard entries that are not item tensors
+from ..embed import Embedder
+from . import readers as D
+from .encode import PairEncoder, encode_pairs, model_fingerprint
+from .schema import NOT_ITEMS, CacheError, caption_keys_of
 
 
 class CachedPairs:
@@ -95,7 +92,7 @@ class CachedPairs:
         row = int(f.get_slice("text_index")[j : j + 1][0])
         item = {"caption": self._captions[s][row]}
         for k in sorted(keys):
-            if k in SKIP or k.endswith("_flip"):
+            if k in NOT_ITEMS or k.endswith("_flip"):
                 continue
             if k in self.caption_keys:
                 item[k] = f.get_slice(k)[row : row + 1][0].float()
@@ -162,7 +159,7 @@ class OnTheFlyPairs:
             seed=self.seed,
             embedder=self.embedder,
         )
-        return {"caption": self.pairs[i].caption} | {k: v[0] for k, v in sorted(enc.items()) if k not in SKIP}
+        return {"caption": self.pairs[i].caption} | {k: v[0] for k, v in sorted(enc.items()) if k not in NOT_ITEMS}
 
 
 def collate(items: list[dict]) -> dict:
@@ -198,7 +195,7 @@ def open_dataset(
         return ds
     if not resolution:
         raise ValueError(f"raw {flag} needs --resolution (a cache records its own)")
-    from .embed import load_embedder
+    from ..embed import load_embedder
 
     read = dict(columns=D.Columns.parse(columns) if columns else None, pairs_from_ranking=pairs_from_ranking)
     return OnTheFlyPairs(
@@ -227,123 +224,3 @@ def check_dataset(dataset, *, pairs_per_rank: int, world: int, needs_embeddings:
         raise ValueError(
             f"--objective {objective} needs CLIP embeddings: build the cache with --clip (raw data: pass --clip)"
         )
-
-
-class PairSampler:
-    """Shuffles pair indices by seed and epoch and splits them across data-parallel ranks (each rank gets
-    n // world per epoch, the tail dropped). Stateful: ``state_dict`` (epoch, position) resumes exactly.
-    With ``twins`` it also draws, per epoch and pair, which of the cached flip variants to use."""
-
-    def __init__(
-        self, n: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, twins: bool = False
-    ):
-        if n < world:
-            raise ValueError(f"{n} pairs cannot be split across {world} ranks")
-        self.n, self.seed, self.rank, self.world, self.shuffle, self.twins = n, seed, rank, world, shuffle, twins
-        self.epoch, self.position = 0, 0
-        self._order = None
-
-    def _epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed_of(self.seed, self.epoch))
-        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        flips = torch.rand(self.n, generator=g) < 0.5 if self.twins else torch.zeros(self.n, dtype=torch.bool)
-        per_rank = self.n // self.world
-        mine = perm[self.rank :: self.world][:per_rank]
-        return mine, flips[mine]
-
-    def next_batch(self, size: int) -> list[tuple[int, bool]]:
-        """The next ``size`` (index, use_flip_twin) of this rank, crossing epoch boundaries as needed."""
-        out = []
-        while len(out) < size:
-            if self._order is None:
-                self._order = self._epoch_order()
-            idx, flips = self._order
-            take = min(size - len(out), len(idx) - self.position)
-            out += list(
-                zip(
-                    idx[self.position : self.position + take].tolist(),
-                    flips[self.position : self.position + take].tolist(),
-                )
-            )
-            self.position += take
-            if self.position == len(idx):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return out
-
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, position=self.position, seed=self.seed, n=self.n, world=self.world)
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["n"], state["world"], state["seed"]) != (self.n, self.world, self.seed):
-            raise ValueError(
-                f"sampler state is for {state['n']} pairs, {state['world']} ranks, seed {state['seed']}; "
-                f"this run has {self.n}, {self.world}, {self.seed}"
-            )
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
-
-
-class PrefetchLoader:
-    """The training batches, read ahead: each micro-step's pairs are drawn from the sampler on the main thread (so
-    its order is the sampler's), read from the dataset by a background thread ``depth`` batches ahead, pinned when
-    the device is a GPU, and copied with ``non_blocking``: the step never waits for the disk, and no copy waits for
-    the stream. ``depth=0`` reads on the main thread.
-
-    ``state_dict`` is the sampler's position after the last batch handed out, not after the ones read ahead: a run
-    resumed from a checkpoint continues at the exact pair.
-    """
-
-    def __init__(self, dataset, sampler: PairSampler, batch_size: int, device: torch.device, *, depth: int = 2):
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        if depth < 0:
-            raise ValueError(f"prefetch depth must be 0 or more, got {depth}")
-        self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
-        self.depth = depth
-        self.pin = device.type == "cuda"
-        self.lock = threading.Lock()  # one reader of the dataset at a time (evaluation reads it too)
-        self._ahead: deque = deque()  # (picks, sampler state after them, future batch)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rpo_fast_prefetch") if depth else None
-        self._state = sampler.state_dict()
-
-    def _read(self, picks: list[tuple[int, bool]]) -> dict:
-        with self.lock:
-            batch = collate([self.dataset.get(i, flip) for i, flip in picks])
-        if self.pin:
-            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-        return batch
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def next(self) -> tuple[list[tuple[int, bool]], dict]:
-        """The next batch's (picks, tensors on the device)."""
-        if not self.depth:
-            picks = self.sampler.next_batch(self.batch_size)
-            self._state = self.sampler.state_dict()
-            return picks, self.to_device(self._read(picks))
-        while len(self._ahead) < self.depth:
-            picks = self.sampler.next_batch(self.batch_size)
-            self._ahead.append((picks, self.sampler.state_dict(), self._pool.submit(self._read, picks)))
-        picks, self._state, future = self._ahead.popleft()
-        return picks, self.to_device(future.result())
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self._drop_ahead()
-        self.sampler.load_state_dict(state)
-        self._state = self.sampler.state_dict()
-
-    def _drop_ahead(self) -> None:
-        for _, _, future in self._ahead:
-            future.cancel()
-            if not future.cancelled():
-                future.result()  # wait for a read in flight (its batch is dropped)
-        self._ahead.clear()
-
-    def close(self) -> None:
-        self._drop_ahead()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

@@ -1,5 +1,4 @@
-"""Preference pairs from disk: readers and the reference recipe's preprocessing (the training sampler is in
-``rpo_fast.dataset``).
+"""Preference pairs from disk: the readers of every input format (preprocessing is ``preprocess``).
 
 Readers stream (never load whole) and yield ``RawPair``s with the winner first. Formats (``open_source``):
 - parquet: a folder of shards (read recursively, in name order) or one file, row group by row group;
@@ -34,11 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
-
-from .seeding import seed_of
 
 PICKAPIC_V2_SCHEMA = (
     ("caption", "string"),
@@ -384,7 +379,7 @@ class SkipCounts(Counter):
         parts = []
         for cause, n in sorted(self.items()):
             where = self.first.get(cause)
-            parts.append(f"{cause} {n}" + (f" (first: {where})" if where and cause != "tie dropped" else ""))
+            parts.append(f"{cause} {n}" + (f" (first: {where})" if where and cause != TIE_DROPPED else ""))
         return "; ".join(parts) or "none"
 
 
@@ -392,6 +387,43 @@ class _Skip(Exception):
     def __init__(self, cause: str, detail: str = ""):
         super().__init__(cause)
         self.cause, self.detail = cause, detail
+
+
+@dataclass
+class SkippedRows:
+    """``n`` rows (a row, or a file's rows) that failed before decoding, under ``cause``; ``strict_message``: what
+    strict mode says instead of the generic line."""
+
+    cause: str
+    where: str
+    n: int = 1
+    strict_message: str | None = None
+
+
+@dataclass
+class RowToDecode:
+    """A row whose images are to be decoded: its candidate pairs (winner value, loser value, tie) from ``first`` on,
+    the folder relative paths start from, and the read cursor after each candidate. ``job``: its decode (a future
+    of ``decode_row``, or None until started)."""
+
+    where: str
+    caption: str
+    candidates: list
+    first: int
+    keep_ties: bool
+    base: Path
+    cursors: list
+    job: object = None
+
+
+@dataclass
+class DecodedPair:
+    images: tuple  # (winner, loser) PIL images
+    tie: bool
+    cursor: tuple[int, int, int]
+
+
+TIE_DROPPED = "tie dropped"  # a decode outcome (and the skip cause): a tie left out without keep_ties
 
 
 def _skip(counts: Counter, strict: bool, cause: str, where: str, n: int = 1) -> None:
@@ -510,7 +542,7 @@ def iter_pairs(
     counts = Counter() if counts is None else counts
     threads = DECODE_THREADS if decode_threads is None else decode_threads
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rpo_fast-decode") if threads > 0 else None
-    window = collections.deque()  # rows read ahead: (kind, ...) in row order
+    window = collections.deque()  # rows read ahead, in row order: SkippedRows and RowToDecode
     items = _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, tuple(start))
     index = first_index
     try:
@@ -519,26 +551,25 @@ def iter_pairs(
                 item = next(items, None)
                 if item is None:
                     break
-                if item[0] == "row":  # its decode starts now, or (no pool) when it is reached
-                    item = (*item[:3], pool.submit(_decode_row, *item[3:]) if pool else item[3:])
+                if isinstance(item, RowToDecode) and pool:  # its decode starts now (no pool: when it is reached)
+                    item.job = pool.submit(decode_row, item)
                 window.append(item)
             if not window:
                 return
             item = window.popleft()
-            if item[0] == "skip":  # (skip, cause, where, n[, the strict mode's message])
-                if strict and len(item) > 4:
-                    raise DataError(item[4])
-                _skip(counts, strict, *item[1:4])
+            if isinstance(item, SkippedRows):
+                if strict and item.strict_message:
+                    raise DataError(item.strict_message)
+                _skip(counts, strict, item.cause, item.where, item.n)
                 continue
-            _, where, caption, job = item
-            for kind, payload in job.result() if pool else _decode_row(*job):
-                if kind == "tie":
-                    counts["tie dropped"] += 1
-                elif kind == "skip":
-                    _skip(counts, strict, payload.cause, where + payload.detail)
+            for outcome in item.job.result() if pool else decode_row(item):
+                if outcome == TIE_DROPPED:
+                    counts[TIE_DROPPED] += 1
+                elif isinstance(outcome, _Skip):
+                    _skip(counts, strict, outcome.cause, item.where + outcome.detail)
                 else:
-                    (w, l), tie, cursor = payload
-                    yield RawPair(index, caption, w, l, tie, cursor)
+                    (w, l) = outcome.images
+                    yield RawPair(index, item.caption, w, l, outcome.tie, outcome.cursor)
                     index += 1
     finally:
         if pool is not None:
@@ -546,9 +577,8 @@ def iter_pairs(
 
 
 def _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, start):
-    """This rank's rows of ``iter_pairs`` in order, undecoded: ("skip", cause, where, n[, strict message]) for a row
-    (or a file's rows) that fails before decoding; ("row", where, caption, candidates, first candidate, keep_ties,
-    base folder, cursors) for a row whose images are to be decoded."""
+    """This rank's rows of ``iter_pairs`` in order, undecoded: ``SkippedRows`` for a row (or a file's rows) that
+    fails before decoding, ``RowToDecode`` for a row whose images are to be decoded."""
     src = open_source(path)
     cols = columns or src.default_columns
     if cols.style == "ranked" and src.format == "csv":
@@ -566,7 +596,7 @@ def _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, start)
             if owned:
                 where = f"{file.name}; its columns are {', '.join(have)} (map others with --columns)"
                 strict_error = f"no column {missing[0]!r} in {where} (strict mode)"
-                yield ("skip", f"missing column {missing[0]!r}", where, owned, strict_error)
+                yield SkippedRows(f"missing column {missing[0]!r}", where, owned, strict_error)
             g += n_rows
             continue
         for r, v in src.rows(fi, first, names):
@@ -575,111 +605,33 @@ def _row_items(path, columns, pairs_from_ranking, keep_ties, rank, world, start)
             where = f"{file.name} {'line' if src.format == 'jsonl' else 'row'} {r + 1 if line else r}"
             absent = [c for c in names if v[c] is None or v[c] == ""]
             if absent:
-                yield ("skip", f"missing value in {absent[0]!r}", where, 1)
+                yield SkippedRows(f"missing value in {absent[0]!r}", where)
                 continue
             try:
                 cands = _candidates(v, cols, pairs_from_ranking)
             except _Skip as s:
-                yield ("skip", s.cause, where + s.detail, 1)
+                yield SkippedRows(s.cause, where + s.detail)
                 continue
             first_k = start[2] if (fi, r) == start[:2] else 0
             cursors = [(fi, r, k + 1) if k + 1 < len(cands) else (fi, r + 1, 0) for k in range(len(cands))]
-            yield ("row", where, str(v[cols.caption]), cands, first_k, keep_ties, file.parent, cursors)
+            yield RowToDecode(where, str(v[cols.caption]), cands, first_k, keep_ties, file.parent, cursors)
         g += n_rows
 
 
-def _decode_row(cands: list, first_k: int, keep_ties: bool, base: Path, cursors: list) -> list[tuple]:
-    """One row's candidates from ``first_k`` on, decoded (each image once): ("tie", None), ("skip", _Skip) or
-    ("pair", ((winner, loser), tie, cursor)), in order."""
+def decode_row(row: RowToDecode) -> list:
+    """One row's candidates from ``row.first`` on, decoded (each image once), in order: ``TIE_DROPPED``, a ``_Skip``
+    (its cause), or a ``DecodedPair``."""
     decoded: dict = {}  # a ranked list's images, decoded once per row
     out = []
-    for k in range(first_k, len(cands)):
-        w, l, tie = cands[k]
-        if tie and not keep_ties:
-            out.append(("tie", None))
+    for k in range(row.first, len(row.candidates)):
+        w, l, tie = row.candidates[k]
+        if tie and not row.keep_ties:
+            out.append(TIE_DROPPED)
             continue
         try:
-            images = tuple(_load_once(decoded, x, base) for x in (w, l))
+            images = tuple(_load_once(decoded, x, row.base) for x in (w, l))
         except _Skip as s:
-            out.append(("skip", s))
+            out.append(s)
             continue
-        out.append(("pair", (images, tie, cursors[k])))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Preprocessing (the reference recipe)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Crop:
-    """What preprocessing did to one image: SDXL's micro-conditioning needs it (time ids)."""
-
-    original_size: tuple[int, int]  # (height, width) before resizing
-    top_left: tuple[int, int]  # crop offset (top, left) in the resized image
-
-    def time_ids(self, resolution: int) -> list[float]:
-        """SDXL add_time_ids: original size, crop top-left, target size."""
-        return [*map(float, self.original_size), *map(float, self.top_left), float(resolution), float(resolution)]
-
-
-def preprocess(
-    image: Image.Image,
-    resolution: int,
-    *,
-    crop: str = "center",
-    flip: bool = False,
-    rng: np.random.Generator | None = None,
-) -> tuple[torch.Tensor, Crop]:
-    """Resize the shorter side to ``resolution`` (bilinear), crop a square (center, or random with ``rng``),
-    flip horizontally if ``flip``, scale to [-1, 1]. Returns (3, res, res) fp32 and the crop record."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR)
-    if crop == "center":
-        top, left = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
-    elif crop == "random":
-        top, left = int(rng.integers(0, nh - resolution + 1)), int(rng.integers(0, nw - resolution + 1))
-    else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = nw - resolution - left  # the mirrored offset in the resized image
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return arr / 127.5 - 1.0, Crop((h, w), (top, left))
-
-
-def pair_rng(seed: int, index: int) -> np.random.Generator:
-    """The random stream of one pair: its crop and flip do not depend on batching or resumption."""
-    return np.random.default_rng(seed_of(seed, index))
-
-
-def preprocess_pairs(pairs: list[RawPair], resolution: int, *, threads: int | None = None, **kw) -> list:
-    """``preprocess_pair`` of each pair (``kw``: its options), in order, by ``threads`` threads (default
-    ``DECODE_THREADS``; each pair has its own seeded stream, so the threads change no bit)."""
-    threads = DECODE_THREADS if threads is None else threads
-    if threads <= 1 or len(pairs) <= 1:
-        return [preprocess_pair(p, resolution, **kw) for p in pairs]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(threads, len(pairs)), thread_name_prefix="rpo_fast-preprocess") as pool:
-        return list(pool.map(lambda p: preprocess_pair(p, resolution, **kw), pairs))
-
-
-def preprocess_pair(pair: RawPair, resolution: int, *, crop: str, flip: bool, seed: int, flip_twin: bool = False):
-    """Both images of a pair, one random stream, one flip decision for the pair. Returns a list of
-    (pixels (2, 3, res, res), crops [winner, loser]): the chosen variant, plus the mirrored twin if
-    ``flip_twin``."""
-    rng = pair_rng(seed, pair.index)
-    do_flip = bool(rng.random() < 0.5) if flip else False
-    variants = [do_flip] + ([not do_flip] if flip_twin else [])
-    out = []
-    for f in variants:
-        r = pair_rng(seed, pair.index)  # the same crops for the twin
-        r.random()
-        res = [preprocess(im, resolution, crop=crop, flip=f, rng=r) for im in (pair.winner, pair.loser)]
-        out.append((torch.stack([x for x, _ in res]), [c for _, c in res]))
+        out.append(DecodedPair(images, tie, row.cursors[k]))
     return out
