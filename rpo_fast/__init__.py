@@ -1,4 +1,5 @@
-"""rpo_fast: preference alignment for Stable Diffusion 1.5 and SDXL UNets.
+"""rpo_fast: preference alignment of text-to-image diffusion models (SD1.5 and SDXL UNets, SD3/SD3.5 and FLUX.1
+transformers; a model family is one file in ``rpo_fast/models/``).
 
     from rpo_fast import PreferenceLoss
     loss_fn = PreferenceLoss("rpo", beta=5000.0, tau=0.5)

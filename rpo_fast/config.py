@@ -278,7 +278,7 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
         raise ValueError("--compile-resnets adds the resnets to regional compile: pass --compile-mode regional")
     if cfg.compile_resnets and not family.resnet_blocks:
         raise ValueError(f"--compile-resnets: {family.name} models have no resnet blocks")
-    from .graphs import check_reference_graphs
+    from .cuda_graphs import check_reference_graphs
 
     check_reference_graphs(cfg, objective(cfg.objective).reference)
     if cfg.lora_rank < 0:

@@ -703,7 +703,9 @@ SCORER_HELP = "NAME=PATH (repeat): " + ", ".join(
 class EvaluateConfig:
     """``python -m rpo_fast.evaluate``'s command line: the keyword arguments of ``evaluate``."""
 
-    model: str = field(metadata=dict(help="the base model folder (SD1.5 or SDXL)"))
+    model: str = field(
+        metadata=dict(help="the base model folder (its family is detected: SD1.5, SDXL, SD3/SD3.5 or FLUX.1)")
+    )
     prompts: str = field(metadata=dict(help="PartiPrompts .tsv/.csv, HPSv2 .json (or folder), .parquet, .txt"))
     out: str = field(metadata=dict(help="output folder (resumed if it holds images)"))
     unet: str | None = _opt(None, "the tuned UNet folder (rpo_fast/train.py's OUTPUT/unet)", one_of="tuned",

@@ -1,5 +1,5 @@
 """Fixtures for tests, benchmarks and users' own tests: tiny random models saved in the layout of a real
-diffusers repository, the full-size SD1.5 / SDXL configs (for random-weight GPU benchmarks), writers of
+diffusers repository, the full-size SD1.5 / SDXL / SD3 / FLUX configs (for random-weight GPU benchmarks), writers of
 Pick-a-Pic v2 parquet shards with the public dataset's schema, and the same preference pairs in every other input
 format that ``rpo_fast.data`` reads (``write_every_format``).
 

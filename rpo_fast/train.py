@@ -1,4 +1,5 @@
-"""Preference training of a diffusion model's denoiser (SD1.5 / SDXL UNets) with DeepSpeed.
+"""Preference training of a diffusion model's denoiser (a UNet or a transformer, of any family in
+``rpo_fast/models/``) with DeepSpeed.
 
     deepspeed rpo_fast/train.py --ds_config configs/zero2_8bit.json --model MODEL_DIR --data CACHE_DIR \\
         --objective rpo --output runs/rpo
@@ -48,11 +49,11 @@ from rpo_fast.config import (  # noqa: E402
     recompute_mode,
     validate,
 )
+from rpo_fast.cuda_graphs import GraphedForward  # noqa: E402
 from rpo_fast.data.dataset import check_dataset, collate, open_dataset  # noqa: E402
 from rpo_fast.data.loader import PairSampler, PrefetchLoader  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402
-from rpo_fast.graphs import GraphedForward  # noqa: E402
 from rpo_fast.logs import quiet_known_noise  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
     MetricMean,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from trainrun import in_process_trainer, step_losses, train_config
 
-from rpo_fast import graphs
-from rpo_fast.graphs import GraphedForward
+from rpo_fast import cuda_graphs as graphs
+from rpo_fast.cuda_graphs import GraphedForward
 
 
 def stand_in_capture(fn, args):
