@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import ResultTable, cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import ResultTable, cpu_name, time_loop  # noqa: E402
 from registry import EMBED_DIM, FAMILIES  # noqa: E402
 

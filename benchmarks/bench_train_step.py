@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import QUICK, ResultTable, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,10 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_step as B  # noqa: E402
+import torch
 from bench_utils import ResultTable, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

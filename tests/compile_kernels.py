@@ -32,12 +32,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of Triton 
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from helpers import CASES, call_case, make_pairs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import CASES, call_case, make_pairs  # noqa: E402
 
 import rpo_fast.kernels.preference_loss as K  # noqa: E402
 

@@ -1,7 +1,6 @@
-"""The README's cache-cost table is what benchmarks/cache_cost.py computes, and its bytes-per-pair formula gives the
-bytes of real shards (tiny SD1.5 and SDXL caches with RPO's embeddings and flipped twins)."""
+"""The README's cache-cost table is what benchmarks/plans/cache_cost.py computes, and its bytes-per-pair formula gives
+the bytes of real shards (tiny SD1.5 and SDXL caches with RPO's embeddings and flipped twins)."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from rpo_fast import testing as T
 from rpo_fast.data.writer import build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import cache_cost as C  # noqa: E402
 
 

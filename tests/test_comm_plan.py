@@ -1,13 +1,11 @@
-"""The README's communication table is what benchmarks/comm_plan.py computes, and its model of the collectives
+"""The README's communication table is what benchmarks/plans/comm_plan.py computes, and its model of the collectives
 gives what the collectives' sizes say."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import comm_plan as C  # noqa: E402
 
 

@@ -5,7 +5,6 @@ and the exports loaded by diffusers."""
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import load_family, model_kind
 
 T_ROOT = ZERO3.parents[1]
-sys.path.insert(0, str(T_ROOT / "benchmarks"))
 import flow_plan  # noqa: E402
 
 FLOW = ("sd3", "flux")
@@ -200,7 +198,7 @@ def test_full_size_configs():
 
 @pytest.mark.parametrize("kind", FLOW)
 def test_cache_bytes_formula_is_the_shards(flow, kind):
-    """benchmarks/flow_plan.py's bytes per pair (the README's cache column), held to a tiny cache's shard."""
+    """benchmarks/plans/flow_plan.py's bytes per pair (the README's cache column), held to a tiny cache's shard."""
     from safetensors.torch import load_file
 
     shard = load_file(flow[f"cache_{kind}"] / "shard-r0-00000.safetensors")

@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_rpo_worker as W  # noqa: E402
 import pytest
 import torch
 from helpers import assert_close
-
-sys.path.insert(0, str(Path(__file__).parent))
-import dist_rpo_worker as W  # noqa: E402
 
 from rpo_fast import PreferenceLoss  # noqa: E402
 

@@ -273,7 +273,6 @@ def test_every_launch_compiles_for_a100_and_h100(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("weighting", ["inside", "outside"])
 def test_global_scope_triton_equals_one_process(tmp_path, weighting):
-    sys.path.insert(0, str(Path(__file__).parent))
     import dist_rpo_worker as W
     from test_global_scope import run_workers, single_process
 

@@ -310,7 +310,6 @@ def test_auto_keeps_triton_on_cuda():
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("weighting", ["inside", "outside"])
 def test_global_scope_native_equals_one_process(tmp_path, weighting):
-    sys.path.insert(0, str(Path(__file__).parent))
     import dist_rpo_worker as W
     from test_global_scope import run_workers, single_process
 

@@ -1,7 +1,6 @@
 """--recompute none|selective|full: the same losses and gradients, less memory kept, the FLOPs counted; the
-README's cost table is what benchmarks/recompute_cost.py computes."""
+README's cost table is what benchmarks/plans/recompute_cost.py computes."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,7 +74,6 @@ def test_gradient_checkpointing_is_the_alias_of_full():
 
 @pytest.mark.slow
 def test_readme_cost_table_is_the_counted_one():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import recompute_cost
 
     assert recompute_cost.table() in (ROOT / "README.md").read_text()

@@ -3,9 +3,6 @@ ARGS the flags of rpo_fast/train.py. The imports and DeepSpeed's initialisation 
 paid once; each run builds its own Trainer and engine, as a fresh process would."""
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rpo_fast import train  # noqa: E402
 

@@ -2,7 +2,7 @@
 weights, no GPU): activation memory kept for backward after the policy's forward, and the hardware FLOPs of its
 forward + backward (recompute included), per pair (winner and loser: 2 images), bf16, flash attention.
 
-    python benchmarks/recompute_cost.py            # prints the README's table
+    python benchmarks/plans/recompute_cost.py            # prints the README's table
 
 The README's table is this script's output (tests/test_recompute.py holds them equal).
 """

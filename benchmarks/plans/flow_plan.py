@@ -2,7 +2,7 @@
 fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large and FLUX.1-dev at 1024 px. Everything is counted on
 the meta device from the public configs (no weights, no GPU).
 
-    python benchmarks/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
+    python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
 
 Model states per trained parameter, in DeepSpeed's own breakdown (``estimate_zero2_model_states_mem_needs``:
 2 bytes of bf16 weights + 2 of bf16 gradients + 4 of fp32 gradients + 4 of fp32 master weights + 8 of Adam states)
