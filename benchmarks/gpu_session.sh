@@ -12,7 +12,7 @@
 #   --recompute selective) with per-phase CUDA-event times, peak memory and 3 profiled steps (top kernels, GPU-busy
 #   fraction), then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every
 #   step); last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
-#   and its GPU tests (tests/test_native.py -m gpu: SDXL latents against float64, determinism, RPO at B = 4096), with
+#   and its GPU tests (tests/test_fused.py -m gpu -k native: SDXL latents against float64, determinism, RPO at B = 4096), with
 #   the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit) and FP8 on
 #   CUDA (tests/test_fp8.py -m gpu: torch._scaled_mm runs, within 10% of bf16).
 # call2 (BUDGET 240 s; start it at once after call1: a machine stays warm 30 s after a call, and a fresh one spends a
@@ -111,8 +111,9 @@ FAILED=0
 for stage in "$@"; do
     case $stage in
     kernels)
-        step 300 kernels-cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_objectives.py \
-            -m "not multiprocess" -k "not compiles_for" --junitxml "$WORK/kernels-cuda.xml"
+        step 300 kernels-cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_kernels.py \
+            tests/test_objectives.py -m "not multiprocess" -k "not compiles_for and not native" \
+            --junitxml "$WORK/kernels-cuda.xml"
         step 200 gpu-marked "$PY" -m pytest -q -p no:cacheprovider tests -m gpu --junitxml "$WORK/gpu-marked.xml"
         ;;
     micro-sdxl | micro-sd15)
@@ -128,8 +129,8 @@ for stage in "$@"; do
         check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
         check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
         check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
-        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_graphs.py tests/test_fp8.py -m gpu \
-            --junitxml "$WORK/native-gpu.xml"
+        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_graphs.py tests/test_fp8.py -m gpu \
+            -k "native or test_graphs or test_fp8" --junitxml "$WORK/native-gpu.xml"
         ;;
     call2)
         check 120 models models --kinds sdxl  # no time where call1's machine is still warm; else about a minute

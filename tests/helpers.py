@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from rpo_fast import PreferenceLoss
+from rpo_fast.kernels.shared import objective_params
+from rpo_fast.loss import resolve_options
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETA = 100.0  # with the inputs of make_pairs |u| ~ 1: the sigmoid is neither flat nor saturated
@@ -223,4 +225,26 @@ def layouts(p, t, q):
         p.transpose(2, 3).contiguous().transpose(2, 3),
         t,
         q.transpose(2, 3).contiguous().transpose(2, 3),
+    )
+
+
+def op_args(objective, device, b=2):
+    """The fused op's arguments for ``objective`` on small random inputs (``LossInputs`` order, then the objective,
+    its parameters and the world size)."""
+    p, t, q = (x.to(device) for x in make_pairs(b, 2, 3, 3, seed=46))
+    ew, el = (e.to(device) for e in make_embeds(b))
+    opts = {"sft": {}, "rpo": dict(beta=BETA, tau=0.5, weighting="inside")}.get(objective, dict(beta=BETA))
+    if objective == "sft":
+        p, t, q = p[:b], t[:b], None
+    return (
+        p,
+        t,
+        q,
+        ew if objective == "rpo" else None,
+        el if objective == "rpo" else None,
+        torch.rand(b, device=device) + 0.5 if objective == "cal-dpo" else None,
+        torch.randint(0, 1000, (b,), device=device) if objective == "dense-dpo" else None,
+        objective,
+        objective_params(objective, resolve_options(objective, opts)),
+        1,
     )

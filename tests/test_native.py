@@ -1,12 +1,8 @@
-"""The native backend (csrc/, ``backend="native"``) against the eager reference and both against float64, on
-CPU (the C++ kernels, built on first use) and on CUDA where the GPU tests run: values, gradients, metrics for
-every objective and option; B = 1, 3, 7, N = 4*5*7 = 140 (not a multiple of the 16 lanes); fp32, bf16, fp16;
-shared and per-sample targets; contiguous, channels_last, mixed and strided layouts and mixed dtypes; outputs
-poisoned with NaN before every call; opcheck; torch.compile(fullgraph=True); RPO's global scope on 2 ranks;
-the CUDA source compiled for sm_80 and sm_90 with its ptxas figures held (no spills).
-
-Tolerances (dtype, atol, rtol) are the rows of ``helpers.LOSS_TOL`` / ``GRAD_TOL`` as for the Triton op: both
-accumulate in fp32, in different orders.
+"""What only the native backend (csrc/, ``backend="native"``) has; the suite it shares with the Triton op is
+``test_fused.py``: a channels_last gradient keeps its layout; mixed dtypes and float64 go through exact fp32 copies;
+the three C++ ops under opcheck and their own checks; the build (ahead of time, and a clear error without sources);
+the CUDA source compiled for sm_80 and sm_90 with its ptxas figures held (no spills); the objective ids and metric
+order held equal to csrc's enums.
 """
 
 import json
@@ -21,24 +17,14 @@ import pytest
 import torch
 from helpers import (
     BETA,
-    CASE_IDS,
-    CASES,
-    DTYPES,
-    GRAD_TOL,
-    LOSS_TOL,
     assert_close,
-    call_case,
-    layouts,
-    make_embeds,
     make_pairs,
-    ref_errors,
-    ref_loss_and_grad,
+    op_args,
     run_loss,
 )
 
 from rpo_fast import PreferenceLoss
 from rpo_fast.kernels import native as N
-from rpo_fast.loss import resolve_options
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAN = float("nan")
@@ -46,99 +32,9 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 PTXAS_FIGURES = CSRC / "ptxas_figures.json"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("b,shared", [(1, False), (3, True), (7, False)], ids=["B1", "B3-shared", "B7"])
-def test_native_matches_eager_and_float64(objective, opts, needs, b, shared, dtype):
-    p, t, q = (x.to(DEV) for x in make_pairs(b, dtype=dtype, shared_target=shared, seed=30 + b))
-    nat_fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, seed=b, backend="native")
-    kw = {k: v.to(DEV) for k, v in kw.items()}
-    nat, nat_g = run_loss(nat_fn, p, t, q, kw)
-    eag, eag_g = run_loss(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw)
-    ref, ref_g = ref_loss_and_grad(
-        objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **nat_fn.options
-    )
-    lt, gt = LOSS_TOL[dtype], GRAD_TOL[dtype]
-    assert nat_g.dtype == dtype and nat_g.shape == p.shape
-    assert_close("native loss vs float64", nat.loss, ref, atol=lt[0], rtol=lt[1])
-    assert_close("native grad vs float64", nat_g, 1.7 * ref_g, atol=gt[0], rtol=gt[1])
-    assert_close("native loss vs eager", nat.loss, eag.loss, atol=lt[0], rtol=lt[1])
-    assert_close("native grad vs eager", nat_g, eag_g, atol=gt[0], rtol=gt[1])
-    assert set(nat.metrics) == set(eag.metrics)
-    for name, v in eag.metrics.items():
-        assert_close(f"metric {name}", nat.metrics[name], v, atol=1e-6, rtol=1e-4)
-
-
 # --------------------------------------------------------------------------------------------------
-# The three C++ ops with poisoned outputs: every element must be written
+# Layouts and dtypes the Triton op does not take
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dspo", [False, True])
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("chunks", [None, 3, 5, 140])
-def test_errors_fwd_partials_poisoned_and_chunked(shared, dspo, chunks):
-    p, t, q = (x.to(DEV) for x in make_pairs(3, dtype=torch.bfloat16, shared_target=shared, seed=41))
-    probe = N.errors_fwd(p, t, q, dspo=dspo, num_chunks=chunks)
-    part = torch.full_like(probe, NAN)
-    N.errors_fwd(p, t, q, dspo=dspo, num_chunks=chunks, part=part)
-    assert not part.isnan().any()
-    if chunks:
-        assert part.shape[1] == chunks  # really split (140: one element a chunk)
-    s = part.double().sum(1) / p[0].numel()
-    m, r = ref_errors(p.cpu(), t.cpu(), q.cpu())
-    assert_close("m", s[:, 0], m, atol=1e-7, rtol=1e-5)
-    assert_close("r", s[:, 1], r, atol=1e-7, rtol=1e-5)
-    assert_close("delta", s[:, 2], m - r, atol=1e-6, rtol=1e-4)
-    if dspo:
-        tt = t if not shared else torch.cat([t, t])
-        e, d = (p.double() - tt.double()).flatten(1), (p.double() - q.double()).flatten(1)
-        assert_close("ed", s[:, 3], (e * d).mean(1), atol=1e-6, rtol=1e-4)
-        assert_close("dd", s[:, 4], (d * d).mean(1), atol=1e-6, rtol=1e-4)
-    else:
-        assert (part[..., 3:] == 0).all()
-
-
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
-def test_pair_and_backward_write_every_output(objective, opts, needs):
-    b = 5
-    p, t, q = (x.to(DEV) for x in make_pairs(b, seed=42))
-    fn, kw, _, p, t, q = call_case(objective, opts, needs, b, p, t, q, backend="native")
-    kw = {k: v.to(DEV) for k, v in kw.items()}
-    params = N.shared.objective_params(objective, fn.options)
-    part = N.errors_fwd(p, t, q, dspo=objective == "dspo", num_chunks=3)
-    outs = tuple(torch.full_like(x, NAN) for x in N.shared.pair_outputs(p.shape[0], p.device))
-    N.pair_fwd(part, p[0].numel(), objective, params, out=outs, **kw)
-    loss, met, ge, gd = outs
-    assert not met.isnan().any(), met  # every metric written (zeros where an objective has none)
-    assert not loss.isnan() and not ge.isnan().any() and not gd.isnan().any()
-    grad = torch.full_like(p, NAN)
-    N.errors_bwd(torch.tensor(1.0, device=DEV), p, t, q, ge, gd, has_d=objective == "dspo", out=grad)
-    assert not grad.isnan().any()
-    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p, t, q, kw, grad_out=1.0)
-    assert_close("poisoned-path grad", grad, eager[1], atol=1e-6, rtol=1e-4)
-    assert_close("poisoned-path loss", loss, eager[0].loss, atol=1e-6, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Layouts and dtypes: the right elements are paired or the input is copied
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("objective", ["dpo", "dspo", "rpo"])
-@pytest.mark.parametrize("shared", [False, True])
-def test_layouts_pair_the_right_elements(objective, shared):
-    b = 3
-    p0, t0, q0 = (x.to(DEV) for x in make_pairs(b, dtype=torch.float32, shared_target=shared, seed=43))
-    kw = dict(zip(("embeds_w", "embeds_l"), (e.to(DEV) for e in make_embeds(b)))) if objective == "rpo" else {}
-    opts = dict(beta=BETA) if objective != "dspo" else dict(beta=BETA, lam_out=1.0)
-    eager = run_loss(PreferenceLoss(objective, backend="eager", **opts), p0, t0, q0, kw)
-    for name, p, t, q in layouts(p0, t0, q0):
-        assert torch.equal(p, p0) and torch.equal(t, t0) and torch.equal(q, q0)
-        nat = run_loss(PreferenceLoss(objective, backend="native", **opts), p, t, q, kw)
-        assert nat[1].shape == p.shape
-        assert_close(f"{name} loss", nat[0].loss, eager[0].loss, atol=1e-6, rtol=1e-5)
-        assert_close(f"{name} grad", nat[1], eager[1], atol=1e-6, rtol=1e-4)
 
 
 def test_channels_last_gradient_keeps_the_layout():
@@ -159,75 +55,14 @@ def test_mixed_and_float64_inputs(dtypes):
     assert_close("grad", nat[1], eag[1], atol=1e-5 if p.dtype == torch.bfloat16 else 1e-6, rtol=1e-3)
 
 
-def test_same_bits_whatever_the_thread_count():
-    """The reduction order is fixed by the shapes: 1 thread and every thread give the same bits."""
-    p, t, q = (x.to(DEV) for x in make_pairs(7, 4, 40, 40, dtype=torch.bfloat16, seed=44))  # 3 chunks a row
-    ew, el = (e.to(DEV) for e in make_embeds(7))
-    fn = PreferenceLoss("rpo", backend="native", beta=BETA, scope="local")
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            runs.append(run_loss(fn, p, t, q, dict(embeds_w=ew, embeds_l=el)))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(runs[0][0].loss, runs[1][0].loss)
-    assert torch.equal(runs[0][1], runs[1][1])
-
-
-@pytest.mark.parametrize("weighting", ["inside", "outside"])
-def test_rpo_b70_d80(weighting):
-    """B = 70 (not a multiple of the CUDA tile of 16), D = 80."""
-    b = 70
-    p, t, q = (x.to(DEV) for x in make_pairs(b, 2, 3, 5, seed=45))
-    ew, el = (e.to(DEV) for e in make_embeds(b, d=80))
-    kw = dict(embeds_w=ew, embeds_l=el)
-    opts = dict(beta=BETA, tau=0.5, weighting=weighting, scope="local")
-    nat = run_loss(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
-    eag = run_loss(PreferenceLoss("rpo", backend="eager", **opts), p, t, q, kw)
-    assert_close("loss", nat[0].loss, eag[0].loss, atol=1e-6, rtol=1e-5)
-    assert_close("grad", nat[1], eag[1], atol=1e-6, rtol=1e-4)
-    for name, v in eag[0].metrics.items():
-        assert_close(name, nat[0].metrics[name], v, atol=1e-6, rtol=1e-4)
-
-
 # --------------------------------------------------------------------------------------------------
-# The ops: opcheck, torch.compile(fullgraph=True), errors
+# The C++ ops: opcheck, their checks, the build
 # --------------------------------------------------------------------------------------------------
-
-
-def _op_args(objective, b=2):
-    p, t, q = (x.to(DEV) for x in make_pairs(b, 2, 3, 3, seed=46))
-    ew, el = (e.to(DEV) for e in make_embeds(b))
-    opts = {"sft": {}, "rpo": dict(beta=BETA, tau=0.5, weighting="inside")}.get(objective, dict(beta=BETA))
-    full = resolve_options(objective, opts)
-    if objective == "sft":
-        p, t, q = p[:b], t[:b], None
-    return (
-        p,
-        t,
-        q,
-        ew if objective == "rpo" else None,
-        el if objective == "rpo" else None,
-        torch.rand(b, device=DEV) + 0.5 if objective == "cal-dpo" else None,
-        torch.randint(0, 1000, (b,), device=DEV) if objective == "dense-dpo" else None,
-        objective,
-        N.shared.objective_params(objective, full),
-        1,
-    )
-
-
-@pytest.mark.parametrize("objective", ["dpo", "sft", "rpo", "dspo", "dense-dpo", "cal-dpo"])
-def test_opcheck(objective):
-    args = _op_args(objective)
-    args = (args[0].requires_grad_(True), *args[1:])
-    torch.library.opcheck(N.preference_loss_native_op, args)
 
 
 def test_opcheck_the_cpp_ops():
     """The three C++ ops (schemas with their mutated outputs, fake kernels) on their own."""
-    p, t, q, ew, el, *_ = _op_args("rpo")
+    p, t, q, ew, el, *_ = op_args("rpo", DEV)
     ops = torch.ops.rpo_fast
     N.load_library()
     part = torch.empty(p.shape[0], 2, 5, device=DEV)
@@ -244,27 +79,6 @@ def test_opcheck_the_cpp_ops():
     torch.library.opcheck(
         ops.native_errors_bwd, (torch.tensor(1.0, device=DEV), p, t, q, ge, gd, False, torch.empty_like(p))
     )
-
-
-def test_compile_fullgraph():
-    p, t, q = (x.to(DEV) for x in make_pairs(3, seed=47))
-    ew, el = (e.to(DEV) for e in make_embeds(3))
-    fn = PreferenceLoss("rpo", backend="native", beta=BETA, scope="local")
-
-    def step(x):
-        out = fn(x, t, q, embeds_w=ew, embeds_l=el)
-        return out.loss, out.metrics["implicit_acc"]
-
-    compiled = torch.compile(step, fullgraph=True)
-    x1 = p.clone().requires_grad_(True)
-    x2 = p.clone().requires_grad_(True)
-    l1, a1 = compiled(x1)
-    l1.backward()
-    l2, a2 = step(x2)
-    l2.backward()
-    assert_close("compiled loss", l1, l2, atol=0, rtol=1e-6)
-    assert_close("compiled grad", x1.grad, x2.grad, atol=0, rtol=1e-6)
-    assert a1 == a2
 
 
 def test_the_cpp_checks_name_the_problem():
@@ -305,29 +119,6 @@ def test_auto_keeps_triton_on_cuda():
         assert PreferenceLoss(name, backend="native").backend_for("cuda") == "native"
     loss.spec = dataclasses.replace(loss.spec, fused=False)
     assert (loss.backend_for("cuda"), loss.backend_for("cpu")) == ("compile", "eager")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("weighting", ["inside", "outside"])
-def test_global_scope_native_equals_one_process(tmp_path, weighting):
-    import dist_rpo_worker as W
-    from test_global_scope import run_workers, single_process
-
-    N.load_library()  # build once here, not in both workers
-    got = run_workers(tmp_path, "native", weighting)
-    assert got["forward_collectives"] == {
-        "all_reduce": 0,
-        "reduce_scatter_tensor": 0,
-        "all_gather_into_tensor": 1,
-    }  # errors + embeddings
-    assert got["backward_collectives"] == {"all_reduce": 0, "reduce_scatter_tensor": 0, "all_gather_into_tensor": 0}
-    ref, theta_grad, pred_grad = single_process(weighting)
-    for loss in got["losses"]:
-        assert_close("loss", loss, ref.loss, atol=1e-6, rtol=1e-5)
-    assert_close("theta grad (averaged)", got["theta_grad"], theta_grad, atol=1e-6, rtol=1e-4)
-    b = W.WORLD * W.B_LOCAL
-    for rank, g in enumerate(got["pred_grads"]):
-        assert_close(f"rank {rank} grad", g, W.local_rows(pred_grad, rank, b) * W.WORLD, atol=1e-6, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,47 +204,6 @@ def test_cuda_registration_compiles(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-# --------------------------------------------------------------------------------------------------
-# On the GPU machine: the CUDA kernels at SDXL shape, determinism, B = 4096
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("objective,opts,needs", CASES, ids=CASE_IDS)
-def test_gpu_sdxl_shape_against_float64(objective, opts, needs, dtype):
-    b = 4
-    p, t, q = (x.cuda() for x in make_pairs(b, 4, 128, 128, dtype=dtype, shared_target=True, ref_noise=0.02, seed=50))
-    fn, kw, ref_kw, p, t, q = call_case(objective, opts, needs, b, p, t, q, backend="native")
-    kw = {k: v.cuda() for k, v in kw.items()}
-    nat, nat_g = run_loss(fn, p, t, q, kw)
-    ref, ref_g = ref_loss_and_grad(objective, p.cpu(), t.cpu(), None if q is None else q.cpu(), **ref_kw, **fn.options)
-    assert_close("loss", nat.loss, ref, atol=LOSS_TOL[dtype][0], rtol=1e-4)
-    assert_close("grad", nat_g, 1.7 * ref_g, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
-    again = run_loss(fn, p, t, q, kw)
-    assert torch.equal(again[0].loss, nat.loss) and torch.equal(again[1], nat_g)  # deterministic
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("weighting", ["inside", "outside"])
-def test_gpu_rpo_b4096(weighting):
-    b = 4096
-    p, t, q = (x.cuda() for x in make_pairs(b, 4, 4, 4, seed=51))
-    ew, el = (e.cuda() for e in make_embeds(b, d=768))
-    kw = dict(embeds_w=ew, embeds_l=el)
-    opts = dict(beta=BETA, weighting=weighting, scope="local")
-    nat = run_loss(PreferenceLoss("rpo", backend="native", **opts), p, t, q, kw)
-    eag = run_loss(
-        PreferenceLoss("rpo", backend="eager", **opts),
-        p.double(),
-        t.double(),
-        q.double(),
-        {k: v.double() for k, v in kw.items()},
-    )
-    assert_close("loss", nat[0].loss, eag[0].loss, atol=1e-6, rtol=1e-4)
-    assert_close("grad", nat[1], eag[1], atol=1e-5, rtol=1e-3)
 
 
 def record_figures() -> None:
