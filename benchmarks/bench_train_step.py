@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_utils  # noqa: E402
 import torch
 from bench_utils import QUICK, ResultTable, sync  # noqa: E402
 
@@ -43,21 +44,10 @@ RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3.5-medium": 1024, "sd3.5-large": 10
 FLOW = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")  # rpo_fast's side only: no public full-parameter DPO step
 
 
-def matmul_rate(dtype=torch.bfloat16, n: int = 8192) -> float:
-    """Measured matmul FLOP/s on this device (n x n x n, bf16 on GPU; fp32 on CPU with n = 512)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        dtype, n = torch.float32, 512
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync()
-    reps = 20 if dev == "cuda" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+def matmul_rate() -> float:
+    """The device's matmul FLOP/s, the MFU's denominator: 8192^3 in bf16 on a GPU, 512^3 in fp32 on a CPU."""
+    n = 8192 if torch.cuda.is_available() else 512
+    return bench_utils.matmul_rate(n, n, n, reps=20 if torch.cuda.is_available() else 5)
 
 
 def flops_per_pair(model: Path, recompute: str) -> tuple[float, float]:

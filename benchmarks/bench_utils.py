@@ -27,6 +27,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+def matmul_rate(m: int = 8192, k: int = 8192, n: int = 8192, *, dtype=torch.bfloat16, reps: int = 20) -> float:
+    """Measured FLOP/s of an (m x k) @ (k x n) matmul on this device: the one matmul timer of the benchmarks
+    (``reps`` back-to-back after 3 warm-up calls; fp32 on a CPU, whatever ``dtype``)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype if dev == "cuda" else torch.float32
+    a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, n, device=dev, dtype=dtype)
+    return 2 * m * k * n / time_loop(lambda: a @ b, reps)
+
+
 def time_loop(fn, iters: int, warmup: int = 3) -> float:
     """Mean seconds per call over ``iters`` back-to-back calls between two synchronisations."""
     for _ in range(warmup):

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import bench_train_step as B  # noqa: E402
 import torch
-from bench_utils import ResultTable, sync  # noqa: E402
+from bench_utils import ResultTable, matmul_rate, sync  # noqa: E402
+
+from rpo_fast.debug import HostSyncs
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -116,25 +118,12 @@ MATMULS = [(8192, 8192, 8192), (8192, 640, 640), (8192, 640, 5120), (2048, 1280,
 
 
 def matmul(dry: bool) -> ResultTable:
-    dev = "cuda" if CUDA and not dry else "cpu"
-    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if CUDA and not dry else torch.float32
     rows = []
     shapes = [(256, 256, 256), (128, 64, 64)] if dry else MATMULS
     for m, k, n in shapes:
-        a = torch.randn(m, k, device=dev, dtype=dtype)
-        bm = torch.randn(k, n, device=dev, dtype=dtype)
-        for _ in range(3):
-            a @ bm
-        sync()
-        reps = 3 if dry else 50
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ bm
-        sync()
-        sec = (time.perf_counter() - t0) / reps
-        rows.append(
-            dict(shape=f"{m}x{k}x{n}", dtype=str(dtype).removeprefix("torch."), tflops=2 * m * k * n / sec / 1e12)
-        )
+        rate = matmul_rate(m, k, n, dtype=dtype, reps=3 if dry else 50)
+        rows.append(dict(shape=f"{m}x{k}x{n}", dtype=str(dtype).removeprefix("torch."), tflops=rate / 1e12))
     return _table("gpu_matmul", "Matmul rate (bf16 on a GPU)", ("shape", "dtype"), rows)
 
 
@@ -270,7 +259,7 @@ def _timed_step(a, dry, model, cache, key, flops, hw_flops, rate, marks) -> Resu
                 torch.cuda.reset_peak_memory_stats()
             phases.on = True
             t0 = time.perf_counter()
-            with HostSyncCount() as syncs:  # CUDA's sync debug mode: each synchronizing call warns once
+            with HostSyncs(dispatch=False) as syncs:  # CUDA's sync debug mode: each synchronizing call warns once
                 for _ in range(a.steps):
                     trainer.train_step()
                 sync()
@@ -307,37 +296,6 @@ def _timed_step(a, dry, model, cache, key, flops, hw_flops, rate, marks) -> Resu
 
 STEP_TITLE = "Training step: per-phase times (ms per step), peak memory, MFU/HFU, host syncs"
 STEP_KEY = ("kind", "pairs", "ds_config", "recompute", "compile", "lora_rank", "fp8", "reference_graphs", "side")
-
-
-class HostSyncCount:
-    """Counts the host-device synchronizations of a region with ``torch.cuda.set_sync_debug_mode("warn")``: CUDA
-    warns at each synchronizing call (``.item()``, a blocking copy, ``nonzero``...). ``sites`` counts them by the
-    frame each warning names (file:line). The step's own tensor code has none (tests/test_loader.py holds that
-    on CPU); what is left is DeepSpeed's optimizer step (gradient norm, overflow check). A no-op without CUDA."""
-
-    def __enter__(self):
-        import collections
-        import warnings
-
-        self.count, self.sites = 0, collections.Counter()
-        if not CUDA:
-            return self
-        self._catch = warnings.catch_warnings(record=True)
-        self._caught = self._catch.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc):
-        if not CUDA:
-            return False
-        torch.cuda.set_sync_debug_mode("default")
-        self._catch.__exit__(*exc)
-        for w in self._caught:
-            if "synchroniz" in str(w.message):
-                self.count += 1
-                self.sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
-        return False
 
 
 def profile(trainer, a, dry: bool) -> None:

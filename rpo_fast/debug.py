@@ -1,6 +1,7 @@
 """Fault injection, for the tests of skipping, stopping and resuming (the trainer's ``--debug-*`` flags, hidden
 from ``--help``). Everything here is a hook the trainer calls at one named point; none of it is in the step's
-arithmetic. And ``HostSyncs``, which counts the host reads of tensor values in a region (the step has none).
+arithmetic. And ``HostSyncs``, which counts what makes the host wait for a tensor's value in a region (the step's
+own code has none).
 
     --debug-nan-steps "STEP[@RANK],..."   that step's loss (and so its gradient) is NaN, on one rank with @RANK
     --debug-exit-after-step N            the process dies (exit 137, as a kill) after step N and its checkpoint
@@ -12,6 +13,7 @@ arithmetic. And ``HostSyncs``, which counts the host reads of tensor values in a
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,10 +75,17 @@ class FaultInjection:
 
 
 class HostSyncs:
-    """Counts what in a region needs a tensor's value on the host (on a GPU each of these waits for the stream to
-    finish): ``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()``, and the ops whose output size depends
-    on the values (``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask, ...). Works on a CPU,
-    where nothing actually waits:
+    """Counts what in a region makes the host wait for a tensor's value, the one counter of the tests and the GPU
+    check:
+
+    - ``calls`` (``dispatch=True``, any device, a CPU included, where nothing actually waits): what needs a value on
+      the host, as (what, where): ``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()``, and the ops whose
+      output size depends on the values (``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask...);
+    - ``cuda_sites`` (on CUDA): CUDA's own count of synchronizing calls (``torch.cuda.set_sync_debug_mode("warn")``
+      warns at each: ``.item()``, a blocking copy, ``nonzero``...) by the frame each warning names (file:line).
+
+    ``count`` and ``sites`` are CUDA's where it ran, else the dispatcher's. ``dispatch=False`` leaves the dispatcher
+    alone (no overhead in a timed region: the GPU check's steps)::
 
         with HostSyncs() as syncs:
             trainer.forward_loss(...)
@@ -85,10 +94,11 @@ class HostSyncs:
 
     METHODS = ("item", "tolist", "cpu", "numpy", "__bool__")
 
-    def __init__(self):
+    def __init__(self, *, dispatch: bool = True):
         import torch
 
         aten = torch.ops.aten
+        self.dispatch = dispatch
         self.ops = {
             aten._local_scalar_dense.default,
             aten.nonzero.default,
@@ -100,6 +110,16 @@ class HostSyncs:
         }
         self.masked = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}  # x[mask]: a nonzero
         self.calls: list[tuple[str, str]] = []
+        self.cuda_sites: Counter = Counter()
+        self.cuda = torch.cuda.is_available()
+
+    @property
+    def count(self) -> int:
+        return sum(self.cuda_sites.values()) if self.cuda else len(self.calls)
+
+    @property
+    def sites(self) -> Counter:
+        return self.cuda_sites if self.cuda else Counter(where for _, where in self.calls)
 
     def _record(self, what: str) -> None:
         import traceback
@@ -110,9 +130,18 @@ class HostSyncs:
         self.calls.append((what, where))
 
     def __enter__(self):
+        import warnings
+
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
+        if self.cuda:
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        if not self.dispatch:
+            return self
         counter = self
 
         class Mode(TorchDispatchMode):
@@ -138,9 +167,16 @@ class HostSyncs:
     def __exit__(self, *exc):
         import torch
 
-        self._mode.__exit__(*exc)
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, method)
+        if self.dispatch:
+            self._mode.__exit__(*exc)
+            for name, method in self._saved.items():
+                setattr(torch.Tensor, name, method)
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+            for w in self._caught:
+                if "synchroniz" in str(w.message):
+                    self.cuda_sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
         return False
 
 

@@ -112,3 +112,20 @@ def test_the_step_needs_no_value_on_the_host(runs, tmp_path, objective):
         trainer.metrics.add(out.metrics)
     trainer.close()
     assert syncs.calls == [], syncs.calls
+
+
+def test_host_syncs_counts_each_read_and_where():
+    """The one counter of host waits: on a CPU, the dispatcher's reads (``.item()`` is seen as the method and as
+    its aten op), each with the rpo_fast line that made it ("?" for code outside the package); with dispatch off
+    there is nothing to see off CUDA."""
+    u = torch.tensor([0.5, -1.0, 0.0])
+    with HostSyncs() as syncs:
+        u.sum().item()
+        u[u > 0]  # a boolean mask: a nonzero
+    want = ["Tensor.item", "aten._local_scalar_dense.default", "aten.index.Tensor"]
+    assert [what for what, _ in syncs.calls] == want and {w for _, w in syncs.calls} == {"?"}, syncs.calls
+    if not torch.cuda.is_available():
+        assert syncs.count == 3 and syncs.sites == {"?": 3}
+        with HostSyncs(dispatch=False) as quiet:
+            u.sum().item()
+        assert quiet.count == 0 and not quiet.calls
