@@ -39,9 +39,11 @@ import bench_utils  # noqa: E402
 import torch
 from bench_utils import QUICK, ResultTable, sync  # noqa: E402
 
+from rpo_fast.models import FAMILIES, load_family
+from rpo_fast.testing import FULL_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3.5-medium": 1024, "sd3.5-large": 1024, "flux.1-dev": 1024, "tiny": 32}
-FLOW = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")  # rpo_fast's side only: no public full-parameter DPO step
+KINDS = tuple(FULL_SIZE)  # the full-size models the fixtures build (the tiny one of the same family in quick mode)
 
 
 def matmul_rate() -> float:
@@ -117,7 +119,7 @@ def bench_baseline(model: Path, pairs: int, *, steps: int, warmup: int, gradient
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     half = torch.float16 if dev == "cuda" else torch.bfloat16
     family = load_family(model)
-    res = RESOLUTION["tiny" if QUICK else family.name]
+    res = family.default_resolution  # the recipe's: 512 / 1024 px (the tiny folder's 32)
     policy = family.load_denoiser(dtype=torch.float32).to(dev).train()
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
@@ -252,14 +254,15 @@ def run(kinds, pairs_list, *, recompute="selective", steps=5, warmup=2, table=No
             flops, hw_flops = flops_per_pair(model, recompute)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the measurements run in child processes: leave them the whole GPU
+            family = load_family(model)
             for pairs in todo:
-                res = RESOLUTION["tiny" if QUICK else kind]
+                res = family.default_resolution
                 cache = T.write_synthetic_cache(
                     model, Path(root) / f"cache-{kind}-{pairs}", max(8, 2 * pairs), resolution=res
                 )
                 kw = dict(steps=steps, warmup=warmup, recompute=recompute)
                 ours = measure("rpo_fast", model, cache, pairs, **kw, **flags)
-                if kind in FLOW:
+                if family.flow_matching:  # rpo_fast's side only
                     base = dict(note="no baseline: no public full-parameter preference step for this family")
                 else:
                     base = measure("baseline", model, cache, pairs, **kw)
@@ -313,7 +316,7 @@ def step_options(a: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=["sd15", "sdxl", *FLOW])
+    ap.add_argument("--kind", nargs="+", default=["sdxl"], choices=KINDS)
     ap.add_argument("--pairs", nargs="+", type=int, default=[1])
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--ds-config", default="single_gpu", choices=["single_gpu", "zero2_8bit", "zero3_8bit"])
@@ -333,7 +336,7 @@ def main(argv=None) -> None:
     if QUICK and not a.quick:
         print("[bench] no GPU: running the quick mode (tiny models)")
     table = run(
-        a.kind if not QUICK else ["sd15", *(k for k in a.kind if k in FLOW)],
+        a.kind if not QUICK else ["sd15", *(k for k in a.kind if FAMILIES[FULL_SIZE[k]].flow_matching)],
         a.pairs,
         recompute=a.recompute,
         steps=a.steps if not QUICK else 1,

@@ -34,6 +34,7 @@ import torch
 from bench_utils import ResultTable, matmul_rate, sync  # noqa: E402
 
 from rpo_fast.debug import HostSyncs
+from rpo_fast.models import load_family
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -193,7 +194,7 @@ def step(a) -> ResultTable:
     dry = a.dry or not CUDA
     model = random_model(a.kind, dry)
     root = model.parent
-    res = 32 if dry else B.RESOLUTION[a.kind]
+    res = load_family(model).default_resolution  # the recipe's (the tiny folder's 32)
     cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
     flops, hw_flops = B.flops_per_pair(model, a.recompute)
     rate = B.matmul_rate()
@@ -348,7 +349,7 @@ def _table(name: str, title: str, key: tuple[str, ...], rows: list[dict]) -> Res
     return table
 
 
-KINDS = ["sd15", "sdxl", "sd3.5-medium", "sd3.5-large", "flux.1-dev"]
+KINDS = list(B.KINDS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

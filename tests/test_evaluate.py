@@ -17,6 +17,7 @@ from PIL import Image
 
 from rpo_fast import evaluate as E
 from rpo_fast import testing as T
+from rpo_fast.models import load_family
 from rpo_fast.scorers import ScorerUnavailable, load_scorer
 
 
@@ -238,7 +239,7 @@ def test_warmth_and_missing_imagereward():
 
 
 def test_sampling_is_deterministic_by_seed_and_batching(tiny_sd15, tmp_path):
-    pipe = E.load_pipeline(tiny_sd15)
+    pipe = E.load_pipeline(load_family(tiny_sd15))
     prompts = ["a red circle", "a blue square", "a star"]
     a = E.sample(pipe, prompts, tmp_path / "a", per_prompt=2, steps=3, batch_size=4, progress=False)
     b = E.sample(pipe, prompts, tmp_path / "b", per_prompt=2, steps=3, batch_size=1, progress=False)
@@ -252,7 +253,7 @@ def test_sampling_is_deterministic_by_seed_and_batching(tiny_sd15, tmp_path):
 
 
 def test_sdxl_pipeline_samples(tiny_sdxl, tmp_path):
-    pipe = E.load_pipeline(tiny_sdxl)
+    pipe = E.load_pipeline(load_family(tiny_sdxl))
     paths = E.sample(pipe, ["a red circle"], tmp_path, steps=2, progress=False)
     assert Image.open(paths[0]).size == (32, 32) and pipe.family.name == "sdxl"
 

@@ -328,7 +328,7 @@ def test_two_ranks_resume_exactly_and_export_for_diffusers(flow, one_process, ki
     base = fam.load_denoiser()
     moved = max((p - q).abs().max().item() for p, q in zip(tuned.parameters(), base.parameters()))
     assert moved > 0
-    pipe = load_pipeline(flow[kind], unet=runs["dpo"] / "transformer", device="cpu")
+    pipe = load_pipeline(load_family(flow[kind]), unet=runs["dpo"] / "transformer", device="cpu")
     paths = sample(pipe, ["a warm square"], tmp_path / "images", steps=2, resolution=32, progress=False)
     assert paths[0].exists()
     # the evaluation command's path: base and tuned with paired seeds, the family's steps (28) and guidance
@@ -359,8 +359,8 @@ def test_lora_trains_and_loads_in_the_pipeline(flow, kind, tmp_path):
     fam = load_family(flow[kind])
     x, t, cond = fam.dummy_inputs(1)
     x = torch.randn(1, x.shape[1], 8, 8)
-    base = load_pipeline(flow[kind], unet=flow[kind] / "transformer", device="cpu").transformer
-    tuned = load_pipeline(flow[kind], lora=out / "lora", device="cpu").transformer
+    base = load_pipeline(load_family(flow[kind]), unet=flow[kind] / "transformer", device="cpu").transformer
+    tuned = load_pipeline(load_family(flow[kind]), lora=out / "lora", device="cpu").transformer
     with torch.no_grad():
         diff = (fam.predict(tuned, x, t, cond) - fam.predict(base, x, t, cond)).abs().max().item()
     assert diff > 0
@@ -403,7 +403,7 @@ def test_sampling_takes_the_caches_t5_length(flow, kind, t5, tmp_path):
     seen = {}
     for length in (None, 12):
         seen[length] = set()
-        pipe = load_pipeline(flow[kind], device="cpu", max_sequence_length=length)
+        pipe = load_pipeline(load_family(flow[kind], max_sequence_length=length), device="cpu")
         hook = getattr(pipe, t5).register_forward_pre_hook(tokens, with_kwargs=True)
         sample(pipe, ["a warm square"], tmp_path / f"images-{length}", steps=1, resolution=32, progress=False)
         hook.remove()

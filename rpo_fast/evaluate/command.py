@@ -91,8 +91,7 @@ def evaluate(
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     paths = {}
     for name, kw in (("base", {}), ("tuned", dict(unet=unet, lora=lora))):
-        t5 = dict(max_sequence_length=max_sequence_length)
-        pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler, **t5, **kw)
+        pipe = load_pipeline(family, device=device, dtype=dtype, scheduler=scheduler, **kw)
         paths[name] = sample(
             pipe,
             prompts,

@@ -61,24 +61,20 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def load_pipeline(
-    model: str | Path,
+    family,
     *,
     unet: str | Path | None = None,
     lora: str | Path | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     scheduler: str = "auto",
-    max_sequence_length: int | None = None,
 ):
-    """The model family's sampling pipeline from a local folder, with the tuned ``unet`` folder or ``lora`` swapped
-    in. ``pipe.family`` is the family (its ``guidance`` is the papers' default). ``max_sequence_length``: the T5
-    tokens per prompt of SD3/FLUX (default: the pipeline's, 256 / 512; give the cache's when it was built with
-    another, so that sampling sees the captions as training did)."""
+    """The sampling pipeline of ``family``'s folder (``rpo_fast.models.load_family(MODEL)``; give it the
+    ``max_sequence_length`` the cache was built with, so that sampling sees the captions as training did), with the
+    tuned ``unet`` folder or ``lora`` swapped in. ``pipe.family`` is the family (its ``guidance`` is the papers'
+    default)."""
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    from ..models import load_family
-
-    family = load_family(model, max_sequence_length=max_sequence_length)
     if family.flow_matching and scheduler not in ("auto", "folder"):
         raise ValueError(f"--scheduler {scheduler}: {family.name} models sample with their flow-matching scheduler")
     pipe = family.load_pipeline(dtype=dtype)

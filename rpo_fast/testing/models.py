@@ -277,6 +277,8 @@ FULL_TRANSFORMER_CONFIGS = {
     ),
 }  # fmt: skip
 FLOW_KIND = {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "flux.1-dev": "flux"}
+# every full-size model the fixtures build (save_random_model, save_model_configs), with its family
+FULL_SIZE = {"sd15": "sd15", "sdxl": "sdxl", **FLOW_KIND}
 # parameters (SD3.5-Medium also holds a 0.23 B positional-embedding buffer of 384^2 x 1536: 2.47 B, its card's 2.5 B)
 FULL_TRANSFORMER_PARAMS = {"sd3.5-medium": 2_243_171_520, "sd3.5-large": 8_056_627_520, "flux.1-dev": 11_901_408_320}
 
