@@ -54,6 +54,12 @@ class ModelFamily:
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
     resnet_blocks: ClassVar[tuple[str, ...]] = ()  # what --compile-resnets adds to regional compile (UNets)
     max_sequence_length: int | None = None  # T5 tokens per caption (families with a T5 encoder)
+    # Random models of the family, by component (the denoiser's folder name, "vae", "text_encoders"...): ``tiny``,
+    # the CPU tests' (rpo_fast.testing builds and saves it), and ``full``, the full-size variants by name (the
+    # public configs' values; the benchmarks build them with random weights, the plans count them on the meta device,
+    # "params" is the denoiser's parameter count there)
+    tiny: ClassVar[dict] = {}
+    full: ClassVar[dict[str, dict]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import ModelFamily
+from .configs import FLOW_VAE, T5_TINY, TINY_FLOW_VAE, TINY_HIDDEN
 from .noising import FlowMatchingNoising
 
 
@@ -93,6 +94,38 @@ class SD3Family(FlowFamily):
     sample_steps = 28
     max_sequence_length = 256
     repeated_blocks = ("JointTransformerBlock",)  # diffusers 0.42.1 leaves SD3's _repeated_blocks empty
+    _vae_factors = dict(shift_factor=0.0609, scaling_factor=1.5305)  # the public VAE's latent shift and scale
+    tiny = dict(
+        transformer=dict(  # SD3.5-style: RMS-normed q/k and a dual-attention first layer
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=T5_TINY, caption_projection_dim=32,
+            pooled_projection_dim=2 * TINY_HIDDEN, pos_embed_max_size=32, qk_norm="rms_norm",
+            dual_attention_layers=(0,),
+        ),
+        vae=dict(TINY_FLOW_VAE, **_vae_factors),
+    )  # fmt: skip
+    full = {  # stabilityai/stable-diffusion-3.5-medium and -large (Medium also holds a 0.23 B positional-embedding
+        # buffer of 384^2 x 1536: 2.47 B, its card's 2.5 B)
+        "sd3.5-medium": dict(
+            transformer=dict(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                dual_attention_layers=tuple(range(13)),
+            ),
+            vae=dict(FLOW_VAE, **_vae_factors),
+            params=2_243_171_520,
+        ),
+        "sd3.5-large": dict(
+            transformer=dict(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=(),
+            ),
+            vae=dict(FLOW_VAE, **_vae_factors),
+            params=8_056_627_520,
+        ),
+    }  # fmt: skip
 
     @torch.no_grad()
     def encode_texts(self, encoders, captions):
@@ -155,6 +188,26 @@ class FluxFamily(FlowFamily):
     sample_steps = 28
     max_sequence_length = 512
     train_guidance = 1.0  # the guidance embedding's input while training, the same for policy and reference
+    _vae_factors = dict(shift_factor=0.1159, scaling_factor=0.3611)  # the public VAE's latent shift and scale
+    tiny = dict(
+        transformer=dict(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=T5_TINY, pooled_projection_dim=TINY_HIDDEN,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        ),
+        vae=dict(TINY_FLOW_VAE, **_vae_factors),
+    )  # fmt: skip
+    full = {  # black-forest-labs/FLUX.1-dev
+        "flux.1-dev": dict(
+            transformer=dict(
+                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56),
+            ),
+            vae=dict(FLOW_VAE, **_vae_factors),
+            params=11_901_408_320,
+        )
+    }  # fmt: skip
 
     @cached_property
     def default_resolution(self) -> int:

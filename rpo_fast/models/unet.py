@@ -13,9 +13,17 @@ from pathlib import Path
 import torch
 
 from . import ModelFamily
+from .configs import CLIP_BIGG_TEXT, CLIP_L_TEXT, CLIP_TOKENS, FULL_VAE, TINY_CLIP_TEXT, TINY_HIDDEN, TINY_VAE
 from .noising import DDPMNoising
 
-CLIP_TOKENS = 77  # the CLIP tokenizers' padded length (model_max_length)
+_TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    norm_num_groups=32,
+)
 
 
 class SD15Family(DDPMNoising, ModelFamily):
@@ -25,6 +33,36 @@ class SD15Family(DDPMNoising, ModelFamily):
     dspo_form = "sd15"
     guidance = 7.5
     resnet_blocks = ("ResnetBlock2D",)
+    tiny = dict(
+        unet=dict(
+            _TINY_UNET,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_HIDDEN,
+            attention_head_dim=8,
+        ),
+        vae=TINY_VAE,
+        text_encoders=(TINY_CLIP_TEXT,),
+    )
+    full = {  # runwayml/stable-diffusion-v1-5: a 0.860 B UNet
+        "sd15": dict(
+            unet=dict(
+                sample_size=64,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=768,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            ),
+            vae=dict(FULL_VAE, sample_size=512, scaling_factor=0.18215),
+            text_encoders=(CLIP_L_TEXT,),
+            params=859_520_964,
+        )
+    }
 
     @classmethod
     def detect(cls, model_index, denoiser_config):
@@ -117,6 +155,48 @@ class SDXLFamily(SD15Family):
     encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     caption_keys = ("prompt_embeds", "pooled_prompt_embeds")
     dspo_form = "sdxl"
+    tiny = dict(
+        unet=dict(
+            _TINY_UNET,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=2 * TINY_HIDDEN,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            # 6 time ids (original size, crop offset, target size) * 8 + pooled text embedding (32)
+            projection_class_embeddings_input_dim=6 * 8 + TINY_HIDDEN,
+        ),
+        vae=TINY_VAE,
+        text_encoders=(TINY_CLIP_TEXT, TINY_CLIP_TEXT),
+    )
+    full = {  # stabilityai/stable-diffusion-xl-base-1.0: a 2.567 B UNet
+        "sdxl": dict(
+            unet=dict(
+                sample_size=128,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=2048,
+                attention_head_dim=(5, 10, 20),
+                transformer_layers_per_block=(1, 2, 10),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_embed_type_num_heads=64,
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+                norm_num_groups=32,
+            ),
+            vae=dict(FULL_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+            text_encoders=(CLIP_L_TEXT, CLIP_BIGG_TEXT),
+            params=2_567_463_684,
+        )
+    }
     guidance = 5.0
     image_keys = ("time_ids",)
     vae_fp16 = False  # SDXL's VAE overflows in fp16: the reference scripts keep it in fp32

@@ -6,6 +6,15 @@ gives every name):
     cache    a complete cache of random pairs without encoding (benchmarks of full-size models)
 """
 
+from ..models.configs import (  # the shared parts of the families' declared configs
+    CLIP_BIGG_TEXT,
+    CLIP_L_TEXT,
+    FLOW_VAE,
+    T5_TINY,
+    T5_XXL,
+    TINY_FLOW_VAE,
+    TINY_HIDDEN,
+)
 from .cache import (
     write_synthetic_cache,
 )
@@ -31,12 +40,9 @@ from .data import (
 )
 from .models import (
     BOS_ID,
-    CLIP_BIGG_TEXT,
-    CLIP_L_TEXT,
     CLIP_MAX_LENGTH,
     EOS_ID,
     FLOW_KIND,
-    FLOW_VAE,
     FULL_SIZE,
     FULL_TEXT_CONFIGS,
     FULL_TRANSFORMER_CONFIGS,
@@ -45,17 +51,12 @@ from .models import (
     FULL_UNET_PARAMS,
     FULL_VAE_CONFIGS,
     T5_MAX_LENGTH,
-    T5_TINY,
-    T5_XXL,
     TINY_CLIP_VISION,
-    TINY_FLOW_VAE,
-    TINY_HIDDEN,
     TINY_T5_CONFIG,
     TINY_TEXT_CONFIG,
     TINY_TRANSFORMER_CONFIGS,
     TINY_UNET_CONFIGS,
     TINY_VAE_CONFIG,
-    VAE_FACTORS,
     build_scheduler,
     build_text_encoders,
     build_transformer,
@@ -103,7 +104,6 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIGS",
     "TINY_UNET_CONFIGS",
     "TINY_VAE_CONFIG",
-    "VAE_FACTORS",
     "build_scheduler",
     "build_text_encoders",
     "build_transformer",

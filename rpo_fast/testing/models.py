@@ -14,12 +14,22 @@ from pathlib import Path
 
 import torch
 
+from ..models import FAMILIES
+from ..models.configs import (
+    CLIP_TOKENS,
+    TINY_BOS,
+    TINY_CLIP_TEXT,
+    TINY_EOS,
+    TINY_T5,
+    TINY_VAE,
+)
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
 
-CLIP_MAX_LENGTH = 77
-BOS_ID, EOS_ID = 512, 513  # <|startoftext|>, <|endoftext|> (also the pad token, as in CLIP)
+CLIP_MAX_LENGTH = CLIP_TOKENS
+BOS_ID, EOS_ID = TINY_BOS, TINY_EOS  # <|startoftext|>, <|endoftext|> (also the pad token, as in CLIP)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -54,135 +64,15 @@ def byte_level_clip_tokenizer():
 # Model configs: tiny (CPU tests) and full size (GPU benchmarks, built with random weights)
 # --------------------------------------------------------------------------------------------------
 
-TINY_HIDDEN = 32  # text encoder width; the SDXL-style UNet cross-attends to 2 * TINY_HIDDEN
-
-_TINY_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(32, 64),
-    norm_num_groups=32,
-)
-TINY_UNET_CONFIGS = {
-    "sd15": dict(
-        _TINY_UNET,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TINY_HIDDEN,
-        attention_head_dim=8,
-    ),
-    "sdxl": dict(
-        _TINY_UNET,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TINY_HIDDEN,
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        # 6 time ids (original size, crop offset, target size) * 8 + pooled text embedding (32)
-        projection_class_embeddings_input_dim=6 * 8 + TINY_HIDDEN,
-    ),
-}
-TINY_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-)  # downsamples by 2: 32px images -> 16x16 latents
-TINY_TEXT_CONFIG = dict(
-    vocab_size=514,
-    hidden_size=TINY_HIDDEN,
-    intermediate_size=37,
-    num_hidden_layers=2,  # SDXL reads the penultimate hidden state: at least 2 layers
-    num_attention_heads=4,
-    max_position_embeddings=CLIP_MAX_LENGTH,
-    projection_dim=TINY_HIDDEN,
-    hidden_act="gelu",
-    bos_token_id=BOS_ID,
-    eos_token_id=EOS_ID,
-    pad_token_id=EOS_ID,
-)
-
-# Full-size configs, values from the public model configs (runwayml/stable-diffusion-v1-5 and
-# stabilityai/stable-diffusion-xl-base-1.0). UNets: 0.860 B (SD1.5) and 2.567 B (SDXL) parameters.
-FULL_UNET_CONFIGS = {
-    "sd15": dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ),
-    "sdxl": dict(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20),
-        transformer_layers_per_block=(1, 2, 10),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_embed_type_num_heads=64,
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        norm_num_groups=32,
-    ),
-}
-_FULL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-)
-FULL_VAE_CONFIGS = {
-    "sd15": dict(_FULL_VAE, sample_size=512, scaling_factor=0.18215),
-    "sdxl": dict(_FULL_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-}
-CLIP_L_TEXT = dict(  # openai/clip-vit-large-patch14 text tower (SD1.5, SDXL's first encoder)
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-)
-CLIP_BIGG_TEXT = dict(  # laion CLIP ViT-bigG/14 text tower (SDXL's second encoder, with projection)
-    CLIP_L_TEXT,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    projection_dim=1280,
-    hidden_act="gelu",
-)
-FULL_TEXT_CONFIGS = {"sd15": [CLIP_L_TEXT], "sdxl": [CLIP_L_TEXT, CLIP_BIGG_TEXT]}
-FULL_UNET_PARAMS = {"sd15": 859_520_964, "sdxl": 2_567_463_684}
+# The configs are the families' declarations (ModelFamily.tiny and .full, in each family's file; the shared parts in
+# rpo_fast/models/configs.py); the names below are views of them, by kind.
+_UNETS, _FLOWS = ("sd15", "sdxl"), ("sd3", "flux")
+TINY_UNET_CONFIGS = {k: FAMILIES[k].tiny["unet"] for k in _UNETS}
+TINY_VAE_CONFIG, TINY_TEXT_CONFIG = TINY_VAE, TINY_CLIP_TEXT
+FULL_UNET_CONFIGS = {k: FAMILIES[k].full[k]["unet"] for k in _UNETS}
+FULL_VAE_CONFIGS = {k: FAMILIES[k].full[k]["vae"] for k in _UNETS}
+FULL_TEXT_CONFIGS = {k: list(FAMILIES[k].full[k]["text_encoders"]) for k in _UNETS}
+FULL_UNET_PARAMS = {k: FAMILIES[k].full[k]["params"] for k in _UNETS}
 
 
 def _check_kind(kind: str, kinds: tuple[str, ...] = ("sd15", "sdxl")) -> None:
@@ -220,67 +110,13 @@ def t5_tokenizer():
     )  # fmt: skip
 
 
-T5_TINY = 64  # the tiny T5's width: the transformers' joint_attention_dim (>= SD3's two CLIP widths side by side)
-TINY_T5_CONFIG = dict(
-    vocab_size=3 + 1 + 2 * 94,  # t5_tokenizer(): specials, the word marker, 94 characters with and without it
-    d_model=T5_TINY,
-    d_kv=8,
-    d_ff=37,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
-    is_encoder_decoder=False,
-    pad_token_id=0,
-    eos_token_id=1,
-)
-T5_XXL = dict(  # google/t5-v1_1-xxl's encoder (SD3's text_encoder_3, FLUX's text_encoder_2)
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-    pad_token_id=0, eos_token_id=1,
-)  # fmt: skip
-TINY_FLOW_VAE = dict(TINY_VAE_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
-FLOW_VAE = dict(_FULL_VAE, latent_channels=16, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
-VAE_FACTORS = {  # the public VAEs' latent shift and scale
-    "sd3": dict(shift_factor=0.0609, scaling_factor=1.5305),
-    "flux": dict(shift_factor=0.1159, scaling_factor=0.3611),
-}
-TINY_TRANSFORMER_CONFIGS = {
-    "sd3": dict(  # SD3.5-style: RMS-normed q/k and a dual-attention first layer
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=T5_TINY, caption_projection_dim=32,
-        pooled_projection_dim=2 * TINY_HIDDEN, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
-    ),
-    "flux": dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_TINY, pooled_projection_dim=TINY_HIDDEN, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ),
-}  # fmt: skip
-# Full size, from the public transformer configs (stabilityai/stable-diffusion-3.5-medium, -large,
-# black-forest-labs/FLUX.1-dev); parameter counts on the meta device in FULL_TRANSFORMER_PARAMS.
-FULL_TRANSFORMER_CONFIGS = {
-    "sd3.5-medium": dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
-    ),
-    "sd3.5-large": dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-        pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=(),
-    ),
-    "flux.1-dev": dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
-}  # fmt: skip
-FLOW_KIND = {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "flux.1-dev": "flux"}
+TINY_T5_CONFIG = TINY_T5
+TINY_TRANSFORMER_CONFIGS = {k: FAMILIES[k].tiny["transformer"] for k in _FLOWS}
+FULL_TRANSFORMER_CONFIGS = {v: c["transformer"] for k in _FLOWS for v, c in FAMILIES[k].full.items()}
+FLOW_KIND = {v: k for k in _FLOWS for v in FAMILIES[k].full}
 # every full-size model the fixtures build (save_random_model, save_model_configs), with its family
-FULL_SIZE = {"sd15": "sd15", "sdxl": "sdxl", **FLOW_KIND}
-# parameters (SD3.5-Medium also holds a 0.23 B positional-embedding buffer of 384^2 x 1536: 2.47 B, its card's 2.5 B)
-FULL_TRANSFORMER_PARAMS = {"sd3.5-medium": 2_243_171_520, "sd3.5-large": 8_056_627_520, "flux.1-dev": 11_901_408_320}
+FULL_SIZE = {v: k for k in (*_UNETS, *_FLOWS) for v in FAMILIES[k].full}
+FULL_TRANSFORMER_PARAMS = {v: c["params"] for k in _FLOWS for v, c in FAMILIES[k].full.items()}
 
 
 def flow_scheduler(kind: str):
@@ -315,7 +151,7 @@ def tiny_flow_pipeline(kind: str, *, seed: int = 0):
 
     _check_kind(kind, ("sd3", "flux"))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TINY_FLOW_VAE, **VAE_FACTORS[kind])
+    vae = AutoencoderKL(**FAMILIES[kind].tiny["vae"])
     torch.manual_seed(seed + 2)
     clip = CLIPTextConfig(**TINY_TEXT_CONFIG)
     t5 = T5EncoderModel(T5Config(**TINY_T5_CONFIG)).eval()
@@ -522,7 +358,7 @@ def save_model_configs(path: str | Path, kind: str, *, full: bool = True) -> Pat
         cls = "FluxTransformer2DModel" if flux else "SD3Transformer2DModel"
         index = {"_class_name": "FluxPipeline" if flux else "StableDiffusion3Pipeline"}
         index.update(transformer=["diffusers", cls], vae=["diffusers", "AutoencoderKL"])
-        vae = dict(FLOW_VAE, **VAE_FACTORS[FLOW_KIND[kind]], _class_name="AutoencoderKL")
+        vae = dict(FAMILIES[FLOW_KIND[kind]].full[kind]["vae"], _class_name="AutoencoderKL")
         configs = {"transformer": dict(FULL_TRANSFORMER_CONFIGS[kind], _class_name=cls), "vae": vae}
         for sub, config in configs.items():
             (path / sub).mkdir(parents=True, exist_ok=True)
