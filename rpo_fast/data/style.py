@@ -1,18 +1,6 @@
-"""Style-alignment preference sets (Diffusion-RPO's evaluation task, rebuilt here: the authors did not publish
-how they made theirs): Pick-a-Pic winners edited into a style by a local InstructPix2Pix pipeline.
-
-    python -m rpo_fast.style_data --src PICKAPIC_DIR --style vangogh|sketch|winter --editor INSTRUCT_PIX2PIX_DIR \\
-        --out styled/vangogh [--limit 10000] [--resolution 512]
-
-Each output row is a Pick-a-Pic v2 row (the same 18 columns) whose ``jpg_0`` is the STYLED image, the winner
-(label_0 = 1), and ``jpg_1`` the original winner, the loser (label_1 = 0): ready for ``python -m rpo_fast.cache``
-and the trainer. The instruction and the editing settings of the style are recorded in ``OUT/_style.json`` and in
-every shard's parquet metadata. Shards of ``--shard-size`` rows are written under a temporary name and renamed
-when complete; a rerun resumes after the last complete shard (progress bar, summary at the end).
-
-Our choices (documented in the README): the instructions below, 20 DDIM steps, text guidance 7.5, image guidance
-1.5, seed = row index; the original caption is kept as the caption.
-"""
+"""The style-alignment preference sets: Pick-a-Pic winners edited into a style by a local InstructPix2Pix pipeline,
+written as Pick-a-Pic v2 shards with the styled image as the winner (``build_style_set``; the command, its choices
+and its output are described in ``rpo_fast/style_data.py``, ``python -m rpo_fast.style_data``)."""
 
 from __future__ import annotations
 
