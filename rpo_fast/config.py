@@ -75,7 +75,8 @@ class TrainConfig:
     beta_cal: float | None = field(default=None, **_help("cal-dpo: beta_cal (default 0.5)"))
     lam_cal: float | None = field(default=None, **_help("cal-dpo: calibration weight (default 0.5)"))
     timestep_sampling: Literal["uniform", "discounted"] = field(
-        default="uniform", **_help("t uniform, or t ~ w(t) (dense-dpo's discount)")
+        default="uniform",
+        **_help("dense-dpo: t uniform and w(t) weights the logit, or t drawn ~ w(t) and no weight (the authors')"),
     )
     loss_backend: Literal[BACKENDS] = field(
         default="auto", **_help("auto: triton on CUDA, eager otherwise; native: the C++/CUDA op of csrc/")
@@ -217,6 +218,8 @@ def loss_options(cfg: TrainConfig, family) -> dict:
         given["form"] = family.dspo_form
     if "scope" in spec.options:
         given["scope"] = cfg.contrast_scope
+    if "timestep_sampling" in spec.options:  # t drawn ~ w(t): the loss then carries no weight (one discount)
+        given["timestep_sampling"] = cfg.timestep_sampling
     if (
         "beta" in spec.options
         and "beta" not in given

@@ -190,7 +190,10 @@ def discounted_timestep_probs(
     *, gamma: float, num_inference_steps: int = 50, num_train_timesteps: int = 1000
 ) -> Tensor:
     """P(t) proportional to w(t) over t = 0..T-1: the alternative to weighting, sampling the emphasised
-    timesteps more often (``torch.multinomial(probs, B, replacement=True)``)."""
+    timesteps more often (``torch.multinomial(probs, B, replacement=True)``). Each step index k holds T / N
+    timesteps, so k is drawn with P(k) = gamma^k / sum_j gamma^j: the law of the authors' sampled steps
+    (Dense_Reward_T2I's ``policy_loss_weights``). A loss on timesteps drawn so carries no weight of its own
+    (``dense_dpo_loss(..., timestep_sampling="discounted")``)."""
     t = torch.arange(num_train_timesteps)
     w = discount_weights(
         t, gamma=gamma, num_inference_steps=num_inference_steps, num_train_timesteps=num_train_timesteps
@@ -206,18 +209,27 @@ def dense_dpo_loss(
     gamma: float = 0.9,
     num_inference_steps: int = 50,
     num_train_timesteps: int = 1000,
+    timestep_sampling: str = "uniform",
     weights: Tensor | None = None,
 ) -> LossOutput:
-    """Dense-reward DPO with temporal discounting, offline form (spec section 5):
+    """Dense-reward DPO with temporal discounting, offline form (spec section 5). The discount enters once,
+    by one of two estimators of the same discounted objective:
 
-        u_i = -(beta / 2) * w(t_i) * (delta^w_i - delta^l_i),   L = mean_i -log sigmoid(s_i * u_i)
+        "uniform"     (t uniform):           u_i = -(beta / 2) * w(t_i) * (delta^w_i - delta^l_i)
+        "discounted"  (t drawn ~ w(t), the   u_i = -(beta / 2) * (delta^w_i - delta^l_i)
+                       authors' estimator):
+        L = mean_i -log sigmoid(s_i * u_i)
 
-    Where w(t) = gamma ** k(t) (``discount_weights``) and s_i is the optional per-pair weight. The
-    reported rewards are the discounted h_k = -(beta / 2) * w(t_i) * delta_k. gamma = 1 gives DPO.
+    Where w(t) = gamma ** k(t) (``discount_weights``; the caller draws t with ``discounted_timestep_probs`` for
+    "discounted") and s_i is the optional per-pair weight. The reported rewards are h_k = u's terms,
+    -(beta / 2) * w(t_i) * delta_k ("uniform") or -(beta / 2) * delta_k. gamma = 1 gives DPO.
     """
     b = err.m.shape[0] // 2
     wt = discount_weights(
-        timesteps, gamma=gamma, num_inference_steps=num_inference_steps, num_train_timesteps=num_train_timesteps
+        timesteps,
+        gamma=gamma if timestep_sampling == "uniform" else 1.0,
+        num_inference_steps=num_inference_steps,
+        num_train_timesteps=num_train_timesteps,
     ).to(err.delta.dtype)
     h_w, h_l = -(beta / 2) * wt * err.delta[:b], -(beta / 2) * wt * err.delta[b:]
     u = h_w - h_l
@@ -514,6 +526,7 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
                 gamma=o["gamma"],
                 num_inference_steps=o["num_inference_steps"],
                 num_train_timesteps=o["num_train_timesteps"],
+                timestep_sampling=o["timestep_sampling"],
                 weights=x.weights,
             ),
             dict(
@@ -521,6 +534,7 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
                 gamma=(0.9, discount),
                 num_inference_steps=(50, count),
                 num_train_timesteps=(1000, count),
+                timestep_sampling=("uniform", one_of("uniform", "discounted")),
             ),
             timesteps=True,
             weights=True,

@@ -154,7 +154,7 @@ class Trainer:
         eval_opts = self.loss_opts | ({"scope": "local"} if "scope" in self.loss_opts else {})
         self.eval_loss_fn = PreferenceLoss(cfg.objective, backend=cfg.loss_backend, **eval_opts)
         self.timestep_probs = None
-        if cfg.timestep_sampling == "discounted":
+        if self.loss_opts.get("timestep_sampling") == "discounted":  # the loss takes no weight then
             self.timestep_probs = discounted_timestep_probs(
                 gamma=self.loss_opts["gamma"],
                 num_inference_steps=self.loss_opts["num_inference_steps"],
@@ -285,7 +285,7 @@ class Trainer:
             kw["embeds_w"] = combine(batch["clip_text"], batch["clip_image"][:, 0], self.cfg.embedding_mode)
             kw["embeds_l"] = combine(batch["clip_text"], batch["clip_image"][:, 1], self.cfg.embedding_mode)
         if self.spec.timesteps:
-            kw["timesteps"] = t.long()  # the flow families' t = 1000 s, floored: the index 0..999 the discount counts
+            kw["timesteps"] = fam.discount_timesteps(t, shape[1:])  # integers 0..T-1 whose k(t) is t's sampler step
         return loss_fn(pred, target, ref, **kw)
 
     @torch.no_grad()
@@ -417,6 +417,10 @@ class Trainer:
             self.debug.after_step(self.step)
         if bar is not None:
             bar.close()
+        if E.compile_mode(cfg) or self.loss_fn.backend_for(self.device) == "compile":
+            from torch._dynamo.utils import counters
+
+            self.log(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled")  # 0: it fell back
         if cfg.export:
             self.export()
 

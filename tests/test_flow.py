@@ -81,8 +81,9 @@ def test_timestep_shifts_are_the_schedulers():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     from rpo_fast.models.flow import FluxFamily, SD3Family
+    from rpo_fast.models.noising import FlowMatchingNoising
 
-    class Fake:  # a family whose scheduler is ``sched``
+    class Fake(FlowMatchingNoising):  # a family whose scheduler is ``sched``
         def __init__(self, sched):
             self.scheduler_config = dict(sched.config)
 
@@ -111,6 +112,38 @@ def test_timesteps_are_one_logit_normal_draw_per_pair(flow, kind):
         u = torch.sigmoid(torch.tensor(math.sqrt(2) * torch.erfinv(torch.tensor(2 * q - 1)).item()))
         want = fam.shift(u.double(), fam.tokens(shape)) * 1000
         assert abs(t.quantile(q).item() - want) < 20, (q, t.quantile(q).item(), want)
+
+
+@pytest.mark.parametrize("kind", FLOW)
+def test_dense_dpo_counts_the_samplers_steps(flow, kind):
+    """dense-dpo's step index k(j) = ((999 - j) 50) // 1000 of a flow family's t counts the steps of the family's own
+    sampler (its shifted schedule at the image's token count): the pipeline's 50 timesteps are k = 0..49 at 64, 1024
+    and 4096 tokens (the plain j = floor(t) is not). Discounted sampling draws j ~ probs and a point of its step,
+    which maps back to the drawn j."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from rpo_fast.objectives import discounted_timestep_probs
+
+    fam = load_family(flow[kind])
+    sc = fam.scheduler_config
+    sched = FlowMatchEulerDiscreteScheduler.from_config(sc)
+    step = lambda j: ((999 - j) * 50) // 1000  # noqa: E731 (the loss's k, objectives.discount_weights)
+    probs = discounted_timestep_probs(gamma=0.9)
+    for side in (16, 64, 128):
+        shape = (16, side, side)
+        if kind == "flux":  # FluxPipeline's sigmas and mu
+            mu = calculate_shift(fam.tokens(shape), *(sc[k] for k in ("base_image_seq_len", "max_image_seq_len")),
+                                 sc["base_shift"], sc["max_shift"])  # fmt: skip
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50), mu=mu)
+        else:
+            sched.set_timesteps(50)
+        assert torch.equal(step(fam.discount_timesteps(sched.timesteps, shape)), torch.arange(50)), side
+        assert not torch.equal(step(sched.timesteps.long()), torch.arange(50))
+        drawn = torch.cat([torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(i)) for i in range(64)])
+        t = fam.sample_timesteps([torch.Generator().manual_seed(i) for i in range(64)], "cpu", probs, shape)
+        assert torch.equal(fam.discount_timesteps(t, shape), drawn)
 
 
 @pytest.mark.parametrize("kind", FLOW)

@@ -218,6 +218,41 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_discounted_sampling_applies_the_discount_once(runs, tmp_path):
+    """--timestep-sampling discounted draws t ~ w(t) (the authors' estimator), so the loss carries no weight: on a
+    policy moved off the reference, the trainer's dense-dpo loss equals the unweighted one (gamma 1) on the same draws
+    (eager, rtol 1e-6) and differs from the w(t)-weighted one by more than 1% (the double discount gave that)."""
+    import torch
+
+    from rpo_fast import PreferenceLoss
+    from rpo_fast.train import Trainer
+
+    cfg = TrainConfig(
+        ds_config=str(ROOT / "configs" / "single_gpu.json"), model=str(runs["sd15"]),
+        data=str(runs["root"] / "cache_sd15"), output=str(tmp_path / "o"), objective="dense-dpo",
+        timestep_sampling="discounted", micro_batch_size=4, mixed_precision="no", optimizer="adamw",
+        loss_backend="eager", export=False, progress=False, tensorboard=False,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.loss_fn.options["timestep_sampling"] == "discounted" and trainer.timestep_probs is not None
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in trainer.engine.module.parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    picks, batch = trainer.loader.next()
+    seeds = trainer.pair_seeds(0, [i for i, _ in picks])
+    beta = trainer.loss_opts["beta"]
+    losses = {}
+    for name, gamma in (("trainer", None), ("unweighted", 1.0), ("weighted", 0.9)):
+        if gamma is not None:
+            trainer.loss_fn = PreferenceLoss("dense-dpo", backend="eager", beta=beta, gamma=gamma)
+        losses[name] = trainer.forward_loss(batch, seeds).loss.item()
+    trainer.close()
+    assert losses["trainer"] == pytest.approx(losses["unweighted"], rel=1e-6), losses
+    assert abs(losses["weighted"] - losses["unweighted"]) > 0.01 * losses["unweighted"], losses
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_resume_is_exact_and_survives_a_kill_during_save(runs, tmp_path):

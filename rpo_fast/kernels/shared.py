@@ -31,7 +31,12 @@ KERNEL_BRANCH = {
     "dspo": (DSPO, lambda o: [o["lam_in"], o["lam_out"], float(o["form"] == "sdxl")]),
     "dense-dpo": (
         DENSE,
-        lambda o: [o["beta"], o["gamma"], float(o["num_inference_steps"]), float(o["num_train_timesteps"])],
+        lambda o: [
+            o["beta"],
+            o["gamma"] if o["timestep_sampling"] == "uniform" else 1.0,  # t drawn ~ w(t): no weight in the loss
+            float(o["num_inference_steps"]),
+            float(o["num_train_timesteps"]),
+        ],
     ),
     "cal-dpo": (CAL, lambda o: [o["beta"], o["beta_cal"], o["lam_cal"]]),
 }

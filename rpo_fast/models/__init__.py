@@ -171,6 +171,11 @@ class ModelFamily:
         given (``latent_shape`` (C, h, w): for families whose schedule depends on the image size)."""
         raise NotImplementedError
 
+    def discount_timesteps(self, t: Tensor, latent_shape=None) -> Tensor:
+        """The integer timesteps (B,) of 0..T-1 dense DPO's discount counts: those whose step index
+        k = ((T - 1 - t) N) // T is the family's sampler step holding ``t``."""
+        raise NotImplementedError
+
     def noisy_and_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """x0 (2B, ...) [winners; losers], noise and t (B, ...) shared by a pair -> the noisy input (2B, ...) and
         the training target: (B, ...) where it does not depend on x0 (shared by winner and loser), else (2B, ...)."""

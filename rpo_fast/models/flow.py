@@ -8,8 +8,9 @@ training recipes do (diffusers' train_dreambooth_sd3/flux, the SD3 paper): logit
 shift: SD3's static shift S = 3.0; FLUX's dynamic shift, mu from base_shift 0.5 at 256 tokens to max_shift 1.15 at
 4096 (1024px: mu = 1.15).
 
-With ``--timestep-sampling discounted`` (dense DPO) t = k + 1/2 for the drawn index k of 0..999 (s = t / 1000, no
-shift); dense DPO's discount counts floor(t). The objectives take per-sample MEAN squared velocity errors exactly as
+Dense DPO's discount counts the steps of the family's sampler (its shifted schedule, at the image's token count),
+and ``--timestep-sampling discounted`` draws a point of a sampler step k with P(k) proportional to gamma^k in place
+of the logit-normal law (``noising``'s module doc). The objectives take per-sample MEAN squared velocity errors exactly as
 they take epsilon errors, so beta means the same per element at every resolution and latent size (SD3/FLUX latents
 at 1024 px hold 4x the elements of SDXL's and change nothing); the default beta of these families is 100
 (``default_beta``, Flow-GRPO's SD3.5 DPO recipe, which also takes a mean error), 5000 for the UNets (Diffusion-DPO).

@@ -16,8 +16,16 @@ Rectified flow (``FlowMatchingNoising``), s in (0, 1) and the trainer's t = 1000
         dynamic s = e^mu / (e^mu + 1/u - 1), mu linear in the image's token count from base_shift at
                 base_image_seq_len tokens to max_shift at max_image_seq_len)
 
-With a ``probs`` law over 0..T-1 (``--timestep-sampling discounted``) both draw the index k from it: DDPM t = k,
-flow t = k + 1/2 (s = t / 1000, no shift).
+Dense DPO's discount counts the steps of the family's own sampler, k = 0 the noisiest (``discount_timesteps``: the
+integer timestep j of 0..T-1 whose k(j) = ((T - 1 - j) N) // T is that step). DDPM: t itself (DDIM's "leading"
+timesteps 981, 961, ..., 1 are steps k = 0..49). Flow: the samplers step uniformly in the unshifted u (the pipelines'
+sigmas from 1 down to about 1/N, then the shift), step i covering u in (u_(i+1), u_i], so j = ceil(T u) - 1 with
+u = shift^-1(s) at the image's token count; the sampler's own 50 timesteps are k = 0..49, and an SD3 s = 0.5
+(shift 3) is u = 0.25, step 37 of 50 (the plain floor(1000 s) would say 24).
+
+With a ``probs`` law over 0..T-1 (``--timestep-sampling discounted``: P(k) proportional to gamma^k) both draw the
+integer j from it, which replaces the training law (uniform; logit-normal): DDPM t = j; flow u = (j + 1/2) / T,
+s = shift(u) (t = 1000 s), a point of sampler step k(j) at the image's token count.
 """
 
 from __future__ import annotations
@@ -60,6 +68,10 @@ class DDPMNoising:
         T = self.num_train_timesteps
         return torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in gens])
 
+    def discount_timesteps(self, t, latent_shape=None):
+        """The integer timesteps (B,) whose k(t) is the sampler step of t: t itself."""
+        return t.long()
+
     def noisy_and_target(self, x0, noise, t):
         """x0 (2B, ...) [winners; losers], noise and t (B, ...) shared by a pair -> noisy (2B, ...) and the target:
         epsilon (B, ...), shared by winner and loser (the loss reads it once per pair), or the velocity (2B, ...)."""
@@ -86,16 +98,34 @@ class FlowMatchingNoising:
     def num_train_timesteps(self) -> int:
         return self.scheduler_config.get("num_train_timesteps", 1000)
 
-    def shift(self, u: Tensor, tokens: int) -> Tensor:
-        """The scheduler's timestep shift of u in (0, 1) for an image of ``tokens`` transformer tokens."""
+    def shift_factor(self, tokens: int) -> float:
+        """The factor S of the shift s = S u / (1 + (S - 1) u): the config's ``shift``, or e^mu for the dynamic shift
+        (mu linear in the token count; e^mu / (e^mu + 1/u - 1) is the same map)."""
         sched = self.scheduler_config
         if sched.get("use_dynamic_shifting"):
             lo, hi = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
             b0, b1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
-            mu = b0 + (b1 - b0) * (tokens - lo) / (hi - lo)
-            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-        s = sched.get("shift", 1.0)
-        return s * u / (1 + (s - 1) * u)
+            return math.exp(b0 + (b1 - b0) * (tokens - lo) / (hi - lo))
+        return sched.get("shift", 1.0)
+
+    def shift(self, u: Tensor, tokens: int) -> Tensor:
+        """The scheduler's timestep shift of u in (0, 1) for an image of ``tokens`` transformer tokens."""
+        f = self.shift_factor(tokens)
+        return f * u / (1 + (f - 1) * u)
+
+    def unshift(self, s: Tensor, tokens: int) -> Tensor:
+        """The inverse of ``shift``: u = s / (S - (S - 1) s)."""
+        f = self.shift_factor(tokens)
+        return s / (f - (f - 1) * s)
+
+    def discount_timesteps(self, t, latent_shape=None):
+        """The integer timesteps (B,) whose k(t) is the sampler step of t = 1000 s: ceil(T shift^-1(s)) - 1. A
+        sampler's own step sits on the top edge of its interval (FLUX's u = 1 - i/N): 1e-3 of a timestep absorbs
+        the fp32 rounding of t = 1000 s there."""
+        T = self.num_train_timesteps
+        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
+        u = self.unshift(t.double() / T, self.tokens(shape))
+        return ((u * T - 1e-3).ceil().long() - 1).clamp(0, T - 1)
 
     def tokens(self, latent_shape) -> int:
         """Transformer tokens of one latent (C, h, w) in patches of ``patch`` x ``patch``."""
@@ -104,11 +134,12 @@ class FlowMatchingNoising:
     def sample_timesteps(self, gens, device, probs=None, latent_shape=None):
         """t = 1000 s (B,) fp32, one per pair from its generator: logit-normal, shifted (see the module doc)."""
         T = self.num_train_timesteps
-        if probs is not None:
-            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens]).float() + 0.5
-        u = torch.sigmoid(torch.cat([torch.randn(1, generator=g, device=device) for g in gens]))
         shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
-        return (self.shift(u.double(), self.tokens(shape)) * T).float()
+        if probs is not None:  # a point of the drawn sampler step (the module doc)
+            u = (torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens]).double() + 0.5) / T
+        else:
+            u = torch.sigmoid(torch.cat([torch.randn(1, generator=g, device=device) for g in gens])).double()
+        return (self.shift(u, self.tokens(shape)) * T).float()
 
     def dummy_latent_shape(self) -> tuple[int, int, int]:
         vae = self.config("vae")
