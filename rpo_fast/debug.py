@@ -82,7 +82,12 @@ class HostSyncs:
       the host, as (what, where): ``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()``, and the ops whose
       output size depends on the values (``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask...);
     - ``cuda_sites`` (on CUDA): CUDA's own count of synchronizing calls (``torch.cuda.set_sync_debug_mode("warn")``
-      warns at each: ``.item()``, a blocking copy, ``nonzero``...) by the frame each warning names (file:line).
+      warns at each: ``.item()``, a blocking copy, ``nonzero``...) by the frame each warning names (file:line);
+    - ``synchronizes`` (any device): the calls of the device-wide synchronize functions a step makes,
+      ``torch.cuda.synchronize``, DeepSpeed's ``get_accelerator().synchronize`` and bitsandbytes' ``sync_gpu`` (on a
+      CPU they do nothing, so their calls are what is counted; one inside another counts once);
+    - ``reads``: ``calls`` without the methods that reach ``aten._local_scalar_dense`` (``.item()``, ``bool()``),
+      each value read once.
 
     ``count`` and ``sites`` are CUDA's where it ran, else the dispatcher's. ``dispatch=False`` leaves the dispatcher
     alone (no overhead in a timed region: the GPU check's steps)::
@@ -111,7 +116,13 @@ class HostSyncs:
         self.masked = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}  # x[mask]: a nonzero
         self.calls: list[tuple[str, str]] = []
         self.cuda_sites: Counter = Counter()
+        self.synchronizes: list[str] = []
         self.cuda = torch.cuda.is_available()
+        self._in_sync = False
+
+    @property
+    def reads(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] not in ("Tensor.item", "Tensor.__bool__")]
 
     @property
     def count(self) -> int:
@@ -122,7 +133,11 @@ class HostSyncs:
         return self.cuda_sites if self.cuda else Counter(where for _, where in self.calls)
 
     def _record(self, what: str) -> None:
+        import threading
         import traceback
+
+        if threading.get_ident() != self._thread:  # another thread's work (the loader's): not this region's
+            return
 
         stack = traceback.extract_stack()[:-2]
         frames = [f for f in stack if "rpo_fast" in f.filename and "debug.py" not in f.filename]
@@ -135,6 +150,10 @@ class HostSyncs:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
+        import threading
+
+        self._thread = threading.get_ident()
+        self._patch_synchronizes()
         if self.cuda:
             self._catch = warnings.catch_warnings(record=True)
             self._caught = self._catch.__enter__()
@@ -164,9 +183,45 @@ class HostSyncs:
 
         return call
 
+    def _patch_synchronizes(self) -> None:
+        """Wrap the synchronize functions that are loaded (owner, attribute name, label)."""
+        import sys
+
+        import torch
+
+        targets = [(torch.cuda, "synchronize", "torch.cuda.synchronize")]
+        if "bitsandbytes.optim.optimizer" in sys.modules:
+            targets.append((sys.modules["bitsandbytes.optim.optimizer"], "sync_gpu", "bitsandbytes sync_gpu"))
+        if "deepspeed.accelerator" in sys.modules:
+            acc = sys.modules["deepspeed.accelerator"].get_accelerator()
+            targets.append((acc, "synchronize", "deepspeed accelerator.synchronize"))
+        self._synced = []
+        for owner, name, label in targets:
+            original = getattr(owner, name)
+            self._synced.append((owner, name, original, name in vars(owner)))
+            setattr(owner, name, self._wrap_sync(label, original))
+
+    def _wrap_sync(self, label, original):
+        def call(*args, **kwargs):
+            if self._in_sync:
+                return original(*args, **kwargs)
+            self.synchronizes.append(label)
+            self._in_sync = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_sync = False
+
+        return call
+
     def __exit__(self, *exc):
         import torch
 
+        for owner, name, original, own in self._synced:
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # the class's method shows through again
         if self.dispatch:
             self._mode.__exit__(*exc)
             for name, method in self._saved.items():

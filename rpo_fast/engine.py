@@ -17,6 +17,10 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32
 OPTIMIZERS = ("adamw8bit", "lion8bit", "adamw", "adafactor")  # bitsandbytes 8-bit, torch, transformers
 EIGHT_BIT = ("adamw8bit", "lion8bit")
 SUB_GROUP_LIMIT = 2**31  # bitsandbytes kernels take an int n: a larger ZeRO sub-group is an invalid launch
+# The most elements of one parameter group: ZeRO-1/2 (and BF16_Optimizer) hand the optimizer one flat partition per
+# group and rank, and bitsandbytes' CUDA kernels take its element count as an int32 (ct.c_int32(g.numel())). 2^31 - 1
+# less a margin for DeepSpeed's alignment padding; a test lowers it to check the split on a tiny run.
+GROUP_ELEMENTS = 2**31 - 1 - 2**16
 BUCKET_KEYS = (
     "reduce_bucket_size",
     "stage3_prefetch_bucket_size",
@@ -81,8 +85,42 @@ def read_ds_config(cfg, world: int) -> dict:
         raise ValueError(
             "a bitsandbytes optimizer cannot step offloaded states: drop offload_optimizer or use --optimizer adamw"
         )
+    check_grad_accumulation(ds, cfg)
+    ds.setdefault("timers", {"throughput": {"enabled": False}})  # else it synchronizes twice per micro-step
     ds["zero_allow_untested_optimizer"] = True
     return ds
+
+
+# The relative error of a bf16 sum of micro-step gradients against their fp32 sum (tiny MLP, CPU, DeepSpeed 0.19.8:
+# benchmarks/results/one_gpu_step_cpu.md)
+BF16_ACCUMULATION_ERROR = {4: 0.0025, 64: 0.0077, 256: 0.022}
+
+
+def check_grad_accumulation(ds: dict, cfg) -> None:
+    """Gradients accumulate in fp32 in 16-bit training: ``data_types.grad_accum_dtype`` is filled with fp32 where a
+    config leaves it out (ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 an fp32 accumulation buffer). Stage
+    0 can only add each micro-step into the 16-bit ``param.grad``: refused with --grad-accum > 1; an explicit 16-bit
+    accumulation dtype is warned about with the measured error."""
+    if cfg.mixed_precision == "no":
+        return
+    dtype = ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if cfg.grad_accum == 1:
+        return
+    if zero_stage(ds) == 0:
+        raise ValueError(
+            f"--ds_config {cfg.ds_config}: ZeRO stage 0 accumulates the {cfg.grad_accum} micro-steps' gradients in "
+            f"{cfg.mixed_precision} (DeepSpeed refuses fp32 accumulation there); use {CONFIG_FOR_SCALE['one GPU']} "
+            "(ZeRO-2 on one rank, fp32 accumulation) or --grad-accum 1"
+        )
+    if dtype not in ("fp32", "float32", "float"):
+        import warnings
+
+        figures = ", ".join(f"{100 * e:.2g}% at {n}" for n, e in BF16_ACCUMULATION_ERROR.items())
+        warnings.warn(
+            f"--ds_config data_types.grad_accum_dtype is {dtype}: the {cfg.grad_accum} micro-steps' gradients add up "
+            f"in 16 bits (relative error against the fp32 sum, measured: {figures} micro-steps); fp32 avoids it",
+            stacklevel=3,
+        )
 
 
 def zero_stage(ds: dict) -> int:
@@ -91,7 +129,7 @@ def zero_stage(ds: dict) -> int:
 
 # Which config for which scale (the README's table says the same):
 CONFIG_FOR_SCALE = {
-    "one GPU": "configs/single_gpu.json",  # stage 0: nothing to shard; 8-bit states from --optimizer
+    "one GPU": "configs/single_gpu.json",  # ZeRO-2 on one rank: fp32 accumulation, flat partitions, no hooks
     "one node": "configs/zero2_8bit.json",  # gradients and optimizer states sharded, parameters replicated
     "policy states do not fit": "configs/zero3_8bit.json",  # parameters sharded too: hooks and gathers per module
 }
@@ -128,11 +166,59 @@ def reference_ds_config(policy: dict) -> dict:
     }
 
 
+def parameter_groups(params, limit: int | None = None) -> list[dict]:
+    """The trainable parameters in order, in consecutive groups of at most ``limit`` (``GROUP_ELEMENTS``) elements
+    each: under ZeRO-1/2 no flat partition handed to an optimizer kernel can pass the int32 range, whatever the
+    rank count."""
+    limit = GROUP_ELEMENTS if limit is None else limit
+    groups, size = [[]], 0
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.numel() > limit:
+            raise ValueError(f"a parameter of {p.numel():,} elements is more than an optimizer kernel takes ({limit:,})")
+        if size + p.numel() > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel()
+    return [{"params": g} for g in groups if g]
+
+
+def largest_optimizer_call(numels: list[int], ds: dict, world: int, limit: int | None = None) -> int:
+    """The most elements one optimizer kernel receives per rank under ``ds`` (arithmetic, DeepSpeed 0.19's rules) for
+    parameters of ``numels`` elements grouped by ``parameter_groups``: stage 0 steps each parameter; ZeRO-1/2 one flat
+    partition per group and rank (the group padded to a multiple of 2 x world); ZeRO-3 one per sub-group (each
+    parameter's partition ceil(n / world), a sub-group closed once it reaches sub_group_size)."""
+    import math
+
+    limit = GROUP_ELEMENTS if limit is None else limit
+    stage = zero_stage(ds)
+    if stage == 0:
+        return max(numels)
+    if stage in (1, 2):
+        groups, size = [], 0
+        for n in numels:
+            if size + n > limit:
+                groups.append(size)
+                size = 0
+            size += n
+        groups.append(size)
+        return max(math.ceil(g / (2 * world)) * 2 for g in groups)
+    sub = int(ds["zero_optimization"].get("sub_group_size", 1_000_000_000_000))
+    largest, size = 0, 0
+    for n in numels:
+        size += math.ceil(n / world)
+        if size >= sub:
+            largest, size = max(largest, size), 0
+    return max(largest, size)
+
+
 def build_optimizer(cfg, params, lr: float):
-    """The client optimizer. Under ZeRO it steps flat fp32 partitions (bitsandbytes' per-parameter options then do
-    nothing, and Adafactor sees 1-D tensors: it keeps an unfactored second moment). No paged optimizers: they use
-    CUDA managed memory."""
-    params = [p for p in params if p.requires_grad]
+    """The client optimizer over ``parameter_groups``. Under ZeRO it steps flat fp32 partitions (bitsandbytes'
+    per-parameter options then do nothing, and Adafactor sees 1-D tensors: it keeps an unfactored second moment). No
+    paged optimizers: they use CUDA managed memory."""
+    params = parameter_groups(params)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer in EIGHT_BIT:
         import bitsandbytes as bnb

@@ -25,13 +25,14 @@ class PairSampler:
         self.epoch, self.position = 0, 0
         self._order = None
 
-    def _epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _epoch_order(self) -> tuple[list[int], list[bool]]:
+        """This rank's pairs of the epoch and their twin flips, as Python lists (read once per epoch, not per batch)."""
         g = torch.Generator().manual_seed(seed_of(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         flips = torch.rand(self.n, generator=g) < 0.5 if self.twins else torch.zeros(self.n, dtype=torch.bool)
         per_rank = self.n // self.world
         mine = perm[self.rank :: self.world][:per_rank]
-        return mine, flips[mine]
+        return mine.tolist(), flips[mine].tolist()
 
     def next_batch(self, size: int) -> list[tuple[int, bool]]:
         """The next ``size`` (index, use_flip_twin) of this rank, crossing epoch boundaries as needed."""
@@ -41,12 +42,7 @@ class PairSampler:
                 self._order = self._epoch_order()
             idx, flips = self._order
             take = min(size - len(out), len(idx) - self.position)
-            out += list(
-                zip(
-                    idx[self.position : self.position + take].tolist(),
-                    flips[self.position : self.position + take].tolist(),
-                )
-            )
+            out += list(zip(idx[self.position : self.position + take], flips[self.position : self.position + take]))
             self.position += take
             if self.position == len(idx):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
