@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from trainrun import ROOT, in_process_trainer, step_losses, train_config
+from trainrun import ROOT, in_process_trainer, stage0_config, step_losses, train_config
 
 from rpo_fast.engine import ZeroOneRankWarning
 
@@ -169,7 +169,7 @@ def test_fp8_under_zero_trains_like_stage_0(runs, tmp_path, config, restore_line
     updated weights flip some FP8 roundings, which the plain path's 1e-4 of test_engines does not allow for; the
     updates move the loss by 7%). In bf16 the engines' own rounding differs by more."""
     kw = dict(objective="sft", fp8=True, mixed_precision="no")
-    want = step_losses(_trainer(runs, tmp_path / "stage0", **kw))
+    want = step_losses(_trainer(runs, tmp_path / "stage0", ds_config=stage0_config(tmp_path), **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroOneRankWarning)
         got = step_losses(_trainer(runs, tmp_path / "zero", ds_config=str(CONFIGS / config), **kw))

@@ -46,11 +46,22 @@ def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.Comp
 
 def train_config(runs, out, kind: str = "sd15", **kw):
     """The TrainConfig of a run on the tiny ``kind`` model's warm-preference cache (the ``runs`` fixture), writing to
-    ``out``: stage 0 (configs/single_gpu.json) and TrainConfig's defaults; ``kw`` overrides."""
+    ``out``: configs/single_gpu.json and TrainConfig's defaults; ``kw`` overrides."""
     from rpo_fast.config import TrainConfig
 
     paths = dict(ds_config=str(ROOT / "configs" / "single_gpu.json"), model=str(runs[kind]))
     return TrainConfig(**(paths | dict(data=str(runs["root"] / f"cache_{kind}"), output=str(out)) | kw))
+
+
+def stage0_config(folder: Path) -> str:
+    """configs/single_gpu.json with ZeRO stage 0 (what the one-GPU config was before it became ZeRO-2 on one rank),
+    written into ``folder``: the plain engine the others are compared with."""
+    ds = json.loads((ROOT / "configs" / "single_gpu.json").read_text())
+    ds["zero_optimization"] = {"stage": 0}
+    path = Path(folder) / "stage0.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds))
+    return str(path)
 
 
 def in_process_trainer(runs, out, kind: str = "sd15", **kw):
