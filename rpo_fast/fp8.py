@@ -5,7 +5,8 @@
 
 Every ``nn.Linear`` whose in and out features are multiples of 16 (what the FP8 matmul takes) becomes torchao's
 ``Float8Linear``. In each forward the input x and the weight W, and in backward the output's gradient g, are scaled
-and cast to FP8, and the matmul runs on the FP8 tensor cores (``torch._scaled_mm``):
+and cast to FP8, and the matmul runs on the FP8 tensor cores (``torch._scaled_mm``, whose inner and output dimensions
+must be multiples of 16: the token count, dW's inner dimension, is padded with zeros where it is not):
 
     s_x = max_e4m3 / amax(|x|)           (tensorwise: one scale per tensor; rowwise: one per row)
     x8 = e4m3(x * s_x),  W8 = e4m3(W * s_W),  g8 = e5m2(g * s_g)
@@ -63,7 +64,9 @@ def convert_fp8(model: torch.nn.Module, *, recipe: str = "tensorwise", emulate: 
     if recipe not in RECIPES:
         raise ValueError(f"--fp8-recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
     config = Float8LinearConfig.from_recipe_name(recipe)
-    config = Float8LinearConfig(**{**config.__dict__, "emulate": emulate})
+    # pad_inner_dim: the weight gradient's inner dimension is the token count (2 for the time embeddings, 2 x 77
+    # for SDXL's cross-attention keys at one pair), which _scaled_mm refuses unless it is a multiple of 16
+    config = Float8LinearConfig(**{**config.__dict__, "emulate": emulate, "pad_inner_dim": True})
     before = sum(1 for m in model.modules() if fp8_eligible(m))
     convert_to_float8_training(model, module_filter_fn=fp8_eligible, config=config)
     if recipe == "rowwise":  # torchao 0.18's rowwise cast fails on a non-contiguous input (a permuted view)

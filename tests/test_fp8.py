@@ -215,3 +215,65 @@ def test_fp8_on_cuda_runs_the_scaled_matmul_close_to_bf16():
     assert CountScaledMM.n > 0
     assert 0 < _relative(out.detach(), want.detach()) < 0.1
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters() if p.requires_grad)
+
+
+def _narrow(kind: str) -> tuple[torch.nn.Module, dict]:
+    """A full-size model's structure at 1024 px with narrow widths (the shapes FP8 sees that do not scale with the
+    width: token counts, text lengths, embedding rows), and its inputs for one row."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from rpo_fast import testing as T
+
+    torch.manual_seed(0)
+    if kind == "sdxl":
+        cfg = T.FULL_UNET_CONFIGS["sdxl"] | dict(
+            block_out_channels=[32, 64, 128], attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 1, 1],
+            layers_per_block=1,
+        )
+        inputs = dict(
+            sample=(4, 128, 128), encoder_hidden_states=(77, 2048), text_embeds=(1280,), time_ids=(6,)
+        )  # fmt: skip
+        return UNet2DConditionModel(**cfg), inputs
+    cfg = T.FULL_TRANSFORMER_CONFIGS["sd3.5-large"] | dict(num_attention_heads=1, caption_projection_dim=64, num_layers=2)
+    inputs = dict(hidden_states=(16, 128, 128), encoder_hidden_states=(77 + 256, 4096), pooled_projections=(2048,))
+    return SD3Transformer2DModel(**cfg), inputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_every_fp8_matmul_of_a_step_has_scaled_mm_shapes(kind, monkeypatch):
+    """torch._scaled_mm takes mat1 (M, K) and mat2 (K, N) with K and N multiples of 16. Every FP8 matmul of a training
+    step's forward and backward (torchao's operands as they would reach _scaled_mm, recorded in its matmul path under
+    emulation) keeps the rule at 1 and 4 pairs (2 and 8 rows) at 1024 px: SDXL's structure and SD3.5-Large's with
+    narrow widths. Before --fp8 padded the inner dimension (pad_inner_dim), the weight gradients of the layers that
+    see 2 or 154 tokens (the embeddings, attn2's to_k/to_v over 2 x 77 text tokens) broke it."""
+    import torchao.float8.float8_ops as ops
+
+    from rpo_fast.fp8 import convert_fp8
+
+    shapes = []
+    original = ops.preprocess_addmm
+
+    def record(a, b):
+        out = original(a, b)
+        shapes.append((tuple(out[0].shape), tuple(out[2].shape)))
+        return out
+
+    monkeypatch.setattr(ops, "preprocess_addmm", record)
+    model, inputs = _narrow(kind)
+    n = convert_fp8(model, emulate=True)
+    assert n > 0
+    for rows in (2, 8):
+        shapes.clear()
+        x = {k: torch.randn(rows, *s) for k, s in inputs.items()}
+        t = torch.full((rows,), 500.0)
+        if kind == "sdxl":
+            cond = dict(text_embeds=x.pop("text_embeds"), time_ids=x.pop("time_ids"))
+            out = model(x.pop("sample"), t, **x, added_cond_kwargs=cond).sample
+        else:
+            out = model(**x, timestep=t).sample
+        out.float().square().mean().backward()  # the backward's dx and dW matmuls
+        assert len(shapes) == 3 * n, (len(shapes), n)  # forward y, backward dx and dW, of every converted layer
+        bad = sorted({(a, b) for a, b in shapes if a[1] % 16 or b[0] % 16 or b[1] % 16})
+        assert not bad, f"{len(bad)} matmul shapes break _scaled_mm's rule at {rows} rows: {bad[:5]}"
+        model.zero_grad()
