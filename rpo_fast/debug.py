@@ -145,12 +145,11 @@ class HostSyncs:
         self.calls.append((what, where))
 
     def __enter__(self):
+        import threading
         import warnings
 
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
-
-        import threading
 
         self._thread = threading.get_ident()
         self._patch_synchronizes()

@@ -176,7 +176,9 @@ def parameter_groups(params, limit: int | None = None) -> list[dict]:
         if not p.requires_grad:
             continue
         if p.numel() > limit:
-            raise ValueError(f"a parameter of {p.numel():,} elements is more than an optimizer kernel takes ({limit:,})")
+            raise ValueError(
+                f"a parameter of {p.numel():,} elements is more than an optimizer kernel takes ({limit:,})"
+            )
         if size + p.numel() > limit:
             groups.append([])
             size = 0

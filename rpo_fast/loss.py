@@ -142,7 +142,8 @@ class PreferenceLoss(nn.Module):
             local where the world size is 1). dspo: form="sd15"|"sdxl", beta (0.001 for sd15, 5000 for
             sdxl), lam_in=beta/2, lam_out=beta. dense-dpo: beta=5000, gamma=0.9, num_inference_steps=50,
             num_train_timesteps=1000, timestep_sampling="uniform" (w(t) weights the logit) | "discounted" (the
-            caller draws t ~ w(t), ``objectives.discounted_timestep_probs``; no weight in the loss). cal-dpo: beta=5000, beta_cal=0.5, lam_cal=0.5. sft: none.
+            caller draws t ~ w(t), ``objectives.discounted_timestep_probs``; no weight in the loss). cal-dpo:
+            beta=5000, beta_cal=0.5, lam_cal=0.5. sft: none.
 
     Shape:
         model_pred, ref_pred: (2B, C, H, W), winners first then losers (sft: (B, C, H, W), winners only, and

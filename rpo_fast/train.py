@@ -190,9 +190,11 @@ class Trainer:
         )
 
     def _policy(self) -> torch.nn.Module:
-        """The trainable denoiser in fp32 (with LoRA: frozen, with peft adapters that the optimizer trains)."""
+        """The trainable denoiser (with LoRA: frozen, with peft adapters that the optimizer trains), loaded in the
+        engine's dtype: DeepSpeed would cast an fp32 load to it anyway (its fp32 master copies come from the cast
+        weights), so the values are the same and the load skips a full fp32 copy in host memory."""
         cfg = self.cfg
-        policy = self.family.load_denoiser(cfg.unet, dtype=torch.float32)
+        policy = self.family.load_denoiser(cfg.unet, dtype=self.dtype)
         if self.family.repeated_blocks and not getattr(policy, "_repeated_blocks", None):
             policy._repeated_blocks = list(self.family.repeated_blocks)  # what --compile-mode regional compiles
         if cfg.compile_resnets:

@@ -227,14 +227,18 @@ def _narrow(kind: str) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     if kind == "sdxl":
         cfg = T.FULL_UNET_CONFIGS["sdxl"] | dict(
-            block_out_channels=[32, 64, 128], attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 1, 1],
+            block_out_channels=[32, 64, 128],
+            attention_head_dim=[1, 1, 2],
+            transformer_layers_per_block=[1, 1, 1],
             layers_per_block=1,
         )
         inputs = dict(
             sample=(4, 128, 128), encoder_hidden_states=(77, 2048), text_embeds=(1280,), time_ids=(6,)
         )  # fmt: skip
         return UNet2DConditionModel(**cfg), inputs
-    cfg = T.FULL_TRANSFORMER_CONFIGS["sd3.5-large"] | dict(num_attention_heads=1, caption_projection_dim=64, num_layers=2)
+    cfg = T.FULL_TRANSFORMER_CONFIGS["sd3.5-large"] | dict(
+        num_attention_heads=1, caption_projection_dim=64, num_layers=2
+    )
     inputs = dict(hidden_states=(16, 128, 128), encoder_hidden_states=(77 + 256, 4096), pooled_projections=(2048,))
     return SD3Transformer2DModel(**cfg), inputs
 

@@ -211,8 +211,8 @@ def test_no_optimizer_kernel_gets_more_elements_than_int32_at_full_size(monkeypa
 
 def test_a_run_with_the_group_limit_lowered_hands_no_kernel_more(monkeypatch):
     """The real path, scaled down: with the group limit lowered to 3,000 elements, one 8-bit AdamW step under each
-    ZeRO-1/2 config hands bitsandbytes' update kernels partitions of at most 3,000 elements (the MLP has 4,704 in 4 tensors), and
-    the sizes it receives cover every parameter once."""
+    ZeRO-1/2 config hands bitsandbytes' update kernels partitions of at most 3,000 elements (the MLP has 4,704 in 4
+    tensors), and the sizes it receives cover every parameter once."""
     import bitsandbytes.functional as bnbF
 
     monkeypatch.setattr(E, "GROUP_ELEMENTS", 3000)
@@ -234,3 +234,34 @@ def test_a_run_with_the_group_limit_lowered_hands_no_kernel_more(monkeypatch):
         engine.step()
         assert seen and max(seen) <= 3000 < total, (config, seen)
         assert total <= sum(seen) <= total + 2 * len(seen), (config, seen)  # each group padded to an even size
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy loaded in the engine's dtype
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_policy_is_loaded_in_the_engines_dtype(runs, tmp_path, monkeypatch):
+    """In bf16 both denoisers are read from disk in bf16 (no fp32 copy of the policy in host memory first), and the
+    engine's weights equal, to the bit, the fp32 load cast to bf16 (what DeepSpeed's cast made of it before)."""
+    from rpo_fast.models import load_family
+
+    fam = load_family(runs["sdxl"])
+    cls = type(fam)
+    loads = []
+    original = cls.load_denoiser
+
+    def spy(self, folder=None, *, dtype=torch.float32):
+        loads.append(dtype)
+        return original(self, folder, dtype=dtype)
+
+    monkeypatch.setattr(cls, "load_denoiser", spy)
+    trainer = in_process_trainer(runs, tmp_path / "o", "sdxl", mixed_precision="bf16", optimizer="adamw8bit")
+    have = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    trainer.close()
+    assert loads == [torch.bfloat16, torch.bfloat16], loads  # the policy, then the reference
+    want = original(fam, dtype=torch.float32).to(torch.bfloat16).state_dict()
+    assert have.keys() == want.keys()
+    for k in want:
+        assert have[k].dtype == want[k].dtype and torch.equal(have[k], want[k]), k

@@ -26,7 +26,6 @@ Triton and native accumulate in fp32 whatever the input: loss rtol 1e-5, gradien
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,9 +291,7 @@ def test_cal_dpo_is_the_cal_dpo_trainer(backend, beta_cal):
 
 
 def dense_reward_policy_loss_weights(pl_gamma, num_denosing_steps):
-    policy_loss_weights = (
-        torch.tensor(pl_gamma).pow(torch.tensor(range(num_denosing_steps), dtype=torch.float)).numpy()
-    )
+    policy_loss_weights = torch.tensor(pl_gamma).pow(torch.tensor(range(num_denosing_steps), dtype=torch.float)).numpy()
     return policy_loss_weights / (policy_loss_weights.sum() + 1e-8)
 
 

@@ -8,14 +8,14 @@ training recipes do (diffusers' train_dreambooth_sd3/flux, the SD3 paper): logit
 shift: SD3's static shift S = 3.0; FLUX's dynamic shift, mu from base_shift 0.5 at 256 tokens to max_shift 1.15 at
 4096 (1024px: mu = 1.15).
 
-Dense DPO's discount counts the steps of the family's sampler (its shifted schedule, at the image's token count),
-and ``--timestep-sampling discounted`` draws a point of a sampler step k with P(k) proportional to gamma^k in place
-of the logit-normal law (``noising``'s module doc). The objectives take per-sample MEAN squared velocity errors exactly as
-they take epsilon errors, so beta means the same per element at every resolution and latent size (SD3/FLUX latents
-at 1024 px hold 4x the elements of SDXL's and change nothing); the default beta of these families is 100
-(``default_beta``, Flow-GRPO's SD3.5 DPO recipe, which also takes a mean error), 5000 for the UNets (Diffusion-DPO).
-DSPO's score form is derived for DDPM's epsilon parametrisation (its score is -eps / sqrt(1 - abar_t)); a velocity
-model has no such score without a change of variables, so DSPO is refused here with a message naming the family.
+Dense DPO's discount counts the steps of the family's sampler (its shifted schedule, at the image's token count), and
+``--timestep-sampling discounted`` draws a point of a sampler step k with P(k) proportional to gamma^k in place of the
+logit-normal law (``noising``'s module doc). The objectives take per-sample MEAN squared velocity errors exactly as they
+take epsilon errors, so beta means the same per element at every resolution and latent size (SD3/FLUX latents at 1024 px
+hold 4x the elements of SDXL's and change nothing); the default beta of these families is 100 (``default_beta``,
+Flow-GRPO's SD3.5 DPO recipe, which also takes a mean error), 5000 for the UNets (Diffusion-DPO). DSPO's score form is
+derived for DDPM's epsilon parametrisation (its score is -eps / sqrt(1 - abar_t)); a velocity model has no such score
+without a change of variables, so DSPO is refused here with a message naming the family.
 
 RPO's weight matrix compares winner i's errors at t_i with loser j's at t_j, as on the UNets: the paper's form is
 used unchanged (the tiny SD3/FLUX runs train with it); a per-timestep normalisation is not offered.
