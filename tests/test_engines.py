@@ -92,11 +92,11 @@ def test_compile_resnets_is_refused_without_regional_compile(runs, tmp_path):
 
 def test_regional_compile_trains_like_the_plain_path(runs, tmp_path):
     """3 steps of DPO in fp32 on single_gpu.json: --compile-mode regional (each BasicTransformerBlock compiled;
-    aot_eager on a CPU: Dynamo's capture and AOTAutograd without inductor's C++ build) gives the plain path's losses within
-    rtol 1e-5 (the captured graphs run the same ops; AOTAutograd may order the backward's sums differently); so does
-    regional with --compile-resnets, which compiles every ResnetBlock2D too: the first loss within 1e-6, the later
-    within rtol 1e-4 (measured 6.7e-5: AOTAutograd's decomposed GroupNorm and convolution backward sum in another
-    order, and beta 5000 amplifies the last bits; one update moves the loss by 1.4%)."""
+    aot_eager on a CPU: Dynamo's capture and AOTAutograd without inductor's C++ build) gives the plain path's
+    losses within rtol 1e-5 (the captured graphs run the same ops; AOTAutograd may order the backward's sums
+    differently); so does regional with --compile-resnets, which compiles every ResnetBlock2D too: the first loss
+    within 1e-6, the later within rtol 1e-4 (measured 6.7e-5: AOTAutograd's decomposed GroupNorm and convolution
+    backward sum in another order, and beta 5000 amplifies the last bits; one update moves the loss by 1.4%)."""
     from torch._dynamo.utils import counters
 
     plain = step_losses(_trainer(runs, tmp_path / "plain"))
