@@ -61,7 +61,13 @@ def loss_check(dry: bool, backends=BACKENDS) -> ResultTable:
     c, h, w = (4, 8, 8) if dry else (4, 128, 128)
     dtype = torch.float32 if dry else torch.bfloat16
     b = 4
-    rows = []
+    table = ResultTable(
+        "gpu_loss_check",
+        "Every loss backend against float64 eager",
+        ["objective", "backend", "dtype", "shape", "loss", "loss_float64", "loss_abs_err", "grad_rel_err", "ok"],
+        notes=f"Command: python benchmarks/gpu_check.py ({' '.join(sys.argv[1:])})",
+        key=("objective", "backend", "dtype", "shape"),
+    )  # each row written as it comes: a call cut short keeps the rows before
     g = torch.Generator(device=dev).manual_seed(0)
     p0 = torch.randn(2 * b, c, h, w, device=dev, generator=g)
     t = torch.randn(b, c, h, w, device=dev, generator=g)
@@ -91,22 +97,18 @@ def loss_check(dry: bool, backends=BACKENDS) -> ResultTable:
             (grad,) = torch.autograd.grad(out.loss, p)
             loss, ref_loss = float(out.loss.detach()), float(r.loss.detach())
             err = (grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-30)
-            rows.append(
-                dict(
-                    objective=name,
-                    backend=backend,
-                    dtype=str(dtype).removeprefix("torch."),
-                    shape=f"{2 * b}x{c}x{h}x{w}",
-                    loss=loss,
-                    loss_float64=ref_loss,
-                    loss_abs_err=abs(loss - ref_loss),
-                    grad_rel_err=float(err),
-                    ok=bool(float(err) <= GRAD_TOL[dtype] and abs(loss - ref_loss) <= 1e-3 * abs(ref_loss) + 1e-5),
-                )
+            table.add(
+                objective=name,
+                backend=backend,
+                dtype=str(dtype).removeprefix("torch."),
+                shape=f"{2 * b}x{c}x{h}x{w}",
+                loss=loss,
+                loss_float64=ref_loss,
+                loss_abs_err=abs(loss - ref_loss),
+                grad_rel_err=float(err),
+                ok=bool(float(err) <= GRAD_TOL[dtype] and abs(loss - ref_loss) <= 1e-3 * abs(ref_loss) + 1e-5),
             )
-    return _table(
-        "gpu_loss_check", "Every loss backend against float64 eager", ("objective", "backend", "dtype", "shape"), rows
-    )
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,6 +189,17 @@ def models(kinds: list[str], dry: bool) -> ResultTable:
     return _table("gpu_models", "The random model folders (built once per machine)", ("kind",), rows)
 
 
+def flops_once(model: Path, recompute: str) -> tuple[float, float]:
+    """``bench_train_step.flops_per_pair``, counted once per model folder and recompute mode (4-9 s on the meta device)
+    and kept beside the folder for the session's later steps."""
+    cached = model.parent / f"{model.name}-flops-{recompute}.json"
+    if cached.exists():
+        return tuple(json.loads(cached.read_text()))
+    flops = B.flops_per_pair(model, recompute)
+    cached.write_text(json.dumps(list(flops)))
+    return flops
+
+
 def step(a) -> ResultTable:
     """One training-step configuration of rpo_fast's Trainer on the random full-size model (dry: the tiny one)."""
     from rpo_fast import testing as T
@@ -196,7 +209,7 @@ def step(a) -> ResultTable:
     root = model.parent
     res = load_family(model).default_resolution  # the recipe's (the tiny folder's 32)
     cache = T.write_synthetic_cache(model, root / f"cache-{a.kind}-{a.pairs}", max(8, 2 * a.pairs), resolution=res)
-    flops, hw_flops = B.flops_per_pair(model, a.recompute)
+    flops, hw_flops = flops_once(model, a.recompute)
     rate = B.matmul_rate()
     compiled = (a.compile_mode or ("whole" if a.compile else "none")) + ("+resnets" if a.compile_resnets else "")
     key = dict(kind=a.kind, pairs=a.pairs, ds_config=a.ds_config, recompute=a.recompute, compile=compiled)
@@ -223,6 +236,13 @@ def step(a) -> ResultTable:
         error = f"stopped by its time limit in the {phase} phase after {time.perf_counter() - began:.0f} s"
         print(f"[gpu_check] {error}", flush=True)
         row = dict(**key, side="rpo_fast", **_phase_seconds(marks), error=error)
+        return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
+    except torch.OutOfMemoryError as e:  # a row with the memory it reached, not a traceback and no row
+        phase = list(marks)[-1]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+        error = f"out of memory in the {phase} phase: {str(e).splitlines()[0][:160]}"
+        print(f"[gpu_check] {error}", flush=True)
+        row = dict(**key, side="rpo_fast", peak_gb=peak, **_phase_seconds(marks), error=error)
         return _table("gpu_step", STEP_TITLE, STEP_KEY, [row])
 
 
@@ -280,6 +300,7 @@ def _timed_step(a, dry, model, cache, key, flops, hw_flops, rate, marks) -> Resu
                 matmul_tflops=rate / 1e12,
                 **{f"{k}_ms": v for k, v in ms.items()},
                 host_syncs_per_step=syncs.count / a.steps if CUDA else float("nan"),
+                synchronizes_per_step=len(syncs.synchronizes) / a.steps,
                 **_phase_seconds(marks),
             )
             if CUDA and syncs.sites:

@@ -2,40 +2,49 @@
 # A GPU slot's work: run from the repository root on the GPU machine, with `.whl` carried (scripts/device-wheels.sh
 # builds it: diffusers, deepspeed, bitsandbytes, torchao, open_clip).
 #
-#   bash benchmarks/gpu_session.sh call1        first device call, 6 minutes: worth committing alone
-#   bash benchmarks/gpu_session.sh call2        second device call, 4 minutes
-#   RPO_FAST_GPU_DRY=1 bash benchmarks/gpu_session.sh call1 call2     the same stages at tiny shapes on a CPU (CI)
+#   RPO_FAST_COMMIT=<commit> bash benchmarks/gpu_session.sh call1    first device call (485 s): worth having alone
+#   RPO_FAST_COMMIT=<commit> bash benchmarks/gpu_session.sh call2    second call, at once after the first (260 s)
+#   RPO_FAST_GPU_DRY=1 bash benchmarks/gpu_session.sh call1 call2 call3 call4    tiny shapes on a CPU (CI)
 #
-# call1 (BUDGET 360 s): install; every loss backend against float64 at SDXL latents (60 s); the bf16 matmul rate
-#   (8192^3 and the UNet's largest GEMMs); the random full-size SDXL folder built once to local disk (its own step,
-#   `models`: about a minute, counted here); the SDXL 1024px step at 1 pair, the fast path (configs/single_gpu.json,
-#   --recompute selective) with per-phase CUDA-event times, peak memory and 3 profiled steps (top kernels, GPU-busy
-#   fraction), then the reference-script baseline (fp16 autocast, gradient checkpointing, VAE and text encoders every
-#   step); last, the native loss backend (csrc/, built for sm_90 on the CPU from the call's start): its loss-check rows
-#   and its GPU tests (tests/test_fused.py -m gpu -k native: SDXL latents against float64, determinism, RPO at B = 4096), with
-#   the CUDA-graph capture of a tiny SDXL UNet (tests/test_graphs.py -m gpu: replays equal eager to the bit) and FP8 on
-#   CUDA (tests/test_fp8.py -m gpu: torch._scaled_mm runs, within 10% of bf16).
-# call2 (BUDGET 240 s; start it at once after call1: a machine stays warm 30 s after a call, and a fresh one spends a
-#   minute of this budget on the install and the SDXL folder again, in the `models` step): SDXL at 4 pairs: --recompute
-#   none, then with --compile-mode regional, regional with --compile-resnets, regional + --fp8 (against the regional
-#   row); SDXL at 1 pair with --reference-graphs (against call1's fast row); 4 pairs with --recompute selective and
-#   full; ZeRO-3 on one GPU at 1 pair (its cost against call1's row); SD1.5 at 512px, 1 pair; the loss microbenchmark
-#   at SDXL latents, B = 16 and 64. Every step row also counts the host syncs of the measured steps (CUDA's sync debug
-#   mode). Rows the budget does not reach are reported as not started.
+# A slot is 15 minutes of device time, start-up included, in commands of at most 10 minutes; a command started
+# within about 30 s of the last one reuses the machine. call1 + call2 fit one slot: 485 + 260 s and about 2 minutes
+# of start-up. Stages are ordered by value, and each call's step limits add up to at most its budget
+# (benchmarks/test_gpu_session.py holds that: PLAN below is what it reads).
+#
+# call1 (485 s): install and import-check the wheels; every loss backend against float64 at SDXL latents (rows
+#   written as they come); the native backend (csrc/) built on the CPU from the call's start (CUDA_HOME found and
+#   recorded); the bf16 matmul rate; the random full-size SDXL folder (its own step, `models`, so no measured step
+#   pays for it); the headline row, SDXL 1024px at 1 pair on the fast path (single_gpu.json, --recompute selective)
+#   with per-phase times, peak memory and 3 profiled steps; then the reference-script baseline.
+# call2 (260 s; a fresh machine spends about a minute of it on the install and the SDXL folder): the native
+#   backend's loss-check rows and its GPU tests with the CUDA-graph capture and FP8 on CUDA; SDXL at 1 pair with
+#   --reference-graphs (against call1's fast row).
+# call3 (a later slot, 570 s): SDXL at 4 pairs with --recompute selective, with --fp8 (regional compile), plain,
+#   regional compile, regional with --compile-resnets; ZeRO-3 on one GPU at 1 pair.
+# call4 (a later slot, 405 s): SDXL at 4 pairs with --recompute full; SD1.5 at 512px, 1 pair; the loss
+#   microbenchmark at SDXL latents, B = 16 and 64.
+# flow (a later slot, 465 s): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full) and
+#   FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
-# flow (a later slot, about 8 minutes): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full)
-#   and FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
 #
-# Every step runs under its own time limit and the call's BUDGET (default per stage above): no step runs past it,
-# so a call ends with its files saved, and each stage's results are kept when a later one times out. Benchmarks
-# resume (RPO_FAST_BENCH_RESUME=1): a configuration already measured at this commit is skipped.
+# Every step runs under its own time limit and the call's budget: no step runs past it, so a call ends with its
+# files saved; a step out of GPU memory writes its row with the peak memory. Benchmarks resume
+# (RPO_FAST_BENCH_RESUME=1): a configuration already measured at this commit is skipped. Each step row counts the
+# host syncs (CUDA's sync debug mode) and the device synchronizes of its timed steps. What a step pays beyond its
+# measurement: the imports (8-15 s) and the Trainer's build (the bf16 model load); the FLOP count is computed once per
+# model and recompute mode.
 #
 # Writes to $OUT (default ./out): session.log (everything printed) and results.tar.gz (benchmarks/results/ and
-# work/: the environment, the junit XML of the tests, each step's exit code and time). Unpack the tarball in the
-# checkout and commit benchmarks/results/.
+# work/: the environment, the junit XML of the tests, each step's exit code and time), the tarball rewritten after
+# every step. Unpack it in the checkout and commit benchmarks/results/.
 set -uo pipefail
 DRY=${RPO_FAST_GPU_DRY:-0}
-case " $* " in *" call1 "*) DEFAULT_BUDGET=360 ;; *" call2 "*) DEFAULT_BUDGET=240 ;; *) DEFAULT_BUDGET=570 ;; esac
+# PLAN: each call's budget in seconds; its step limits below add up to at most the budget less SETUP (the wheels'
+# install and import check, and the 15 s each step leaves before the deadline)
+declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [flow]=465)
+SETUP=45
+DEFAULT_BUDGET=570
+[ $# = 1 ] && [ -n "${PLAN[$1]:-}" ] && DEFAULT_BUDGET=${PLAN[$1]}
 if [ "$DRY" = 1 ]; then
     DEFAULT_BUDGET=1500  # a 2-core CPU runs the tiny stages slower than a GPU runs the real ones
     export TRITON_INTERPRET=1
@@ -60,12 +69,23 @@ if ! "$PY" -c "import diffusers, deepspeed, bitsandbytes" 2>/dev/null; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
+# every wheel imports before anything is measured: a broken install stops here, not inside a timed step
+"$PY" -c "import diffusers, deepspeed, bitsandbytes, torchao, transformers, peft, rpo_fast.train" \
+    || { echo "the installed packages do not import: see above"; exit 2; }
+
+# the CUDA toolkit for the native build: nvcc on the image may be a wrapper outside a toolkit folder, so torch's guess
+# from it is wrong; the first folder with bin/nvcc and include/cuda_runtime.h
+if [ -z "${CUDA_HOME:-}" ]; then
+    CUDA_HOME=$("$PY" benchmarks/find_cuda_home.py)
+    [ -n "$CUDA_HOME" ] && export CUDA_HOME
+fi
 
 if [ ! -f "$WORK/environment.txt" ]; then
     {
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU"
         echo "commit $RPO_FAST_COMMIT"
+        echo "CUDA_HOME ${CUDA_HOME:-not found (the native backend cannot build)}"
         "$PY" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "diffusers", "transformers", "deepspeed", "bitsandbytes", "peft", "numpy"):
@@ -97,6 +117,15 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, report how it e
     [ "$rc" = 0 ] || FAILED=1
     echo "=== $name: rc $rc after $((SECONDS - t0))s"
     echo "$name rc=$rc seconds=$((SECONDS - t0))" >> "$WORK/steps.txt"
+    archive
+}
+
+archive() {  # after every step: a call killed at any point keeps what it measured
+    tar czf "$OUT/results.tar.gz" benchmarks/results -C "$WORK/.." work
+}
+
+native_build() {  # the native backend (csrc/) compiles on the CPU while the GPU stages run (cached: once a machine)
+    "$PY" -m rpo_fast.kernels.native > "$WORK/native-build.log" 2>&1 &
 }
 
 check() {  # check SECONDS NAME ARGS...: one stage of benchmarks/gpu_check.py
@@ -121,29 +150,37 @@ for stage in "$@"; do
             --benchmark -k "${stage#micro-}" --benchmark-json "$WORK/$stage-pytest-benchmark.json"
         ;;
     call1)
-        # the native backend (csrc/) compiles on the CPU while the GPU stages run; its checks come last
-        "$PY" -m rpo_fast.kernels.native > "$WORK/native-build.log" 2>&1 &
+        native_build
         check 60 loss-check loss-check --backends eager,triton,compile
         check 30 matmul matmul
-        check 120 models models --kinds sdxl  # the random SDXL folder, once per machine: no step pays for it
+        check 90 models models --kinds sdxl  # the random SDXL folder, once per machine: no step pays for it
         check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
         check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
-        check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
-        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_graphs.py tests/test_fp8.py -m gpu \
-            -k "native or test_graphs or test_fp8" --junitxml "$WORK/native-gpu.xml"
         ;;
     call2)
-        check 120 models models --kinds sdxl  # no time where call1's machine is still warm; else about a minute
+        native_build  # nothing to do where call1's build finished on this machine
+        check 60 models models --kinds sdxl  # no time where call1's machine is still warm; else about a minute
+        check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
+        step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_graphs.py \
+            tests/test_fp8.py -m gpu -k "native or test_graphs or test_fp8" --junitxml "$WORK/native-gpu.xml"
+        check 60 sdxl-1-graphs step --kind sdxl --pairs 1 --reference-graphs
+        ;;
+    call3)
+        check 120 models models --kinds sdxl
+        check 60 sdxl-4-selective step --kind sdxl --pairs 4 --recompute selective
+        check 75 sdxl-4-fp8 step --kind sdxl --pairs 4 --recompute none --compile-mode regional --fp8
         check 60 sdxl-4-none step --kind sdxl --pairs 4 --recompute none
         check 75 sdxl-4-regional step --kind sdxl --pairs 4 --recompute none --compile-mode regional
         check 75 sdxl-4-resnets step --kind sdxl --pairs 4 --recompute none --compile-mode regional --compile-resnets
-        check 75 sdxl-4-fp8 step --kind sdxl --pairs 4 --recompute none --compile-mode regional --fp8
-        check 60 sdxl-1-graphs step --kind sdxl --pairs 1 --reference-graphs
-        for r in selective full; do check 60 "sdxl-4-$r" step --kind sdxl --pairs 4 --recompute "$r"; done
         check 60 sdxl-1-zero3 step --kind sdxl --pairs 1 --ds-config zero3_8bit --recompute full
+        ;;
+    call4)
+        check 150 models models --kinds sdxl,sd15
+        check 60 sdxl-4-full step --kind sdxl --pairs 4 --recompute full  # the SDXL folder: call3's, or built here
         check 60 sd15-1 step --kind sd15 --pairs 1
         if [ "$DRY" = 1 ]; then
-            step 120 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py --benchmark
+            step 90 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py \
+                --benchmark
         else
             step 90 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py \
                 --benchmark -k "sdxl-16- or sdxl-64-" --benchmark-json "$WORK/micro-pytest-benchmark.json"
@@ -155,7 +192,7 @@ for stage in "$@"; do
         ;;
     *) echo "unknown stage $stage" ;;
     esac
-    tar czf "$OUT/results.tar.gz" benchmarks/results -C "$WORK/.." work  # after every stage: a killed call keeps the rest
+    archive
 done
 cat "$WORK/steps.txt" 2>/dev/null
 [ "$DRY" = 1 ] && exit $FAILED  # the CI's dry run fails on any failed step

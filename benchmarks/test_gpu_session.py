@@ -1,5 +1,5 @@
-"""The GPU slot's two calls (benchmarks/gpu_session.sh call1 call2) run end to end in their dry mode: every stage
-at tiny shapes on this CPU, each step's exit code recorded, the results tarball written."""
+"""The GPU plan (benchmarks/gpu_session.sh): each call's step limits fit its budget, and every call runs end to end in
+its dry mode: every stage at tiny shapes on this CPU, each step's exit code recorded, the results tarball written."""
 
 import os
 import subprocess
@@ -8,12 +8,50 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline", "native-check", "native-gpu", "models"]
-STEPS += ["sdxl-4-none"]
-STEPS += ["sdxl-4-regional", "sdxl-4-resnets", "sdxl-4-fp8", "sdxl-1-graphs", "sdxl-4-selective", "sdxl-4-full"]
-STEPS += ["sdxl-1-zero3", "sd15-1", "micro-sdxl-16-64"]
+CALLS = ("call1", "call2", "call3", "call4")
+STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline"]  # call1
+STEPS += ["models", "native-check", "native-gpu", "sdxl-1-graphs"]  # call2
+STEPS += [
+    "models",
+    "sdxl-4-selective",
+    "sdxl-4-fp8",
+    "sdxl-4-none",
+    "sdxl-4-regional",
+    "sdxl-4-resnets",
+    "sdxl-1-zero3",
+]
+STEPS += ["models", "sdxl-4-full", "sd15-1", "micro-sdxl-16-64"]  # call4
+
+
+def plan() -> tuple[dict[str, int], int, dict[str, list[tuple[str, int]]]]:
+    """gpu_session.sh read as a plan: each call's budget (PLAN), the SETUP every call spends before and between its
+    steps, and each call's steps with their limits (the first number after ``check`` or ``step`` in its branch)."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    budgets = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A PLAN=\((.*)\)", text)[1])}
+    setup = int(re.search(r"^SETUP=(\d+)", text, re.M)[1])
+    steps = {}
+    for call in budgets:
+        branch = re.search(rf"^    {call}\)(.*?)^        ;;", text, re.S | re.M)[1]
+        branch = re.sub(r"if \[ \"\$DRY\" = 1 \]; then.*?else", "", branch, flags=re.S)  # the GPU's branch counts
+        steps[call] = [(name, int(limit)) for limit, name in re.findall(r"(?:check|step) (\d+) ([\w$\"-]+)", branch)]
+    return budgets, setup, steps
+
+
+def test_each_calls_step_limits_fit_its_budget():
+    """No step of the plan is cut by its call's budget: each call's step limits and its SETUP add up to at most its
+    PLAN entry, and one slot (15 minutes of device time with about 2 of start-up) holds call1 and call2."""
+    budgets, setup, steps = plan()
+    assert set(CALLS) <= set(budgets) and steps["call1"] and steps["call2"] and setup >= 15
+    for call, limits in steps.items():
+        assert setup + sum(limit for _, limit in limits) <= budgets[call], (call, limits, budgets[call])
+        assert budgets[call] <= 570, call  # a device command runs at most 10 minutes
+    assert budgets["call1"] + budgets["call2"] + 120 <= 900
+    assert [name for name, _ in steps["call1"]][0] == "loss-check"  # ordered by value: the loss check first
 
 
 def _dry_env(tmp_path: Path) -> dict:
@@ -32,7 +70,7 @@ def _dry_env(tmp_path: Path) -> dict:
 def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
     env = _dry_env(tmp_path)
     res = subprocess.run(
-        ["bash", "benchmarks/gpu_session.sh", "call1", "call2"], cwd=ROOT, env=env, capture_output=True, text=True
+        ["bash", "benchmarks/gpu_session.sh", *CALLS], cwd=ROOT, env=env, capture_output=True, text=True
     )
     log = (tmp_path / "out" / "session.log").read_text()
     assert res.returncode == 0, log[-4000:]
@@ -82,6 +120,26 @@ def test_a_step_stopped_by_its_time_limit_keeps_a_row_saying_where(tmp_path, mon
     assert warmups == [1]
     assert row["error"].startswith("stopped by its time limit in the warmup phase after"), row
     assert row["build_s"] > 0 and "step_ms" not in row and row["side"] == "rpo_fast"
+
+
+@pytest.mark.bench
+def test_an_out_of_memory_step_writes_its_row_with_the_peak(tmp_path, monkeypatch):
+    """A step that runs out of GPU memory writes a row that says so, in which phase, with the peak memory reached
+    (NaN on a CPU), instead of a traceback and no row."""
+    import gpu_check
+
+    from rpo_fast.train import Trainer
+
+    monkeypatch.setenv("RPO_FAST_BENCH_MODELS", str(tmp_path))
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    table = gpu_check.step(gpu_check.parse_args(["step", "--dry", "--pairs", "1", "--recompute", "none"]))
+    (row,) = table.rows
+    assert row["error"].startswith("out of memory in the warmup phase: CUDA out of memory"), row
+    assert "peak_gb" in row and row["build_s"] > 0
 
 
 @pytest.mark.bench

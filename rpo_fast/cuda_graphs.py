@@ -59,7 +59,9 @@ def capture_cuda_graph(fn: Callable, args: tuple, *, warmup: int = WARMUP):
             fn(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: the loader's prefetch thread may pin memory or copy while this thread captures; in the global
+    # mode any CUDA call of another thread during the capture is an error
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn(*args)
     return graph.replay, out
 

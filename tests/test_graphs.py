@@ -53,6 +53,32 @@ def test_replays_follow_fresh_inputs_and_other_shapes_run_eagerly():
     assert graphed.eager_calls == 1 and graphed.replays == 4
 
 
+def test_the_capture_tolerates_the_loaders_thread(monkeypatch):
+    """The graph is captured in thread_local error mode: the prefetch thread may pin memory or copy while the trainer
+    captures, which the default (global) mode makes an error. CUDA's calls are faked: what is checked is the mode the
+    capture asks for."""
+    import contextlib
+
+    modes = []
+
+    @contextlib.contextmanager
+    def graph(g, **kwargs):
+        modes.append(kwargs.get("capture_error_mode", "global"))
+        yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("G", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    graphs.capture_cuda_graph(lambda x: x + 1, (torch.ones(2),), warmup=1)
+    assert modes == ["thread_local"]
+
+
 def test_a_failed_capture_names_the_flag():
     def capture(fn, args):
         raise RuntimeError("operation not permitted when stream is capturing")
