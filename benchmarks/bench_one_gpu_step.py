@@ -25,57 +25,63 @@ BEFORE = {  # what each config was before: 16-bit accumulation, the throughput t
 }
 
 
-def engine(config: str, model, grad_accum: int, *, before: bool, optimizer: str = "adamw8bit", clip: bool = True):
+def engine(config: str, model, grad_accum: int, *, before=False, optimizer="adamw8bit", clip=True, **sections):
+    """The trainer's engine (``engine.read_ds_config`` + ``build_engine``) for ``configs/<config>.json`` in bf16 on one
+    rank; ``sections`` are merged into a copy of the config file before the trainer reads it. ``before``: the config
+    as it shipped before (``BEFORE``; single_gpu at stage 0, which read_ds_config now refuses with accumulation, so
+    that row's fields are filled here)."""
+    from rpo_fast import distributed
     from rpo_fast import engine as E
     from rpo_fast.config import TrainConfig
 
+    distributed.init_distributed()
     ds = json.loads((ROOT / "configs" / f"{config}.json").read_text())
     if before:
         ds |= BEFORE
-        if config == "single_gpu":
-            ds["zero_optimization"] = {"stage": 0}
     if not clip:
-        ds["gradient_clipping"] = 0.0
+        ds["gradient_clipping"] = 0.0  # clipping rescales the sum: the comparison is of the sum itself
+    for key, value in sections.items():
+        ds[key] = {**ds.get(key, {}), **value}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ds, f)
     cfg = TrainConfig(
         ds_config=f.name, model="-", data="-", grad_accum=grad_accum, mixed_precision="bf16", optimizer=optimizer
     )
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
-        ds = E.read_ds_config(cfg, 1) if not (before and config == "single_gpu") else _stage0(cfg)
+    if before and config == "single_gpu":
+        ds = {k: v for k, v in ds.items() if not k.startswith("_")} | dict(
+            train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=grad_accum, train_batch_size=grad_accum,
+            bf16={"enabled": True}, fp16={"enabled": False}, zero_optimization={"stage": 0},
+            zero_allow_untested_optimizer=True,
+        )  # fmt: skip
+    else:
+        ds = E.read_ds_config(cfg, 1)
     return E.build_engine(model, cfg, ds, 1e-3)[0]
 
 
-def _stage0(cfg) -> dict:
-    """read_ds_config refuses stage 0 with accumulation now: fill the same fields by hand for the 'before' row."""
-    ds = json.loads(Path(cfg.ds_config).read_text())
-    ds |= dict(
-        train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=cfg.grad_accum, train_batch_size=cfg.grad_accum
-    )
-    ds["bf16"], ds["fp16"] = {"enabled": True}, {"enabled": False}
-    ds["zero_allow_untested_optimizer"] = True
-    return {k: v for k, v in ds.items() if not k.startswith("_")}
-
-
-def mlp(layers: int) -> torch.nn.Module:
+def mlp(layers: int, width: int = 48) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(48, 48), torch.nn.GELU())])
+    return torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(width, width), torch.nn.GELU())])
 
 
-def batches(n: int):
+def batches(n: int, width: int = 48):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(8, 48, generator=g).to(torch.bfloat16) for _ in range(n)]
+    return [torch.randn(8, width, generator=g).to(torch.bfloat16) for _ in range(n)]
 
 
-def counts(config: str, layers: int, before: bool) -> tuple[int, int]:
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def counts(config: str, layers: int, *, before: bool = False) -> tuple[int, int]:
+    """(host reads, device synchronizes) of one whole optimizer step of 2 micro-steps (forward, backward, engine.step
+    with its overflow check, clipping and the 8-bit update) after three warm-up steps."""
     from rpo_fast.debug import HostSyncs
 
     eng = engine(config, mlp(layers), 2, before=before)
 
     def step():
         for x in batches(2):
-            eng.backward(eng(x).float().pow(2).mean())
+            eng.backward(loss_of(eng(x)))
             eng.step()
 
     for _ in range(3):
@@ -85,9 +91,12 @@ def counts(config: str, layers: int, before: bool) -> tuple[int, int]:
     return len(c.reads), len(c.synchronizes)
 
 
-def accumulation_error(config: str, steps: int, before: bool) -> float:
-    model, twin = mlp(2), mlp(2).to(torch.bfloat16)
-    eng = engine(config, model, steps, before=before, optimizer="adamw", clip=False)
+def accumulation_error(config: str, steps: int, *, before: bool = False, **sections) -> float:
+    """The relative L2 error of what the optimizer receives after ``steps`` micro-steps against the float64 sum of the
+    same micro-steps' bf16 gradients computed alone. The client optimizer's step is intercepted; its parameters (flat
+    fp32 partitions in the model's order, padded at the end) are read as one vector."""
+    model, twin = mlp(2), mlp(2).to(torch.bfloat16)  # the same weights, rounded as DeepSpeed rounds them
+    eng = engine(config, model, steps, before=before, optimizer="adamw", clip=False, **sections)
     client, seen, step = eng.optimizer.optimizer, [], eng.optimizer.optimizer.step
 
     def intercept(*a, **k):
@@ -97,34 +106,37 @@ def accumulation_error(config: str, steps: int, before: bool) -> float:
     client.step = intercept
     want = [torch.zeros_like(p, dtype=torch.float64) for p in twin.parameters()]
     for x in batches(steps):
-        eng.backward(eng(x).float().pow(2).mean())
+        eng.backward(loss_of(eng(x)))
         eng.step()
         twin.zero_grad()
-        (twin(x).float().pow(2).mean() / steps).backward()
+        (loss_of(twin(x)) / steps).backward()  # DeepSpeed divides the loss by the accumulation steps
         for w, p in zip(want, twin.parameters()):
             w += p.grad.double()
     want = torch.cat([w.flatten() for w in want])
+    assert len(seen) == 1
     have = seen[0][: want.numel()]
     return ((have - want).norm() / want.norm()).item()
 
 
 def main() -> None:
-    from rpo_fast import distributed
+    import warnings
 
-    distributed.init_distributed()
+    warnings.simplefilter("ignore")  # the 'before' rows' 16-bit accumulation warning
     print("| config | before: reads, synchronizes (4 / 16 tensors) | now: reads, synchronizes (4 / 16 tensors) |")
     print("|---|---|---|")
     for config in CONFIGS:
         cells = []
         for before in (True, False):
-            a, b = counts(config, 2, before), counts(config, 8, before)
+            a, b = counts(config, 2, before=before), counts(config, 8, before=before)
             cells.append(f"{a[0]}, {a[1]} / {b[0]}, {b[1]}")
         print(f"| `{config}.json` | {cells[0]} | {cells[1]} |")
     print()
     print("| config | before: error at 4 / 64 / 256 micro-steps | now: error at 4 / 64 / 256 micro-steps |")
     print("|---|---|---|")
     for config in CONFIGS:
-        cells = [" / ".join(f"{accumulation_error(config, n, b):.2g}" for n in (4, 64, 256)) for b in (True, False)]
+        cells = [
+            " / ".join(f"{accumulation_error(config, n, before=b):.2g}" for n in (4, 64, 256)) for b in (True, False)
+        ]
         print(f"| `{config}.json` | {cells[0]} | {cells[1]} |")
 
 

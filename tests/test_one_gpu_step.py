@@ -2,117 +2,42 @@
 fp32, a constant number of host reads and device synchronizes per optimizer step whatever the parameter count, and
 no optimizer kernel handed more elements than an int32 holds.
 
-The engines are the trainer's (``engine.read_ds_config`` + ``engine.build_engine``) around a small MLP in bf16; the
-trainer's own step is counted on the tiny UNets. Figures: benchmarks/results/one_gpu_step_cpu.md.
+The engines are the trainer's (``engine.read_ds_config`` + ``engine.build_engine``) around a small MLP in bf16, built
+and measured by benchmarks/bench_one_gpu_step.py's helpers (whose tables are benchmarks/results/one_gpu_step_cpu.md);
+the trainer's own step is counted on the tiny UNets.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from bench_one_gpu_step import CONFIGS, accumulation_error, batches, counts, engine, loss_of, mlp
 from trainrun import ROOT, in_process_trainer
 
 from rpo_fast import engine as E
 from rpo_fast.config import TrainConfig
 from rpo_fast.debug import HostSyncs
 
-CONFIGS = ("single_gpu", "zero1_8bit", "zero2_8bit", "zero3_8bit")
-
-
-def mlp(layers: int, width: int = 48, seed: int = 0) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
-    mods = []
-    for _ in range(layers):
-        mods += [torch.nn.Linear(width, width), torch.nn.GELU()]
-    return torch.nn.Sequential(*mods)
-
-
-def engine_for(config: str, model, *, grad_accum: int, optimizer="adamw8bit", clip=True, **ds_extra):
-    """The trainer's engine for ``configs/<config>.json`` in bf16 (one rank), ``ds_extra``'s sections merged into the
-    config file (a copy) before the trainer reads it."""
-    import json
-    import tempfile
-
-    from rpo_fast import distributed
-
-    distributed.init_distributed()
-    ds = json.loads((ROOT / "configs" / f"{config}.json").read_text())
-    if not clip:
-        ds["gradient_clipping"] = 0.0  # clipping rescales the sum: the comparison is of the sum itself
-    for key, value in ds_extra.items():
-        ds[key] = {**ds.get(key, {}), **value}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(ds, f)
-    cfg = TrainConfig(
-        ds_config=f.name, model="-", data="-", grad_accum=grad_accum, micro_batch_size=1, mixed_precision="bf16",
-        optimizer=optimizer,
-    )  # fmt: skip
-    engine, _ = E.build_engine(model, cfg, E.read_ds_config(cfg, 1), 1e-3)
-    return engine
-
-
-def micro_batches(n: int, width: int = 48):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(8, width, generator=g).to(torch.bfloat16) for _ in range(n)]
-
-
-def loss_of(out: torch.Tensor) -> torch.Tensor:
-    return out.float().pow(2).mean()
-
-
 # --------------------------------------------------------------------------------------------------
 # fp32 gradient accumulation
 # --------------------------------------------------------------------------------------------------
 
 
-def accumulated_gradient(config: str, steps: int, **ds_extra) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what the optimizer receives after ``steps`` micro-steps, the float64 sum of the same micro-steps' bf16
-    gradients computed alone). The client optimizer's step is intercepted; its parameters (flat fp32 partitions in
-    the model's order, padded at the end) are read as one vector."""
-    model = mlp(2)
-    twin = mlp(2).to(torch.bfloat16)  # the same weights, rounded as DeepSpeed rounds them
-    engine = engine_for(config, model, grad_accum=steps, optimizer="adamw", clip=False, **ds_extra)
-    client = engine.optimizer.optimizer
-    seen = []
-    step = client.step
-
-    def intercept(*args, **kwargs):
-        seen.append(torch.cat([p.grad.double().flatten() for g in client.param_groups for p in g["params"]]))
-        return step(*args, **kwargs)
-
-    client.step = intercept
-    want = [torch.zeros_like(p, dtype=torch.float64) for p in twin.parameters()]
-    for x in micro_batches(steps):
-        engine.backward(loss_of(engine(x)))
-        engine.step()
-        twin.zero_grad()
-        (loss_of(twin(x)) / steps).backward()  # DeepSpeed divides the loss by the accumulation steps
-        for w, p in zip(want, twin.parameters()):
-            w += p.grad.double()
-    want = torch.cat([w.flatten() for w in want])
-    assert len(seen) == 1
-    return seen[0][: want.numel()], want
-
-
 def test_every_shipped_config_accumulates_in_fp32():
     """64 micro-steps' gradients against their float64 sum, relative L2 error: ZeRO-2 (single_gpu, zero2) and ZeRO-3
-    within 1e-6 (measured 4e-9: fp32 rounding of the sum); ZeRO-1 (DeepSpeed's BF16_Optimizer) within 3e-3, and not
-    growing from 4 to 64 micro-steps (a 0.17% floor at any count, measured; a bf16 sum grows: 0.25% at 4, 0.77% at
-    64). The stage-0 config that shipped before (bf16 into param.grad: 0.77% at 64) fails the bound, and so does a
+    within 1e-6 (measured 5e-9: fp32 rounding of the sum); ZeRO-1 (DeepSpeed's BF16_Optimizer) within 3e-3, and not
+    growing from 4 to 64 micro-steps (a 0.15-0.17% floor at any count, measured; a bf16 sum grows: 0.23% at 4, 0.75%
+    at 64). The stage-0 config that shipped before (bf16 into param.grad: 0.75% at 64) fails the bound, and so does a
     config that asks for bf16 accumulation."""
-    errors = {}
-    for config in CONFIGS:
-        for steps in (4, 64):
-            have, want = accumulated_gradient(config, steps)
-            errors[config, steps] = ((have - want).norm() / want.norm()).item()
+    errors = {(config, n): accumulation_error(config, n) for config in CONFIGS for n in (4, 64)}
     for config in ("single_gpu", "zero2_8bit", "zero3_8bit"):
         assert errors[config, 64] < 1e-6, errors
     assert errors["zero1_8bit", 64] < 3e-3 and errors["zero1_8bit", 64] < 1.2 * errors["zero1_8bit", 4], errors
     with pytest.warns(UserWarning, match="add up in 16 bits"):
-        have, want = accumulated_gradient("zero2_8bit", 64, data_types={"grad_accum_dtype": "bf16"})
-    assert ((have - want).norm() / want.norm()).item() > 3e-3  # what the bound catches
+        bf16 = accumulation_error("zero2_8bit", 64, data_types={"grad_accum_dtype": "bf16"})
+    assert bf16 > 3e-3  # what the bound catches
     with pytest.raises(ValueError, match="ZeRO stage 0 accumulates"):
-        engine_for("single_gpu", mlp(1), grad_accum=4, zero_optimization={"stage": 0})
+        engine("single_gpu", mlp(1), 4, zero_optimization={"stage": 0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,31 +45,10 @@ def test_every_shipped_config_accumulates_in_fp32():
 # --------------------------------------------------------------------------------------------------
 
 
-def counted_step(config: str, layers: int, grad_accum: int = 2) -> HostSyncs:
-    """One whole optimizer step (micro-steps' forward and backward, engine.step with its overflow check, clipping and
-    the 8-bit update) after three warm-up steps, counted."""
-    engine = engine_for(config, mlp(layers), grad_accum=grad_accum)
-
-    def step():
-        for x in micro_batches(grad_accum):
-            engine.backward(loss_of(engine(x)))
-            engine.step()
-
-    for _ in range(3):
-        step()
-    with HostSyncs() as counted:
-        step()
-    return counted
-
-
 def test_host_reads_and_synchronizes_per_step_do_not_grow_with_the_parameters(capsys):
     """2 and 8 layers (4 and 16 parameter tensors): the same counts, at most 3 reads and 1 synchronize per optimizer
     step for single_gpu, ZeRO-1 and ZeRO-2 (stage 0 made N + 3 and N); ZeRO-3's counted too, and printed."""
-    table = {}
-    for config in CONFIGS:
-        for layers in (2, 8):
-            c = counted_step(config, layers)
-            table[config, layers] = (len(c.reads), len(c.synchronizes))
+    table = {(config, layers): counts(config, layers) for config in CONFIGS for layers in (2, 8)}
     with capsys.disabled():
         print("\nreads, synchronizes per optimizer step:", table)
     for config in CONFIGS:
@@ -228,10 +132,10 @@ def test_a_run_with_the_group_limit_lowered_hands_no_kernel_more(monkeypatch):
     for config in ("single_gpu", "zero1_8bit", "zero2_8bit"):
         model = mlp(2, width=48)
         total = sum(p.numel() for p in model.parameters())
-        engine = engine_for(config, model, grad_accum=1)
+        eng = engine(config, model, 1)
         seen.clear()
-        engine.backward(loss_of(engine(micro_batches(1)[0])))
-        engine.step()
+        eng.backward(loss_of(eng(batches(1)[0])))
+        eng.step()
         assert seen and max(seen) <= 3000 < total, (config, seen)
         assert total <= sum(seen) <= total + 2 * len(seen), (config, seen)  # each group padded to an even size
 
