@@ -41,9 +41,9 @@ GPUS = (8, 64, 256)
 PER_NODE = 8
 INTER_GBPS, INTRA_GBPS = 45.0, 450.0
 PLANS = [  # (plan, ZeRO stage, ZeRO++, micro-steps per optimizer step, recompute)
-    ("stage 0 (`single_gpu.json`)", 0, False, 1, False),
+    ("stage 0", 0, False, 1, False),
     ("stage 0, `--grad-accum 16`", 0, False, 16, False),
-    ('stage 1 (`"stage": 1`), `--grad-accum 16`', 1, False, 16, False),
+    ("stage 1 (`zero1_8bit.json`), `--grad-accum 16`", 1, False, 16, False),
     ("stage 2 (`zero2_8bit.json`)", 2, False, 1, False),
     ("stage 2, `--grad-accum 16`", 2, False, 16, False),
     ("stage 3 (`zero3_8bit.json`)", 3, False, 1, False),
