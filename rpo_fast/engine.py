@@ -166,25 +166,27 @@ def reference_ds_config(policy: dict) -> dict:
     }
 
 
+def _groups(numels: list[int], limit: int) -> list[list[int]]:
+    """Indices of ``numels`` in consecutive groups of at most ``limit`` elements each."""
+    groups, size = [[]], 0
+    for i, n in enumerate(numels):
+        if n > limit:
+            raise ValueError(f"a parameter of {n:,} elements is more than an optimizer kernel takes ({limit:,})")
+        if size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return [g for g in groups if g]
+
+
 def parameter_groups(params, limit: int | None = None) -> list[dict]:
     """The trainable parameters in order, in consecutive groups of at most ``limit`` (``GROUP_ELEMENTS``) elements
     each: under ZeRO-1/2 no flat partition handed to an optimizer kernel can pass the int32 range, whatever the
     rank count."""
-    limit = GROUP_ELEMENTS if limit is None else limit
-    groups, size = [[]], 0
-    for p in params:
-        if not p.requires_grad:
-            continue
-        if p.numel() > limit:
-            raise ValueError(
-                f"a parameter of {p.numel():,} elements is more than an optimizer kernel takes ({limit:,})"
-            )
-        if size + p.numel() > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += p.numel()
-    return [{"params": g} for g in groups if g]
+    params = [p for p in params if p.requires_grad]
+    groups = _groups([p.numel() for p in params], GROUP_ELEMENTS if limit is None else limit)
+    return [{"params": [params[i] for i in g]} for g in groups]
 
 
 def largest_optimizer_call(numels: list[int], ds: dict, world: int, limit: int | None = None) -> int:
@@ -194,19 +196,12 @@ def largest_optimizer_call(numels: list[int], ds: dict, world: int, limit: int |
     parameter's partition ceil(n / world), a sub-group closed once it reaches sub_group_size)."""
     import math
 
-    limit = GROUP_ELEMENTS if limit is None else limit
     stage = zero_stage(ds)
     if stage == 0:
         return max(numels)
     if stage in (1, 2):
-        groups, size = [], 0
-        for n in numels:
-            if size + n > limit:
-                groups.append(size)
-                size = 0
-            size += n
-        groups.append(size)
-        return max(math.ceil(g / (2 * world)) * 2 for g in groups)
+        groups = _groups(numels, GROUP_ELEMENTS if limit is None else limit)
+        return max(math.ceil(sum(numels[i] for i in g) / (2 * world)) * 2 for g in groups)
     sub = int(ds["zero_optimization"].get("sub_group_size", 1_000_000_000_000))
     largest, size = 0, 0
     for n in numels:
