@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_utils import ResultTable, cpu_name  # noqa: E402
+from bench_utils import ResultTable, cpu_name, stage0_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (DeepSpeed config, recompute, option); stage0: single_gpu.json at stage 0, as it shipped before
@@ -90,11 +90,7 @@ def measure_here(a) -> dict:
     from rpo_fast.train import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        ds_config = ROOT / "configs" / f"{a.ds_config}.json"
-        if a.ds_config == "stage0":  # fp32 and one micro-step: stage 0 is still a config the trainer takes
-            ds = json.loads((ROOT / "configs" / "single_gpu.json").read_text()) | {"zero_optimization": {"stage": 0}}
-            ds_config = Path(out) / "stage0.json"
-            ds_config.write_text(json.dumps(ds))
+        ds_config = stage0_config(out) if a.ds_config == "stage0" else ROOT / "configs" / f"{a.ds_config}.json"
         cfg = TrainConfig(
             ds_config=str(ds_config),
             model=a.model,

@@ -99,6 +99,18 @@ def count_launches(fn) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def stage0_config(folder: Path) -> str:
+    """configs/single_gpu.json with ZeRO stage 0 (what the one-GPU config was before it became ZeRO-2 on one rank),
+    written into ``folder``: the plain engine others are compared with (fp32, or one micro-step: the trainer refuses
+    stage 0 with 16-bit accumulation)."""
+    ds = json.loads((ROOT.parent / "configs" / "single_gpu.json").read_text())
+    ds["zero_optimization"] = {"stage": 0}
+    path = Path(folder) / "stage0.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 def cpu_name() -> str:
     """'CPU: <model name>, <n> cores', for tables of CPU figures."""
     try:

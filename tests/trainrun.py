@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_utils import stage0_config  # noqa: F401 (the tests import it from here)
+
 from rpo_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,17 +53,6 @@ def train_config(runs, out, kind: str = "sd15", **kw):
 
     paths = dict(ds_config=str(ROOT / "configs" / "single_gpu.json"), model=str(runs[kind]))
     return TrainConfig(**(paths | dict(data=str(runs["root"] / f"cache_{kind}"), output=str(out)) | kw))
-
-
-def stage0_config(folder: Path) -> str:
-    """configs/single_gpu.json with ZeRO stage 0 (what the one-GPU config was before it became ZeRO-2 on one rank),
-    written into ``folder``: the plain engine the others are compared with."""
-    ds = json.loads((ROOT / "configs" / "single_gpu.json").read_text())
-    ds["zero_optimization"] = {"stage": 0}
-    path = Path(folder) / "stage0.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds))
-    return str(path)
 
 
 def in_process_trainer(runs, out, kind: str = "sd15", **kw):
