@@ -123,23 +123,23 @@ class FlowMatchingNoising:
         sampler's own step sits on the top edge of its interval (FLUX's u = 1 - i/N): 1e-3 of a timestep absorbs
         the fp32 rounding of t = 1000 s there."""
         T = self.num_train_timesteps
-        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
-        u = self.unshift(t.double() / T, self.tokens(shape))
+        u = self.unshift(t.double() / T, self.tokens(latent_shape))
         return ((u * T - 1e-3).ceil().long() - 1).clamp(0, T - 1)
 
-    def tokens(self, latent_shape) -> int:
-        """Transformer tokens of one latent (C, h, w) in patches of ``patch`` x ``patch``."""
-        return (latent_shape[-2] // self.patch) * (latent_shape[-1] // self.patch)
+    def tokens(self, latent_shape=None) -> int:
+        """Transformer tokens of one latent (C, h, w) in patches of ``patch`` x ``patch`` (None: the default
+        resolution's latent)."""
+        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
+        return (shape[-2] // self.patch) * (shape[-1] // self.patch)
 
     def sample_timesteps(self, gens, device, probs=None, latent_shape=None):
         """t = 1000 s (B,) fp32, one per pair from its generator: logit-normal, shifted (see the module doc)."""
         T = self.num_train_timesteps
-        shape = latent_shape if latent_shape is not None else self.dummy_latent_shape()
         if probs is not None:  # a point of the drawn sampler step (the module doc)
             u = (torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens]).double() + 0.5) / T
         else:
             u = torch.sigmoid(torch.cat([torch.randn(1, generator=g, device=device) for g in gens])).double()
-        return (self.shift(u, self.tokens(shape)) * T).float()
+        return (self.shift(u, self.tokens(latent_shape)) * T).float()
 
     def dummy_latent_shape(self) -> tuple[int, int, int]:
         vae = self.config("vae")
