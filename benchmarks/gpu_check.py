@@ -5,6 +5,8 @@
     python benchmarks/gpu_check.py matmul                the bf16 matmul rate: 8192^3 and UNet-like shapes
     python benchmarks/gpu_check.py step --kind sdxl --pairs 1 [--ds-config single_gpu] [--recompute selective]
         [--compile] [--baseline] [--profile]         one training-step configuration: per-phase times, peak memory
+    python benchmarks/gpu_check.py batch --budget SECONDS --steps-file FILE [--after-each COMMAND] < ROWS
+                                                         the rows ("LIMIT NAME STAGE ARGS...") in this one process
 
 With ``--dry`` (or on a machine without CUDA) every stage runs at tiny shapes on the CPU (the CI's check that the
 stages run end to end); its rows go to ``.benchmarks/`` (ignored by git), a GPU's to ``benchmarks/results/``.
@@ -22,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
+import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -370,12 +376,90 @@ def _table(name: str, title: str, key: tuple[str, ...], rows: list[dict]) -> Res
     return table
 
 
+# --------------------------------------------------------------------------------------------------
+# batch
+# --------------------------------------------------------------------------------------------------
+
+
+def batch(rows: list[str], *, budget: float, dry: bool, steps_file: Path, after_each: str | None = None) -> int:
+    """The ``batch`` stage: each row ("LIMIT NAME STAGE ARGS...") run as ``gpu_check.py STAGE ARGS`` in this one
+    process, so that a call's imports (8-15 s) are paid once, its model folders and FLOP counts are read from memory's
+    page cache, not rebuilt. Each row runs under its own limit (``LIMIT`` seconds, less where the batch's ``budget``
+    has less left): SIGALRM raises KeyboardInterrupt, the same as gpu_session.sh's SIGINT, so a stopped step writes
+    its row saying where. Each row appends "NAME rc=R seconds=S pid=P" to ``steps_file`` (rc 124: stopped by its
+    limit) and then runs ``after_each`` (the session's archive); between rows the process gets a clean slate (Dynamo
+    reset, ZeRO-3's replacement of ``F.linear`` undone, the GPU's cache emptied). Returns 1 if a row failed."""
+    deadline = time.monotonic() + budget
+    linear = torch.nn.functional.linear
+    failed = 0
+
+    def on_alarm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for line in rows:
+            limit, name, *argv = shlex.split(line)
+            left = deadline - time.monotonic()
+            if left < 30:
+                print(f"=== {name}: not started, {left:.0f}s left of the batch's budget", flush=True)
+                _record(steps_file, f"{name} not-started")
+                continue
+            limit = min(float(limit), left)
+            print(f"=== {name} (limit {limit:.0f}s, in process {os.getpid()}): {' '.join(argv)}", flush=True)
+            t0 = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, limit)
+            try:
+                main(argv + (["--dry"] if dry else []))
+                rc = 0
+            except SystemExit as e:  # a stage's own exit: 124 for a step stopped by its limit, a message otherwise
+                rc = e.code if isinstance(e.code, int) else 1
+                if not isinstance(e.code, int):
+                    print(e.code, flush=True)
+            except KeyboardInterrupt:
+                rc = 124
+                print(f"[gpu_check] {name} stopped by its time limit", flush=True)
+            except Exception:  # noqa: BLE001  # a failed row is the row's result: the next one still runs
+                import traceback
+
+                traceback.print_exc()
+                rc = 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            failed |= rc != 0
+            seconds = time.monotonic() - t0
+            print(f"=== {name}: rc {rc} after {seconds:.0f}s", flush=True)
+            _record(steps_file, f"{name} rc={rc} seconds={seconds:.0f} pid={os.getpid()}")
+            _clean_slate(linear)
+            if after_each:
+                subprocess.run(["bash", "-c", after_each], check=False)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return int(failed)
+
+
+def _record(steps_file: Path, line: str) -> None:
+    with open(steps_file, "a") as f:
+        f.write(line + "\n")
+
+
+def _clean_slate(linear) -> None:
+    """What one row leaves that the next must not see: Dynamo's compiled graphs, ZeRO-3's ``F.linear`` (it replaces it
+    for the whole process), the GPU memory the row's caching allocator holds, its peak."""
+    torch.nn.functional.linear = linear
+    torch._dynamo.reset()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 KINDS = list(B.KINDS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["models", "loss-check", "matmul", "step"])
+    ap.add_argument("stage", choices=["models", "loss-check", "matmul", "step", "batch"])
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument(
         "--backends", default=",".join(BACKENDS), help="loss-check: the loss backends, comma-separated (default: all)"
@@ -391,7 +475,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="also 3 profiled steps: top kernels, GPU-busy fraction")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=600.0, help="batch: the seconds all its rows may take")
+    ap.add_argument("--steps-file", type=Path, help="batch: the file each row's exit code and seconds go to")
+    ap.add_argument("--after-each", help="batch: a bash command run after each row (the session's archive)")
     a = ap.parse_args(argv)
+    if a.stage == "batch" and a.steps_file is None:
+        ap.error("batch needs --steps-file")
     if a.dry or not CUDA:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
     backends = tuple(b for b in a.backends.split(",") if b)
@@ -408,6 +497,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     a = parse_args(argv)
     dry = a.dry or not CUDA
+    if a.stage == "batch":
+        rows = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        sys.exit(batch(rows, budget=a.budget, dry=a.dry, steps_file=a.steps_file, after_each=a.after_each))
     stages = {
         "models": lambda: models(a.kinds, dry),
         "loss-check": lambda: loss_check(dry, a.backends),

@@ -17,8 +17,8 @@
 #   pays for it); the headline row, SDXL 1024px at 1 pair on the fast path (single_gpu.json, --recompute selective)
 #   with per-phase times, peak memory and 3 profiled steps; then the reference-script baseline.
 # call2 (260 s; a fresh machine spends about a minute of it on the install and the SDXL folder): the native
-#   backend's loss-check rows and its GPU tests with the CUDA-graph capture and FP8 on CUDA; SDXL at 1 pair with
-#   --reference-graphs (against call1's fast row).
+#   backend's loss-check rows; SDXL at 1 pair with --reference-graphs (against call1's fast row); the native
+#   backend's GPU tests with the CUDA-graph capture and FP8 on CUDA (pytest, a process of its own).
 # call3 (a later slot, 570 s): SDXL at 4 pairs with --recompute selective, with --fp8 (regional compile), plain,
 #   regional compile, regional with --compile-resnets; ZeRO-3 on one GPU at 1 pair.
 # call4 (a later slot, 405 s): SDXL at 4 pairs with --recompute full; SD1.5 at 512px, 1 pair; the loss
@@ -27,12 +27,15 @@
 #   FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
 #
-# Every step runs under its own time limit and the call's budget: no step runs past it, so a call ends with its
-# files saved; a step out of GPU memory writes its row with the peak memory. Benchmarks resume
-# (RPO_FAST_BENCH_RESUME=1): a configuration already measured at this commit is skipped. Each step row counts the
-# host syncs (CUDA's sync debug mode) and the device synchronizes of its timed steps. What a step pays beyond its
-# measurement: the imports (8-15 s) and the Trainer's build (the bf16 model load); the FLOP count is computed once per
-# model and recompute mode.
+# A call's gpu_check rows run in one process (`checks`, gpu_check.py's batch stage): the imports (8-15 s) are paid
+# once per call (CHECKS_START), not once per row, and the FLOP count once per model and recompute mode; a row pays its
+# Trainer's build (the bf16 model load) and its warm-up. Every row runs under its own time limit and the call's
+# budget: no row runs past it, so a call ends with its files saved; a row stopped at its limit or out of GPU memory
+# writes its row saying where, with the peak memory, and the next row runs. Each row's exit code, seconds and process
+# id go to work/steps.txt as it ends, and the tarball is rewritten after it: the first GPU run's steps.txt is the
+# measured cost the limits below should be set from. Benchmarks resume (RPO_FAST_BENCH_RESUME=1): a configuration
+# already measured at this commit is skipped. Each step row counts the host syncs (CUDA's sync debug mode) and the
+# device synchronizes of its timed steps.
 #
 # Writes to $OUT (default ./out): session.log (everything printed) and results.tar.gz (benchmarks/results/ and
 # work/: the environment, the junit XML of the tests, each step's exit code and time), the tarball rewritten after
@@ -40,9 +43,11 @@
 set -uo pipefail
 DRY=${RPO_FAST_GPU_DRY:-0}
 # PLAN: each call's budget in seconds; its step limits below add up to at most the budget less SETUP (the wheels'
-# install and import check, and the 15 s each step leaves before the deadline)
+# install and import check, and the 15 s each step leaves before the deadline) and CHECKS_START for each `checks`
+# (the one process's imports)
 declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [flow]=465)
 SETUP=45
+CHECKS_START=15
 DEFAULT_BUDGET=570
 [ $# = 1 ] && [ -n "${PLAN[$1]:-}" ] && DEFAULT_BUDGET=${PLAN[$1]}
 if [ "$DRY" = 1 ]; then
@@ -128,13 +133,19 @@ native_build() {  # the native backend (csrc/) compiles on the CPU while the GPU
     "$PY" -m rpo_fast.kernels.native > "$WORK/native-build.log" 2>&1 &
 }
 
-check() {  # check SECONDS NAME ARGS...: one stage of benchmarks/gpu_check.py
-    local limit=$1 name=$2
-    shift 2
+checks() {  # the rows on stdin ("LIMIT NAME STAGE ARGS..." of benchmarks/gpu_check.py) in one process: its imports
+    # paid once (CHECKS_START), each row under its own limit, its line in steps.txt and the archive after each
+    local name=$1 rows limit=$CHECKS_START row_limit _ left=$((DEADLINE - SECONDS - 15))
+    rows=$(cat)
+    while read -r row_limit _; do limit=$((limit + row_limit)); done <<< "$rows"
+    [ "$limit" -le "$left" ] || limit=$left
     local dry=()
     [ "$DRY" = 1 ] && dry=(--dry)
-    step "$limit" "$name" "$PY" benchmarks/gpu_check.py "$@" ${dry[@]+"${dry[@]}"}
+    step "$limit" "$name" "$PY" benchmarks/gpu_check.py batch --budget $((limit - 10)) --steps-file "$WORK/steps.txt" \
+        --after-each archive ${dry[@]+"${dry[@]}"} <<< "$rows"
 }
+export -f archive
+export OUT WORK
 
 FAILED=0
 for stage in "$@"; do
@@ -151,33 +162,42 @@ for stage in "$@"; do
         ;;
     call1)
         native_build
-        check 60 loss-check loss-check --backends eager,triton,compile
-        check 30 matmul matmul
-        check 90 models models --kinds sdxl  # the random SDXL folder, once per machine: no step pays for it
-        check 150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
-        check 110 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
+        checks call1-checks <<'EOF'
+50 loss-check loss-check --backends eager,triton,compile
+25 matmul matmul
+80 models models --kinds sdxl
+150 sdxl-1-fast step --kind sdxl --pairs 1 --profile
+105 sdxl-1-baseline step --kind sdxl --pairs 1 --baseline --recompute full
+EOF
         ;;
     call2)
         native_build  # nothing to do where call1's build finished on this machine
-        check 60 models models --kinds sdxl  # no time where call1's machine is still warm; else about a minute
-        check 45 native-check loss-check --backends native  # waits for the build (cpp_extension's lock)
+        # models: no time where call1's machine is still warm, else about a minute; native-check waits for the build
+        checks call2-checks <<'EOF'
+50 models models --kinds sdxl
+35 native-check loss-check --backends native
+50 sdxl-1-graphs step --kind sdxl --pairs 1 --reference-graphs
+EOF
         step 50 native-gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_graphs.py \
             tests/test_fp8.py -m gpu -k "native or test_graphs or test_fp8" --junitxml "$WORK/native-gpu.xml"
-        check 60 sdxl-1-graphs step --kind sdxl --pairs 1 --reference-graphs
         ;;
     call3)
-        check 120 models models --kinds sdxl
-        check 60 sdxl-4-selective step --kind sdxl --pairs 4 --recompute selective
-        check 75 sdxl-4-fp8 step --kind sdxl --pairs 4 --recompute none --compile-mode regional --fp8
-        check 60 sdxl-4-none step --kind sdxl --pairs 4 --recompute none
-        check 75 sdxl-4-regional step --kind sdxl --pairs 4 --recompute none --compile-mode regional
-        check 75 sdxl-4-resnets step --kind sdxl --pairs 4 --recompute none --compile-mode regional --compile-resnets
-        check 60 sdxl-1-zero3 step --kind sdxl --pairs 1 --ds-config zero3_8bit --recompute full
+        checks call3-checks <<'EOF'
+110 models models --kinds sdxl
+50 sdxl-4-selective step --kind sdxl --pairs 4 --recompute selective
+80 sdxl-4-fp8 step --kind sdxl --pairs 4 --recompute none --compile-mode regional --fp8
+50 sdxl-4-none step --kind sdxl --pairs 4 --recompute none
+80 sdxl-4-regional step --kind sdxl --pairs 4 --recompute none --compile-mode regional
+80 sdxl-4-resnets step --kind sdxl --pairs 4 --recompute none --compile-mode regional --compile-resnets
+50 sdxl-1-zero3 step --kind sdxl --pairs 1 --ds-config zero3_8bit --recompute full
+EOF
         ;;
     call4)
-        check 150 models models --kinds sdxl,sd15
-        check 60 sdxl-4-full step --kind sdxl --pairs 4 --recompute full  # the SDXL folder: call3's, or built here
-        check 60 sd15-1 step --kind sd15 --pairs 1
+        checks call4-checks <<'EOF'
+140 models models --kinds sdxl,sd15
+50 sdxl-4-full step --kind sdxl --pairs 4 --recompute full
+50 sd15-1 step --kind sd15 --pairs 1
+EOF
         if [ "$DRY" = 1 ]; then
             step 90 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py \
                 --benchmark
@@ -187,8 +207,10 @@ for stage in "$@"; do
         fi
         ;;
     flow)  # a later slot: the flow models' rows (FLUX's full states exceed one GPU: LoRA)
-        check 180 sd35m-1 step --kind sd3.5-medium --pairs 1 --recompute full
-        check 240 flux-1-lora step --kind flux.1-dev --pairs 1 --recompute full --lora-rank 16
+        checks flow-checks <<'EOF'
+170 sd35m-1 step --kind sd3.5-medium --pairs 1 --recompute full
+230 flux-1-lora step --kind flux.1-dev --pairs 1 --recompute full --lora-rank 16
+EOF
         ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -12,8 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = ("call1", "call2", "call3", "call4")
-STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline"]  # call1
-STEPS += ["models", "native-check", "native-gpu", "sdxl-1-graphs"]  # call2
+STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline", "call1-checks"]
+STEPS += ["models", "native-check", "sdxl-1-graphs", "call2-checks", "native-gpu"]
 STEPS += [
     "models",
     "sdxl-4-selective",
@@ -22,23 +22,29 @@ STEPS += [
     "sdxl-4-regional",
     "sdxl-4-resnets",
     "sdxl-1-zero3",
+    "call3-checks",
 ]
-STEPS += ["models", "sdxl-4-full", "sd15-1", "micro-sdxl-16-64"]  # call4
+STEPS += ["models", "sdxl-4-full", "sd15-1", "call4-checks", "micro-sdxl-16-64"]
+BATCHES = ("call1-checks", "call2-checks", "call3-checks", "call4-checks")  # each a process of its own
 
 
 def plan() -> tuple[dict[str, int], int, dict[str, list[tuple[str, int]]]]:
     """gpu_session.sh read as a plan: each call's budget (PLAN), the SETUP every call spends before and between its
-    steps, and each call's steps with their limits (the first number after ``check`` or ``step`` in its branch)."""
+    steps, and each call's steps with their limits: the first number after ``check`` or ``step``, and each row of a
+    ``checks`` batch (its lines "LIMIT NAME ..."), whose one process's start adds CHECKS_START."""
     import re
 
     text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     budgets = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A PLAN=\((.*)\)", text)[1])}
     setup = int(re.search(r"^SETUP=(\d+)", text, re.M)[1])
+    start = int(re.search(r"^CHECKS_START=(\d+)", text, re.M)[1])
     steps = {}
     for call in budgets:
         branch = re.search(rf"^    {call}\)(.*?)^        ;;", text, re.S | re.M)[1]
         branch = re.sub(r"if \[ \"\$DRY\" = 1 \]; then.*?else", "", branch, flags=re.S)  # the GPU's branch counts
-        steps[call] = [(name, int(limit)) for limit, name in re.findall(r"(?:check|step) (\d+) ([\w$\"-]+)", branch)]
+        rows = r"^\s*(?:(?:step|check) )?(\d+) ([\w$\"-]+)"
+        steps[call] = [(name, int(limit)) for limit, name in re.findall(rows, branch, re.M)]
+        steps[call] += [("(batch start)", start)] * len(re.findall(r"^\s*checks ", branch, re.M))
     return budgets, setup, steps
 
 
@@ -77,6 +83,12 @@ def test_gpu_session_runs_both_calls_in_dry_mode(tmp_path):
     lines = (tmp_path / "session" / "work" / "steps.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == STEPS, lines
     assert all(line.split()[1] == "rc=0" for line in lines), lines
+    # a call's rows share one process: its imports are paid once
+    pids = {}
+    for line in lines:
+        if "pid=" in line:
+            pids.setdefault(line.split("pid=")[1], []).append(line.split()[0])
+    assert len(pids) == len(BATCHES), pids
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         assert any(n.endswith("steps.txt") for n in tar.getnames())
     assert "GPU busy" in log  # the profiled step's summary
@@ -92,7 +104,7 @@ def test_the_flow_stage_runs_in_dry_mode(tmp_path):
     log = (tmp_path / "out" / "session.log").read_text()
     assert res.returncode == 0, log[-4000:]
     lines = (tmp_path / "session" / "work" / "steps.txt").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["sd35m-1", "flux-1-lora"], lines
+    assert [line.split()[0] for line in lines] == ["sd35m-1", "flux-1-lora", "flow-checks"], lines
     assert all(line.split()[1] == "rc=0" for line in lines), lines
 
 
@@ -120,6 +132,30 @@ def test_a_step_stopped_by_its_time_limit_keeps_a_row_saying_where(tmp_path, mon
     assert warmups == [1]
     assert row["error"].startswith("stopped by its time limit in the warmup phase after"), row
     assert row["build_s"] > 0 and "step_ms" not in row and row["side"] == "rpo_fast"
+
+
+@pytest.mark.bench
+def test_a_batch_row_past_its_limit_is_stopped_and_the_next_row_runs(tmp_path, monkeypatch):
+    """In a batch (a call's rows in one process) a row that runs past its own limit is stopped there (SIGALRM, the
+    same KeyboardInterrupt as the session's SIGINT), its row says where, and the next row runs in the same process;
+    each row's line in steps.txt has its exit code and the process id, and the after-each command runs per row."""
+    import time
+
+    import gpu_check
+
+    from rpo_fast.train import Trainer
+
+    monkeypatch.setenv("RPO_FAST_BENCH_MODELS", str(tmp_path))
+    monkeypatch.setattr(Trainer, "train_step", lambda self: time.sleep(60))
+    steps = tmp_path / "steps.txt"
+    rows = ["2 slow step --pairs 1 --recompute none", "30 matmul matmul"]
+    t0 = time.monotonic()
+    rc = gpu_check.batch(rows, budget=100, dry=True, steps_file=steps, after_each=f"echo x >> {tmp_path}/after")
+    assert rc == 1 and time.monotonic() - t0 < 45
+    slow, matmul = steps.read_text().splitlines()
+    assert slow.startswith("slow rc=124 ") and matmul.startswith("matmul rc=0 "), (slow, matmul)
+    assert slow.split("pid=")[1] == matmul.split("pid=")[1] == str(os.getpid())
+    assert (tmp_path / "after").read_text() == "x\nx\n"
 
 
 @pytest.mark.bench
