@@ -115,8 +115,15 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(default=False, **_help("the same as --recompute full"))
     mixed_precision: Literal[tuple(PRECISIONS)] = field(default="bf16", **_help("the engine's precision"))
-    ref_placement: Literal["replicated", "zero3"] = field(
-        default="replicated", **_help("a bf16 copy of the reference per rank, or sharded in its own ZeRO-3 engine")
+    ref_placement: Literal["replicated", "zero3", "precomputed"] = field(
+        default="replicated",
+        **_help(
+            "a bf16 copy of the reference per rank, sharded in its own ZeRO-3 engine, or none: its errors read from "
+            "--reference-table (python -m rpo_fast.reference)"
+        ),
+    )
+    reference_table: str | None = field(
+        default=None, **_help("with --ref-placement precomputed: the table of python -m rpo_fast.reference")
     )
     lora_rank: int = field(default=0, **_help("LoRA rank (0: train the whole denoiser); reference = no adapters"))
     lora_alpha: float | None = field(default=None, **_help("LoRA alpha (default: the rank)"))
@@ -286,8 +293,24 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
     check_reference_graphs(cfg, objective(cfg.objective).reference)
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
-    if cfg.lora_rank and cfg.ref_placement != "replicated":
+    if cfg.lora_rank and cfg.ref_placement == "zero3":
         raise ValueError("--lora-rank: the reference is the policy without its adapters; drop --ref-placement")
+    if (cfg.ref_placement == "precomputed") != (cfg.reference_table is not None):
+        raise ValueError("--ref-placement precomputed and --reference-table TABLE_DIR go together")
+    if cfg.ref_placement == "precomputed":
+        spec = objective(cfg.objective)
+        if not spec.reference:
+            raise ValueError(f"--objective {cfg.objective} uses no reference: drop --ref-placement precomputed")
+        if spec.score_terms:
+            raise ValueError(
+                f"--objective {cfg.objective} reads the reference's prediction itself, not only its errors: "
+                "a precomputed table cannot serve it (use --ref-placement replicated or zero3)"
+            )
+        if not (Path(cfg.data) / "index.json").exists():
+            raise ValueError(
+                "--ref-placement precomputed needs a cache as --data (python -m rpo_fast.cache): raw data has no "
+                "cache to key the table to"
+            )
     timed = [k for k, o in OBJECTIVE_TABLE.items() if o.timesteps]
     if cfg.timestep_sampling == "discounted" and cfg.objective not in timed:
         raise ValueError(f"--timestep-sampling discounted applies to --objective {', '.join(timed)}")

@@ -30,8 +30,9 @@ def _floating(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def validate_inputs(spec: Objective, x: LossInputs) -> None:
-    """Raise ``ValueError`` naming the problem; never broadcast silently. Costs no device sync."""
+def validate_inputs(spec: Objective, x: LossInputs, ref_errors: Tensor | None = None) -> None:
+    """Raise ``ValueError`` naming the problem; never broadcast silently. Costs no device sync. ``ref_errors``: the
+    reference's per-sample errors given in place of ``x.ref_pred`` (a precomputed table)."""
     name, model_pred, target, ref_pred = spec.name, x.model_pred, x.target, x.ref_pred
     _floating("model_pred", model_pred)
     _floating("target", target)
@@ -51,8 +52,20 @@ def validate_inputs(spec: Objective, x: LossInputs) -> None:
         )
         raise ValueError(f"{name}: model_pred has {odd} ({rows}); it must hold {layout.description}")
     if not spec.reference:
-        if ref_pred is not None:
+        if ref_pred is not None or ref_errors is not None:
             raise ValueError(f"objective {name!r} uses no reference model: pass ref_pred=None")
+    elif ref_errors is not None:
+        if ref_pred is not None:
+            raise ValueError("pass ref_pred or ref_errors, not both")
+        if spec.score_terms:
+            raise ValueError(
+                f"{name} reads the reference's prediction itself (its loss has a term in p - q), not only its "
+                "per-sample errors: it cannot train from ref_errors (a precomputed reference table)"
+            )
+        _floating("ref_errors", ref_errors)
+        if tuple(ref_errors.shape) != (rows,):
+            raise ValueError(f"ref_errors must be (rows,) = ({rows},), got shape {tuple(ref_errors.shape)}")
+        tensors["ref_errors"] = ref_errors
     else:
         if ref_pred is None:
             raise ValueError(f"{name} needs ref_pred, the frozen reference model's prediction")
@@ -126,6 +139,19 @@ def eager_loss(name: str, opts: dict[str, Any], *args: Tensor | None) -> tuple[T
     return out.loss, out.metrics
 
 
+def eager_loss_from_errors(
+    name: str, opts: dict[str, Any], x: LossInputs, ref_errors: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The eager loss with the reference's per-sample errors r_k given (a precomputed table) instead of its
+    prediction: m_k = mean_N (p_k - t_k)^2 accumulated in float64 and delta_k = m_k - r_k in float64 (r is stored in
+    float64), so the subtraction loses no digits the live path's one-expression delta keeps (m and r are about 1, the
+    logit scales delta by beta / 2). The loss and metrics are returned in float32, as every backend's."""
+    m = O.per_sample_errors(x.model_pred.double(), x.target.double()).m
+    r = ref_errors.detach().double()
+    out = OBJECTIVE_TABLE[name].eager(O.SampleErrors(m, r, m - r), x, opts)
+    return out.loss.float(), {k: v.float() for k, v in out.metrics.items()}
+
+
 class PreferenceLoss(nn.Module):
     """A preference objective for diffusion UNets, as one module.
 
@@ -151,6 +177,9 @@ class PreferenceLoss(nn.Module):
             only for epsilon-prediction (a v-prediction target depends on x_0). Keyword inputs: rpo needs
             ``embeds_w`` (B, D) (rows: winners) and ``embeds_l`` (B, D) (columns: losers); dense-dpo needs
             ``timesteps`` (B,) integers; dpo, dense-dpo and cal-dpo take optional ``weights`` (B,).
+            ``ref_errors`` (2B,): the reference's per-sample errors r_k = mean (q_k - t_k)^2 in place of ref_pred
+            (a precomputed table, ``python -m rpo_fast.reference``); the loss then runs eagerly from m - r in
+            float64, whatever the backend (every objective but dspo, which reads q itself).
         Returns ``LossOutput(loss, metrics)``: a scalar fp32 loss with gradient to ``model_pred`` only, and a
             dict of detached scalars: loss, implicit_acc, reward_margin, reward_w, reward_l, mse_w, mse_l,
             ref_mse_w, ref_mse_l (+ weight_diag for rpo; loss and mse_w for sft).
@@ -199,11 +228,14 @@ class PreferenceLoss(nn.Module):
         embeds_l: Tensor | None = None,
         weights: Tensor | None = None,
         timesteps: Tensor | None = None,
+        ref_errors: Tensor | None = None,
     ) -> LossOutput:
         args = LossInputs(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps)
-        validate_inputs(self.spec, args)
+        validate_inputs(self.spec, args, ref_errors)
         backend = self.backend_for(model_pred.device)
-        if backend == "triton":
+        if ref_errors is not None:
+            loss, metrics = eager_loss_from_errors(self.objective, self.options, args, ref_errors)
+        elif backend == "triton":
             from .kernels import fused_preference_loss
 
             try:

@@ -51,8 +51,9 @@ from rpo_fast.config import (  # noqa: E402
 )
 from rpo_fast.cuda_graphs import GraphedForward  # noqa: E402
 from rpo_fast.data.dataset import check_dataset, collate, open_dataset  # noqa: E402
-from rpo_fast.data.loader import PairSampler, PrefetchLoader  # noqa: E402
+from rpo_fast.data.loader import PairSampler, Pick, PrefetchLoader  # noqa: E402
 from rpo_fast.debug import FaultInjection  # noqa: E402
+from rpo_fast.draws import model_inputs, pair_seeds  # noqa: E402
 from rpo_fast.fp8 import convert_fp8  # noqa: E402
 from rpo_fast.logs import quiet_known_noise  # noqa: E402
 from rpo_fast.metrics import (  # noqa: E402
@@ -63,9 +64,9 @@ from rpo_fast.metrics import (  # noqa: E402
     progress_bar,
     run_environment,
 )
-from rpo_fast.models import cast_conditioning  # noqa: E402
 from rpo_fast.objectives import PAIRS, discounted_timestep_probs, objective  # noqa: E402
 from rpo_fast.recompute import apply_recompute  # noqa: E402
+from rpo_fast.reference import ReferenceTable, epochs_needed, load_reference, table_key  # noqa: E402
 from rpo_fast.seeding import seed_of  # noqa: E402
 
 LORA_INIT = -1  # the seed_of salt of the LoRA adapters' init (training pairs use 0, evaluation draws 1, 2, ...)
@@ -114,19 +115,31 @@ class Trainer:
         n_eval = min(cfg.eval_pairs, len(self.eval_dataset)) if cfg.eval_every else 0
         self.eval_set = list(range(n_eval))[self.rank :: self.world]
         self.empty = {k: v.to(self.device) for k, v in self.dataset.empty_prompt.items()}
+        self.table = None
+        if cfg.ref_placement == "precomputed":  # checked against this run before any model loads
+            self.table = ReferenceTable(cfg.reference_table)
+            self.table.check(
+                table_key(cfg, self.family, self.dataset, self.eval_dataset, self.device),
+                epochs=epochs_needed(
+                    cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum, len(self.dataset), self.world
+                ),
+                evaluates=bool(cfg.eval_every),
+            )
 
         # models
         policy = self._policy()
         self.n_params = sum(p.numel() for p in policy.parameters())
         self.n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         self.reference = None
-        if self.spec.reference and not cfg.lora_rank:
-            reference = self.family.load_denoiser(cfg.unet, dtype=self.dtype).eval()
-            self.family.set_attention(reference, cfg.attention)
-            if cfg.fuse_qkv:  # the policy's kernels: step 0 still ties
-                self.family.fuse_qkv(reference)
-            if cfg.fp8:  # likewise
-                convert_fp8(reference, recipe=cfg.fp8_recipe, emulate=self.device.type != "cuda")
+        if self.table is not None and cfg.lora_rank:
+            dropout = [n for n, m in policy.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            if dropout:
+                raise ValueError(
+                    f"--ref-placement precomputed with --lora-rank: the reference (the policy without its adapters) "
+                    f"runs with active dropout ({dropout[0]}, p > 0), so its errors are not a function of the draws"
+                )
+        if self.spec.reference and not cfg.lora_rank and self.table is None:
+            reference = load_reference(self.family, cfg, self.device)  # the policy's kernels: step 0 still ties
             # DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
             # reference takes the policy's buffers, so the two still tie at step 0
             policy_buffers = dict(policy.named_buffers())
@@ -222,7 +235,9 @@ class Trainer:
     def _summary(self) -> str:
         cfg = self.cfg
         reference = f"none ({cfg.objective})" if not self.spec.reference else cfg.ref_placement
-        if cfg.lora_rank:
+        if self.table is not None:
+            reference = f"precomputed ({self.table.folder}, {self.table.epochs} epochs)"
+        elif cfg.lora_rank:
             reference = "the policy without its adapters"
         resnets = " with the resnets" if cfg.compile_resnets else ""
         trained = f"{self.n_trainable / 1e6:.2f}M trained" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
@@ -243,52 +258,51 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- one step
-    def batch(self, picks: list[tuple[int, bool]], dataset=None) -> dict:
-        """The pairs ``picks`` ((index, mirrored twin)) of ``dataset`` (the training set by default), on the device."""
+    def batch(self, picks: list[Pick], dataset=None) -> dict:
+        """The pairs ``picks`` of ``dataset`` (the training set by default), on the device."""
         dataset = self.dataset if dataset is None else dataset
         with self.loader.lock:
-            items = [dataset.get(i, flip) for i, flip in picks]
+            items = [dataset.get(p.index, p.flip) for p in picks]
         return self.loader.to_device(collate(items))
 
-    def pair_seeds(self, step: int, indices: list[int], salt: int = 0) -> list[int]:
-        """One seed per pair: every random draw of a pair (latent sample, noise, timestep, caption drop) comes from
-        (seed, salt, step, pair index). The step is the RNG state (exact resume), and the draws do not depend on
-        which rank holds the pair (a 2-rank run and one process holding the concatenated batch see the same
-        noise)."""
-        return [seed_of(self.cfg.seed, salt, step, i) for i in indices]
+    def pair_seeds(self, picks: list[Pick], salt: int = 0) -> list[int]:
+        """One seed per pair, from (seed, salt, epoch, pair index) (``rpo_fast.draws``): a pair falls at most once in
+        an epoch, so its draws are known before the run starts, whatever the ranks, micro-batch and accumulation: a
+        2-rank run and one process holding the concatenated batch see the same noise, a resumed run the same draws,
+        and the reference's errors can be computed ahead (``python -m rpo_fast.reference``). Evaluation draws use
+        salt 1 + repeat and epoch 0."""
+        return pair_seeds(self.cfg.seed, picks, salt)
 
-    def forward_loss(self, batch: dict, seeds: list[int], *, train: bool = True):
-        """One concatenated forward per model ([winners; losers]) and the preference loss."""
-        fam, b, dev = self.family, batch["latent_mean"].shape[0], self.device
-        gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
-        shape = batch["latent_mean"].shape[1:]  # (2, C, h, w)
-        eps = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-        noise = torch.stack([torch.randn(shape[1:], generator=g, device=dev) for g in gens])
-        t = fam.sample_timesteps(gens, dev, self.timestep_probs, latent_shape=shape[1:])
-        u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
-        drop = u < (self.cfg.empty_caption_prob if train else 0.0)
-        z = batch["latent_mean"] + batch["latent_std"] * eps  # (B, 2, C, h, w): a sample of each latent distribution
-        x0 = fam.latents(z).transpose(0, 1).flatten(0, 1)  # (2B, C, h, w) [winners; losers]
-        noisy, target = fam.noisy_and_target(x0, noise, t)  # one noise draw and timestep per pair
-        noisy = noisy.to(self.dtype)
+    def forward_loss(self, batch: dict, seeds: list[int], *, train: bool = True, ref_errors=None):
+        """One concatenated forward per model ([winners; losers]) and the preference loss; ``ref_errors``: the
+        reference's per-sample errors from a precomputed table, in place of its forward."""
+        fam = self.family
+        x = model_inputs(
+            fam,
+            batch,
+            seeds,
+            dtype=self.dtype,
+            empty=self.empty,
+            drop_prob=self.cfg.empty_caption_prob if train else 0.0,
+            timestep_probs=self.timestep_probs,
+            pairs=self.spec.layout is PAIRS,  # else the winners only
+        )
         loss_fn = self.loss_fn if train else self.eval_loss_fn
-        pairs = self.spec.layout is PAIRS  # else the winners only
-        cond = cast_conditioning(fam.conditioning(batch, drop, self.empty, pairs=pairs), self.dtype)
-        if pairs:
-            t2 = t.repeat(2)
-        else:
-            noisy, target, t2 = noisy[:b], target[:b], t
-        ref = self.reference_forward(noisy, t2, cond) if self.spec.reference else None
-        pred = fam.predict(self.engine, noisy, t2, cond)
+        ref = None
+        if self.spec.reference and ref_errors is None:
+            ref = self.reference_forward(x.noisy, x.t_rows, x.cond)
+        pred = fam.predict(self.engine, x.noisy, x.t_rows, x.cond)
         kw = {}
         if self.spec.embeddings:
             from rpo_fast.embed import combine
 
             kw["embeds_w"] = combine(batch["clip_text"], batch["clip_image"][:, 0], self.cfg.embedding_mode)
             kw["embeds_l"] = combine(batch["clip_text"], batch["clip_image"][:, 1], self.cfg.embedding_mode)
-        if self.spec.timesteps:
-            kw["timesteps"] = fam.discount_timesteps(t, shape[1:])  # integers 0..T-1 whose k(t) is t's sampler step
-        return loss_fn(pred, target, ref, **kw)
+        if self.spec.timesteps:  # integers 0..T-1 whose k(t) is t's sampler step
+            kw["timesteps"] = fam.discount_timesteps(x.t, batch["latent_mean"].shape[2:])
+        if ref_errors is not None:
+            kw["ref_errors"] = ref_errors
+        return loss_fn(pred, x.target, ref, **kw)
 
     @torch.no_grad()
     def reference_forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -316,7 +330,8 @@ class Trainer:
         """One optimizer step: ``grad_accum`` micro-steps, their metrics added to ``self.metrics``."""
         for _ in range(self.cfg.grad_accum):
             picks, batch = self.loader.next()  # read ahead by the loader's thread
-            out = self.forward_loss(batch, self.pair_seeds(self.step, [i for i, _ in picks]))
+            table = self.table.train_errors(picks, self.device) if self.table is not None else None
+            out = self.forward_loss(batch, self.pair_seeds(picks), ref_errors=table)
             self.engine.backward(out.loss)
             self.debug.after_backward(self.engine, self.step)
             self.engine.step()  # an optimizer step at the accumulation boundary
@@ -345,8 +360,11 @@ class Trainer:
             # of pairs repeats one with weight 0
             real = self.eval_set[k * mb : (k + 1) * mb]
             idx = real or self.eval_set[:1]
-            batch = self.batch([(i, False) for i in idx], self.eval_dataset)
-            out = self.forward_loss(batch, self.pair_seeds(0, idx, salt=1 + rep), train=False)
+            picks = [Pick(i, False, 0) for i in idx]
+            table = self.table.eval_errors(rep, idx, self.device) if self.table is not None else None
+            out = self.forward_loss(
+                self.batch(picks, self.eval_dataset), self.pair_seeds(picks, 1 + rep), train=False, ref_errors=table
+            )
             names = sorted(out.metrics)
             vec = torch.stack([out.metrics[name] for name in names]) * len(real)
             sums = vec if sums is None else sums + vec

@@ -14,6 +14,7 @@ PACKAGE = str(Path(importlib.import_module("rpo_fast").__file__).parent)
 CLIS = (
     "rpo_fast.train",
     "rpo_fast.cache",
+    "rpo_fast.reference",
     "rpo_fast.evaluate",
     "rpo_fast.style_data",
     "rpo_fast.demo.__main__",

@@ -200,7 +200,7 @@ def test_embedder_spec_errors(tmp_path):
 def test_sampler_covers_each_pair_once_per_epoch_and_resumes():
     n = 23
     ranks = [PairSampler(n, seed=5, rank=r, world=2) for r in range(2)]
-    epoch = [i for s in ranks for i, _ in s.next_batch(11)]
+    epoch = [p.index for s in ranks for p in s.next_batch(11)]
     assert len(set(epoch)) == 22  # 11 each, disjoint, the tail of one dropped
     s = PairSampler(n, seed=5, twins=True)
     straight = s.next_batch(7) + s.next_batch(30)
@@ -210,8 +210,9 @@ def test_sampler_covers_each_pair_once_per_epoch_and_resumes():
     b = PairSampler(n, seed=5, twins=True)
     b.load_state_dict(state)
     assert first + b.next_batch(30) == straight
-    assert {i for i, _ in straight[:23]} == set(range(23))
-    assert any(f for _, f in straight) and not all(f for _, f in straight)
+    assert {p.index for p in straight[:23]} == set(range(23)) and {p.epoch for p in straight} == {0, 1}
+    assert [p.epoch for p in straight].index(1) == 23  # each pick names the epoch it falls in
+    assert any(p.flip for p in straight) and not all(p.flip for p in straight)
     with pytest.raises(ValueError, match="sampler state"):
         PairSampler(n + 1, seed=5).load_state_dict(state)
 

@@ -247,6 +247,7 @@ def test_readme_tables_are_the_flow_plan():
     readme = (T_ROOT / "README.md").read_text()
     assert flow_plan.family_table(m) in readme
     assert flow_plan.memory_table(m) in readme
+    assert flow_plan.memory_table(flow_plan.measure(flow_plan.UNETS, ("full",)), flow_plan.UNET_GPUS) in readme
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_the_step_needs_no_value_on_the_host(runs, tmp_path, objective):
     trainer.train_step()  # the first step builds what is built once
     picks, batch = trainer.loader.next()
     with HostSyncs() as syncs:
-        out = trainer.forward_loss(batch, trainer.pair_seeds(trainer.step, [i for i, _ in picks]))
+        out = trainer.forward_loss(batch, trainer.pair_seeds(picks))
         trainer.engine.backward(out.loss)
         trainer.metrics.add(out.metrics)
     trainer.close()

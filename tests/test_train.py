@@ -241,7 +241,7 @@ def test_discounted_sampling_applies_the_discount_once(runs, tmp_path):
         for p in trainer.engine.module.parameters():
             p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
     picks, batch = trainer.loader.next()
-    seeds = trainer.pair_seeds(0, [i for i, _ in picks])
+    seeds = trainer.pair_seeds(picks)
     beta = trainer.loss_opts["beta"]
     losses = {}
     for name, gamma in (("trainer", None), ("unweighted", 1.0), ("weighted", 0.9)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,13 +17,16 @@ from .readers import RawPair
 
 
 def model_fingerprint(family: ModelFamily) -> str:
-    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) of the family's model folder
-    (configs, and the size plus first and last MiB of each weight file: cheap on multi-GB files, and still tells
-    models apart)."""
-    model = family.path
+    """A hash of what the cache depends on: the VAE, text encoder(s) and tokenizer(s) of the family's model folder."""
+    return folder_fingerprint(family.path, ("vae", *family.encoder_folders))
+
+
+def folder_fingerprint(root: Path, subfolders) -> str:
+    """A hash of the files in ``root``'s ``subfolders``: their names, sizes and first and last MiB (cheap on multi-GB
+    weight files, and still tells models apart)."""
     h = hashlib.sha256()
-    for sub in ("vae", *family.encoder_folders):
-        folder = model / sub
+    for sub in subfolders:
+        folder = Path(root) / sub
         if not folder.is_dir():
             continue
         for f in sorted(folder.iterdir()):

@@ -4,11 +4,22 @@
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 
 from ..seeding import seed_of
 from .dataset import collate
+
+
+class Pick(NamedTuple):
+    """One pair of a batch: its index in the dataset, whether its mirrored twin is used, and the epoch it falls in.
+    A pair is drawn at most once per epoch, so (index, epoch) names each of its uses: the key of its random draws
+    (``Trainer.pair_seeds``) and of its reference errors in a precomputed table."""
+
+    index: int
+    flip: bool
+    epoch: int
 
 
 class PairSampler:
@@ -25,24 +36,30 @@ class PairSampler:
         self.epoch, self.position = 0, 0
         self._order = None
 
-    def _epoch_order(self) -> tuple[list[int], list[bool]]:
-        """This rank's pairs of the epoch and their twin flips, as Python lists (read once per epoch, not per batch)."""
-        g = torch.Generator().manual_seed(seed_of(self.seed, self.epoch))
+    def order_and_flips(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's permutation of all pairs and each pair's twin flip (indexed by pair), from (seed, epoch)."""
+        g = torch.Generator().manual_seed(seed_of(self.seed, epoch))
         perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         flips = torch.rand(self.n, generator=g) < 0.5 if self.twins else torch.zeros(self.n, dtype=torch.bool)
+        return perm, flips
+
+    def _epoch_order(self) -> tuple[list[int], list[bool]]:
+        """This rank's pairs of the epoch and their twin flips, as Python lists (read once per epoch, not per batch)."""
+        perm, flips = self.order_and_flips(self.epoch)
         per_rank = self.n // self.world
         mine = perm[self.rank :: self.world][:per_rank]
         return mine.tolist(), flips[mine].tolist()
 
-    def next_batch(self, size: int) -> list[tuple[int, bool]]:
-        """The next ``size`` (index, use_flip_twin) of this rank, crossing epoch boundaries as needed."""
+    def next_batch(self, size: int) -> list[Pick]:
+        """The next ``size`` picks of this rank, crossing epoch boundaries as needed."""
         out = []
         while len(out) < size:
             if self._order is None:
                 self._order = self._epoch_order()
             idx, flips = self._order
             take = min(size - len(out), len(idx) - self.position)
-            out += list(zip(idx[self.position : self.position + take], flips[self.position : self.position + take]))
+            span = slice(self.position, self.position + take)
+            out += [Pick(i, f, self.epoch) for i, f in zip(idx[span], flips[span])]
             self.position += take
             if self.position == len(idx):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
@@ -84,9 +101,9 @@ class PrefetchLoader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rpo_fast_prefetch") if depth else None
         self._state = sampler.state_dict()
 
-    def _read(self, picks: list[tuple[int, bool]]) -> dict:
+    def _read(self, picks: list[Pick]) -> dict:
         with self.lock:
-            batch = collate([self.dataset.get(i, flip) for i, flip in picks])
+            batch = collate([self.dataset.get(p.index, p.flip) for p in picks])
         if self.pin:
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         return batch

@@ -1,0 +1,207 @@
+"""The precomputed reference (rpo_fast/reference.py): the pass's table, the trainer without a reference model, and
+the checks that refuse a table made for other settings.
+
+Bound: at beta 5000 in fp32 the per-image implicit rewards h = -(beta / 2)(m - r), and so the pair logits, of a run
+reading the table agree with the live reference's within 1e-3 (the live path's delta comes from one fp32 expression,
+the table's from m and r accumulated in float64); the loss's gradient with respect to the policy's prediction agrees
+within 1e-4 of its largest element."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trainrun import in_process_trainer
+
+from rpo_fast.reference import ReferenceConfig, run_pass
+
+LOGIT_TOL = 1e-3  # absolute, on h_w, h_l and u at beta 5000, fp32
+GRAD_TOL = 1e-4  # relative to the largest element of the gradient with respect to the prediction
+
+
+def table_for(runs, folder: Path, kind: str = "sd15", **kw) -> Path:
+    """The pass on the ``runs`` fixture's cache of ``kind`` (fp32, the tests' trainer settings), into ``folder``."""
+    cfg = dict(
+        model=str(runs[kind]),
+        data=str(runs["root"] / f"cache_{kind}"),
+        reference_table=str(folder),
+        mixed_precision="no",
+        progress=False,
+        epochs=1,
+        batch_size=5,  # odd: the chunks do not divide the 48 pairs
+    )
+    return run_pass(ReferenceConfig(**(cfg | kw)))
+
+
+@pytest.fixture(scope="module")
+def sd15_table(runs, tmp_path_factory):
+    return table_for(runs, tmp_path_factory.mktemp("table") / "sd15")
+
+
+def _perturb(trainer, seed: int = 3) -> None:
+    """The same small change of the policy in every trainer built alike: the policy and the reference differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.engine.module.parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
+
+
+def _loss_and_grad(trainer, batch, seeds, ref_errors=None):
+    """The loss's metrics and its gradient with respect to the policy's prediction (a leaf: every parameter's gradient
+    is a linear function of it)."""
+    predict, leaf = trainer.family.predict, {}
+
+    def predict_leaf(model, *a, **kw):
+        out = predict(model, *a, **kw)
+        if model is trainer.engine:
+            leaf["pred"] = out = out.detach().requires_grad_(True)
+        return out
+
+    trainer.family.predict = predict_leaf
+    try:
+        out = trainer.forward_loss(batch, seeds, ref_errors=ref_errors)
+    finally:
+        trainer.family.predict = predict
+    (grad,) = torch.autograd.grad(out.loss, leaf["pred"])
+    return {k: float(v) for k, v in out.metrics.items()}, grad
+
+
+@pytest.mark.parametrize("objective", ["dpo", "rpo"])
+def test_the_table_gives_the_live_references_loss_and_gradient(runs, sd15_table, tmp_path, objective):
+    """SD1.5 in one process, beta 5000, fp32: the run reading the table and the run with the live reference give the
+    same implicit rewards (within LOGIT_TOL), loss and gradient (GRAD_TOL), on the same picks and draws; then the run
+    without a reference model trains steps of finite loss."""
+    kw = dict(objective=objective, max_steps=20, beta=5000.0)
+    live = in_process_trainer(runs, tmp_path / "live", **kw)
+    pre = in_process_trainer(runs, tmp_path / "pre", ref_placement="precomputed", reference_table=str(sd15_table), **kw)
+    assert live.reference is not None and pre.reference is None and "precomputed" in pre._summary()
+    for t in (live, pre):
+        _perturb(t)
+    for _ in range(3):
+        picks, batch = live.loader.next()
+        pre.loader.next()
+        seeds = live.pair_seeds(picks)
+        a, grad_a = _loss_and_grad(live, batch, seeds)
+        b, grad_b = _loss_and_grad(pre, batch, seeds, pre.table.train_errors(picks, pre.device))
+        for key in ("reward_w", "reward_l", "reward_margin"):
+            assert abs(a[key] - b[key]) <= LOGIT_TOL, (key, a[key], b[key])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
+        assert abs(a["ref_mse_w"] - b["ref_mse_w"]) <= 1e-6 * a["ref_mse_w"]
+        err = (grad_a - grad_b).abs().max() / grad_a.abs().max()
+        assert err <= GRAD_TOL, err
+        assert a["reward_margin"] != 0.0  # the policy was perturbed: the check compares something
+    pre.train_step()
+    assert np.isfinite(pre.metrics.mean(pre.device)["loss"])
+    live.close()
+    pre.close()
+
+
+def test_a_killed_pass_resumes_to_the_same_table(runs, sd15_table, tmp_path, monkeypatch):
+    """A pass killed after a few chunks keeps them (each written atomically) and, run again, computes only the rest:
+    its table equals the uninterrupted pass's, to the bit."""
+    import rpo_fast.reference as R
+
+    write, written = R._write_atomic, []
+
+    def dies_after_three(path, data):
+        if path.parent.name == "parts":
+            if len(written) == 3:
+                raise KeyboardInterrupt
+            written.append(path)
+        write(path, data)
+
+    monkeypatch.setattr(R, "_write_atomic", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        table_for(runs, tmp_path / "t")
+    monkeypatch.setattr(R, "_write_atomic", write)
+    assert len(list((tmp_path / "t" / "parts").glob("*.npy"))) == 3 and not (tmp_path / "t" / "COMPLETE").exists()
+    table_for(runs, tmp_path / "t")
+    for name in ("train.npy", "eval.npy"):
+        assert np.array_equal(np.load(tmp_path / "t" / name), np.load(sd15_table / name)), name
+
+
+# Each way a table can be made for other settings, as the run's or the pass's flags differ: (pass, run, the words).
+MISMATCHES = {
+    "seed": (dict(seed=1), {}, "--seed"),
+    "caption drop": (dict(empty_caption_prob=0.5), {}, "--empty-caption-prob"),
+    "timestep law": ({}, dict(objective="dense-dpo", timestep_sampling="discounted"), "the timestep law"),
+    "precision": ({}, dict(mixed_precision="bf16"), "precision"),
+    "kernels": (dict(fuse_qkv=True), {}, "kernels"),
+    "evaluation": ({}, dict(eval_every=5, eval_pairs=8), "evaluation pairs"),
+    "epochs": ({}, dict(max_steps=100), "rerun the pass with --epochs 5"),
+    "weights": ({}, dict(unet="OTHER_UNET"), "the reference's weights"),
+    "cache": ({}, dict(data="OTHER_CACHE"), "the cache"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MISMATCHES))
+def test_a_table_for_other_settings_is_refused_before_any_model_loads(runs, sd15_table, tmp_path, kind, monkeypatch):
+    """One error naming what differs, raised before the policy loads."""
+    from rpo_fast.models import ModelFamily
+
+    pass_kw, run_kw, words = MISMATCHES[kind]
+    table = table_for(runs, tmp_path / "t", **pass_kw) if pass_kw else sd15_table
+    if run_kw.get("unet") == "OTHER_UNET":  # a copy of the UNet with one weight changed
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        other = tmp_path / "unet"
+        shutil.copytree(runs["sd15"] / "unet", other)
+        (f,) = other.glob("*.safetensors")
+        w = load_file(f)
+        w[next(iter(w))].add_(1.0)
+        save_file(w, f)
+        run_kw = dict(unet=str(other))
+    if run_kw.get("data") == "OTHER_CACHE":
+        run_kw = dict(data=str(runs["root"] / "eval_sd15"), objective="dpo")
+
+    def no_load(*a, **kw):
+        raise AssertionError("a model was loaded before the table was checked")
+
+    monkeypatch.setattr(ModelFamily, "load_denoiser", no_load)
+    kw = dict(objective="dpo", max_steps=20) | run_kw
+    with pytest.raises(ValueError, match="--reference-table") as e:
+        in_process_trainer(runs, tmp_path / "run", ref_placement="precomputed", reference_table=str(table), **kw)
+    assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(objective="dspo"), "reads the reference's prediction itself"),
+        (dict(objective="sft"), "uses no reference"),
+        (dict(reference_table=None), "go together"),
+        (dict(data="RAW"), "needs a cache"),
+    ],
+)
+def test_what_a_table_cannot_serve_is_refused(runs, sd15_table, tmp_path, kw, words):
+    from trainrun import train_config
+
+    from rpo_fast.config import validate
+
+    if kw.get("data") == "RAW":
+        kw = dict(data=str(runs["root"] / "warm" / "pairs.jsonl"), resolution=32)
+    cfg = train_config(runs, tmp_path / "run", ref_placement="precomputed", reference_table=str(sd15_table))
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ValueError, match=words):
+        validate(cfg)
+
+
+def test_at_step_0_the_table_reads_log_2_within_the_bound(runs, sd15_table, tmp_path):
+    """Unchanged, the policy is the reference, but the table's r comes from another forward (the pass's batch of 5):
+    the loss is log 2 and every implicit reward 0 within LOGIT_TOL (the implicit accuracy reads the sign of rounding
+    noise, not 0.5)."""
+    import math
+
+    pre = in_process_trainer(
+        runs, tmp_path / "pre", max_steps=20, beta=5000.0, ref_placement="precomputed", reference_table=str(sd15_table)
+    )
+    picks, batch = pre.loader.next()
+    with torch.no_grad():
+        out = pre.forward_loss(batch, pre.pair_seeds(picks), ref_errors=pre.table.train_errors(picks, pre.device))
+    m = {k: float(v) for k, v in out.metrics.items()}
+    assert abs(m["loss"] - math.log(2)) <= LOGIT_TOL / 2 and abs(m["reward_w"]) <= LOGIT_TOL, m
+    assert abs(m["reward_l"]) <= LOGIT_TOL and 0.0 <= m["implicit_acc"] <= 1.0
+    pre.close()
