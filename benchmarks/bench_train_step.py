@@ -77,7 +77,7 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, peak
 
 
-def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: str, **flags):
+def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: str, max_steps: int = 10**6, **flags):
     """The TrainConfig of a benchmarked step: RPO on the cache, ``pairs`` per micro-step, ``configs/DS_CONFIG.json``,
     no export, progress bar or TensorBoard; ``flags`` are further TrainConfig fields."""
     from rpo_fast.config import TrainConfig
@@ -89,7 +89,7 @@ def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: s
         output=out,
         objective="rpo",
         micro_batch_size=pairs,
-        max_steps=10**6,
+        max_steps=max_steps,
         export=False,
         progress=False,
         tensorboard=False,

@@ -23,6 +23,8 @@
 #   regional compile, regional with --compile-resnets; ZeRO-3 on one GPU at 1 pair.
 # call4 (a later slot, 405 s): SDXL at 4 pairs with --recompute full; SD1.5 at 512px, 1 pair; the loss
 #   microbenchmark at SDXL latents, B = 16 and 64.
+# call5 (a later slot, 510 s): SDXL 1024px at 1 pair with the live reference and with a precomputed table (the
+#   reference pass over the step's cache first, its seconds in reference_pass_s): pairs/s and peak memory side by side.
 # flow (a later slot, 465 s): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full) and
 #   FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
@@ -45,7 +47,7 @@ DRY=${RPO_FAST_GPU_DRY:-0}
 # PLAN: each call's budget in seconds; its step limits below add up to at most the budget less SETUP (the wheels'
 # install and import check, and the 15 s each step leaves before the deadline) and CHECKS_START for each `checks`
 # (the one process's imports)
-declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [flow]=465)
+declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [call5]=510 [flow]=465)
 SETUP=45
 CHECKS_START=15
 DEFAULT_BUDGET=570
@@ -205,6 +207,13 @@ EOF
             step 90 micro-sdxl-16-64 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_preference_loss.py \
                 --benchmark -k "sdxl-16- or sdxl-64-" --benchmark-json "$WORK/micro-pytest-benchmark.json"
         fi
+        ;;
+    call5)  # a later slot: the reference computed ahead (python -m rpo_fast.reference) against the live one
+        checks call5-checks <<'EOF'
+140 models models --kinds sdxl
+150 sdxl-1-live step --kind sdxl --pairs 1 --recompute selective
+160 sdxl-1-precomputed step --kind sdxl --pairs 1 --recompute selective --ref-placement precomputed
+EOF
         ;;
     flow)  # a later slot: the flow models' rows (FLUX's full states exceed one GPU: LoRA)
         checks flow-checks <<'EOF'

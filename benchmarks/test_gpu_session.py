@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CALLS = ("call1", "call2", "call3", "call4")
+CALLS = ("call1", "call2", "call3", "call4", "call5")
 STEPS = ["loss-check", "matmul", "models", "sdxl-1-fast", "sdxl-1-baseline", "call1-checks"]
 STEPS += ["models", "native-check", "sdxl-1-graphs", "call2-checks", "native-gpu"]
 STEPS += [
@@ -25,7 +25,8 @@ STEPS += [
     "call3-checks",
 ]
 STEPS += ["models", "sdxl-4-full", "sd15-1", "call4-checks", "micro-sdxl-16-64"]
-BATCHES = ("call1-checks", "call2-checks", "call3-checks", "call4-checks")  # each a process of its own
+STEPS += ["models", "sdxl-1-live", "sdxl-1-precomputed", "call5-checks"]
+BATCHES = ("call1-checks", "call2-checks", "call3-checks", "call4-checks", "call5-checks")  # a process each
 
 
 def plan() -> tuple[dict[str, int], int, dict[str, list[tuple[str, int]]]]:

@@ -13,7 +13,8 @@ with bitsandbytes' 8-bit AdamW states (2 bytes: m and v at one byte each; the bl
     stage 2: 2 + (2 + 4 + 4 + 2) / N    (gradients too: DeepSpeed's 2 + 18/N with 8-bit states)
     stage 3: (2 + 2 + 4 + 4 + 2) / N + 4 x the largest layer (its gather buffer, as DeepSpeed's ZeRO-3 estimate)
 
-The reference: its bf16 weights, 2 bytes a parameter replicated, 2 / N sharded (``--ref-placement zero3``).
+The reference: its bf16 weights, 2 bytes a parameter replicated, 2 / N sharded (``--ref-placement zero3``), none with
+a precomputed table (``--ref-placement precomputed``: the plan's last column).
 Activations: one pair (2 images) per GPU with ``--recompute full``, from ``rpo_fast.recompute.step_cost``. A plan
 fits where states + reference + activations stay under 68 GB (80 GB less 15% for the allocator, the CUDA context and
 the block recomputed in backward); plans are tried in the order of least communication (stage 0 first), the
@@ -26,8 +27,9 @@ import tempfile
 from pathlib import Path
 
 MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")
+UNETS = ("sd15", "sdxl")  # the same memory plan for the UNets, at their recipes' resolutions (512, 1024 px)
 RESOLUTION = 1024
-GPUS = (8, 16, 64)
+GPUS = (4, 8, 16, 64)
 BUDGET = 0.85 * 80e9  # an 80 GB H100/A100 less 15% (allocator, CUDA context, the recomputed block's activations)
 STATE_BYTES = {"bf16 weights": 2, "bf16 grads": 2, "fp32 grads": 4, "fp32 master": 4, "8-bit AdamW": 2}
 T5_TOKENS = {"sd3": 256, "flux": 512}
@@ -64,24 +66,27 @@ def cache_bytes_per_pair(
     return latents + 2 * text * captions_per_pair + 3 * clip_dim * 2 + 8
 
 
-def measure() -> dict:
-    """Per model: parameters, largest layer, FLOPs of one 1024 px forward, activations and FLOPs per pair by
-    recompute choice."""
+def measure(models=MODELS, modes=None) -> dict:
+    """Per model: parameters, largest layer, FLOPs of one forward at the recipe's resolution, activations and FLOPs
+    per pair by recompute choice (``modes``: those counted, default all; the memory plan reads ``full``)."""
+    import torch
+
     from rpo_fast import testing as T
     from rpo_fast.models import load_family
     from rpo_fast.recompute import RECOMPUTE, step_cost
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in models:
             family = load_family(T.save_model_configs(Path(tmp) / name, name))
-            model = T.build_transformer(name, full=True, device="meta")
-            costs = {mode: step_cost(family, mode, rows=2) for mode in RECOMPUTE}
+            with torch.device("meta"):
+                model = family.denoiser_class().from_config(family.config(family.denoiser_folder))
+            costs = {mode: step_cost(family, mode, rows=2) for mode in modes or RECOMPUTE}
             out[name] = dict(
                 kind=family.name,
                 params=sum(p.numel() for p in model.parameters()),
                 largest=largest_layer(model),
-                forward_flops=costs["none"]["forward_flops"] / 2,
+                forward_flops=next(iter(costs.values()))["forward_flops"] / 2,  # the same in every mode
                 costs=costs,
             )
     return out
@@ -112,27 +117,32 @@ def family_table(m: dict) -> str:
     return "\n".join(rows)
 
 
-def memory_table(m: dict) -> str:
+def memory_table(m: dict, gpus=GPUS) -> str:
     rows = [
         "| model | GPUs | stage 0 | stage 1 | stage 2 | stage 3 | + reference replicated / sharded | "
-        "first to fit 68 GB with activations (stage, reference) |",
-        "|---|---|---|---|---|---|---|---|",
+        "first to fit 68 GB with activations (stage, reference) | the same with a precomputed reference (stage) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in m.items():
         act = r["costs"]["full"]["activation_bytes"]
-        for n in GPUS:
+        for n in gpus:
             states = [model_states(r["params"], r["largest"], s, n) for s in range(4)]
             ref = (reference_bytes(r["params"], False, n), reference_bytes(r["params"], True, n))
             plans = [(s, False) for s in range(4)] + [(3, True)]  # a sharded reference: with a ZeRO-3 policy
             fits = [
                 f"{s}, {'sharded' if sh else 'replicated'}" for s, sh in plans if states[s] + ref[sh] + act < BUDGET
             ]
+            alone = [str(s) for s in range(4) if states[s] + act < BUDGET]  # no reference on the GPU
             rows.append(
                 f"| {name} | {n} | "
                 + " | ".join(f"{b / 1e9:.1f} GB" for b in states)
-                + f" | {ref[0] / 1e9:.1f} / {ref[1] / 1e9:.1f} GB | {fits[0] if fits else 'no'} |"
+                + f" | {ref[0] / 1e9:.1f} / {ref[1] / 1e9:.1f} GB | {fits[0] if fits else 'no'} | "
+                + f"{alone[0] if alone else 'no'} |"
             )
     return "\n".join(rows)
+
+
+UNET_GPUS = (1, 8)
 
 
 if __name__ == "__main__":
@@ -140,3 +150,5 @@ if __name__ == "__main__":
     print(family_table(m))
     print()
     print(memory_table(m))
+    print()
+    print(memory_table(measure(UNETS, ("full",)), UNET_GPUS))
