@@ -42,6 +42,8 @@ def check_reference_graphs(cfg, has_reference: bool) -> None:
         raise ValueError(
             "--reference-graphs with --lora-rank: the reference is the policy itself, which changes every step"
         )
+    if cfg.ref_placement == "precomputed":
+        raise ValueError("--reference-graphs with --ref-placement precomputed: there is no reference forward to replay")
     if cfg.ref_placement != "replicated":
         raise ValueError(
             "--reference-graphs needs --ref-placement replicated (a ZeRO-3 reference gathers with collectives)"

@@ -3,8 +3,8 @@ the checks that refuse a table made for other settings.
 
 Bound: at beta 5000 in fp32 the per-image implicit rewards h = -(beta / 2)(m - r), and so the pair logits, of a run
 reading the table agree with the live reference's within 1e-3 (the live path's delta comes from one fp32 expression,
-the table's from m and r accumulated in float64); the loss's gradient with respect to the policy's prediction agrees
-within 1e-4 of its largest element."""
+the table's from m and r accumulated in float64); the loss within 1e-4 relative, and its gradient with respect to the
+policy's prediction within 1e-4 of its largest element."""
 
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from rpo_fast.reference import ReferenceConfig, run_pass
 
 LOGIT_TOL = 1e-3  # absolute, on h_w, h_l and u at beta 5000, fp32
 GRAD_TOL = 1e-4  # relative to the largest element of the gradient with respect to the prediction
+LOSS_RTOL = 1e-4  # cal-dpo's loss grows with h^2 (17 at these settings): 1.1e-5 relative measured
 
 
 def table_for(runs, folder: Path, kind: str = "sd15", **kw) -> Path:
@@ -36,6 +37,17 @@ def table_for(runs, folder: Path, kind: str = "sd15", **kw) -> Path:
 @pytest.fixture(scope="module")
 def sd15_table(runs, tmp_path_factory):
     return table_for(runs, tmp_path_factory.mktemp("table") / "sd15")
+
+
+@pytest.fixture(scope="module")
+def with_sd3(runs, tmp_path_factory):
+    """The ``runs`` fixture and a tiny SD3 pipeline with a synthetic cache of 24 pairs (a flow family)."""
+    from rpo_fast import testing as T
+
+    root = tmp_path_factory.mktemp("sd3")
+    model = T.save_tiny_pipeline(root / "sd3", "sd3")
+    T.write_synthetic_cache(model, runs["root"] / "cache_sd3", 24, resolution=32, embed_dim=16)
+    return dict(runs, sd3=model)
 
 
 def _perturb(trainer, seed: int = 3) -> None:
@@ -66,14 +78,30 @@ def _loss_and_grad(trainer, batch, seeds, ref_errors=None):
     return {k: float(v) for k, v in out.metrics.items()}, grad
 
 
-@pytest.mark.parametrize("objective", ["dpo", "rpo"])
-def test_the_table_gives_the_live_references_loss_and_gradient(runs, sd15_table, tmp_path, objective):
-    """SD1.5 in one process, beta 5000, fp32: the run reading the table and the run with the live reference give the
-    same implicit rewards (within LOGIT_TOL), loss and gradient (GRAD_TOL), on the same picks and draws; then the run
-    without a reference model trains steps of finite loss."""
-    kw = dict(objective=objective, max_steps=20, beta=5000.0)
-    live = in_process_trainer(runs, tmp_path / "live", **kw)
-    pre = in_process_trainer(runs, tmp_path / "pre", ref_placement="precomputed", reference_table=str(sd15_table), **kw)
+# (family, objective, the pass's and the run's further settings): every objective a table serves, on a UNet and a flow
+# family, the dense-dpo case with the discounted timestep law (the pass draws t as the run does)
+CASES = [
+    ("sd15", "dpo", {}),
+    ("sd15", "rpo", {}),
+    ("sdxl", "cal-dpo", {}),
+    ("sd3", "dense-dpo", dict(timestep_sampling="discounted")),
+]
+
+
+@pytest.mark.parametrize("kind, objective, extra", CASES, ids=[f"{k}-{o}" for k, o, _ in CASES])
+def test_the_table_gives_the_live_references_loss_and_gradient(with_sd3, tmp_path, kind, objective, extra):
+    """One process, beta 5000, fp32: the run reading the table and the run with the live reference give the same
+    implicit rewards (within LOGIT_TOL), loss and gradient (GRAD_TOL), on the same picks and draws; then the run
+    without a reference model trains a step of finite loss."""
+    runs = with_sd3
+    table = table_for(runs, tmp_path / "table", kind, objective=objective, **extra)
+    kw = dict(objective=objective, max_steps=10, beta=5000.0, **extra)
+    if kind == "sd3":
+        kw |= dict(model=str(runs["sd3"]), data=str(runs["root"] / "cache_sd3"))
+    live = in_process_trainer(runs, tmp_path / "live", kind, **kw)
+    pre = in_process_trainer(
+        runs, tmp_path / "pre", kind, ref_placement="precomputed", reference_table=str(table), **kw
+    )
     assert live.reference is not None and pre.reference is None and "precomputed" in pre._summary()
     for t in (live, pre):
         _perturb(t)
@@ -85,7 +113,7 @@ def test_the_table_gives_the_live_references_loss_and_gradient(runs, sd15_table,
         b, grad_b = _loss_and_grad(pre, batch, seeds, pre.table.train_errors(picks, pre.device))
         for key in ("reward_w", "reward_l", "reward_margin"):
             assert abs(a[key] - b[key]) <= LOGIT_TOL, (key, a[key], b[key])
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=1e-6), (a["loss"], b["loss"])
         assert abs(a["ref_mse_w"] - b["ref_mse_w"]) <= 1e-6 * a["ref_mse_w"]
         err = (grad_a - grad_b).abs().max() / grad_a.abs().max()
         assert err <= GRAD_TOL, err
@@ -205,3 +233,96 @@ def test_at_step_0_the_table_reads_log_2_within_the_bound(runs, sd15_table, tmp_
     assert abs(m["loss"] - math.log(2)) <= LOGIT_TOL / 2 and abs(m["reward_w"]) <= LOGIT_TOL, m
     assert abs(m["reward_l"]) <= LOGIT_TOL and 0.0 <= m["implicit_acc"] <= 1.0
     pre.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Several ranks, LoRA, resume
+# --------------------------------------------------------------------------------------------------
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+RPO_ARGS = ["--objective", "rpo", "--mixed-precision", "no", "--beta", "500", "--optimizer", "adamw", "--lr", "1e-3"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rpo_on_two_zero2_ranks_reads_the_table_resumes_exactly_and_equals_one_live_process(runs, tmp_path):
+    """RPO (global scope) on 2 ZeRO-2 ranks x 2 pairs with the table: its losses equal one process's with the live
+    reference on the same 4 pairs a step (rtol 1e-4, as the live 2-rank test: batched convolutions round differently
+    for 2 and 4 rows); killed after step 2 and resumed, its losses equal the uninterrupted run's to the bit. The
+    table was computed by the pass on 2 ranks (deepspeed --module) and equals the one-process pass's within 1e-6
+    (each rank's convolutions run on one thread, this process's on two: another summation order)."""
+    from trainrun import DEEPSPEED, ROOT, launch, train_rows
+
+    from rpo_fast.distributed import free_port
+
+    table = tmp_path / "table"
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rpo_fast.reference"]
+    cmd += ["--model", str(runs["sd15"]), "--data", str(runs["root"] / "cache_sd15"), "--reference-table", str(table)]
+    cmd += ["--mixed-precision", "no", "--no-progress", "--batch-size", "5"]
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    _ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT))
+    one = table_for(runs, tmp_path / "table-one")
+    for name in ("train.npy", "eval.npy"):  # the same chunks; the ranks run 1 thread each, this process 2
+        np.testing.assert_allclose(np.load(table / name), np.load(one / name), rtol=1e-6, err_msg=name)
+
+    zero2 = str(ROOT / "configs" / "zero2_8bit.json")
+    args = ["--ds_config", zero2, "--model", str(runs["sd15"]), "--data", str(runs["root"] / "cache_sd15")]
+    args += [*RPO_ARGS, "--micro-batch-size", "2", "--max-steps", "4", "--checkpoint-every", "2", "--log-every", "1"]
+    args += ["--no-progress", "--no-export", "--ref-placement", "precomputed", "--reference-table", str(table)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    res = _ok(launch([*args, "--output", str(straight)]))
+    assert "reference: precomputed" in res.stdout
+    res = launch([*args, "--output", str(killed), "--debug-exit-after-step", "2"])
+    assert res.returncode != 0 and (killed / "checkpoints" / "step-2" / "COMPLETE").exists()
+    _ok(launch([*args, "--output", str(killed), "--resume"]))
+    a, b = train_rows(straight), train_rows(killed)
+    for step in (1, 2, 3, 4):
+        assert a[step]["loss/loss"] == b[step]["loss/loss"], (step, a[step]["loss/loss"], b[step]["loss/loss"])
+
+    live = in_process_trainer(
+        runs, tmp_path / "live", objective="rpo", micro_batch_size=4, beta=500.0, lr=1e-3, max_steps=4
+    )
+    losses = []
+    for _ in range(2):
+        live.train_step()
+        losses.append(live.metrics.mean(live.device)["loss"])
+        live.metrics = type(live.metrics)()
+    live.close()
+    assert a[1]["loss/loss"] == pytest.approx(losses[0], rel=1e-5)
+    assert a[2]["loss/loss"] == pytest.approx(losses[1], rel=1e-4)
+    assert abs(a[2]["loss/loss"] - a[1]["loss/loss"]) > 1e-4  # the update moved the policy: step 2 compares it
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_lora_dpo_on_two_zero3_ranks_reads_the_base_models_table(runs, sd15_table, tmp_path):
+    """DPO with LoRA on 2 ZeRO-3 ranks x 2 pairs reading the table (the base model's errors): its losses equal one
+    process's with the live reference (the policy without its adapters) on the same 4 pairs (rtol 1e-4)."""
+    from trainrun import ZERO3, launch, train_rows
+
+    args = ["--ds_config", str(ZERO3), "--model", str(runs["sd15"]), "--data", str(runs["root"] / "cache_sd15")]
+    args += ["--objective", "dpo", "--mixed-precision", "no", "--optimizer", "adamw", "--lr", "1e-2"]
+    args += ["--lora-rank", "4", "--micro-batch-size", "2", "--max-steps", "2", "--log-every", "1"]
+    args += ["--no-progress", "--no-export", "--output", str(tmp_path / "two")]
+    res = _ok(launch([*args, "--ref-placement", "precomputed", "--reference-table", str(sd15_table)]))
+    assert "LoRA rank 4" in res.stdout and "reference: precomputed" in res.stdout
+    two = train_rows(tmp_path / "two")
+    live = in_process_trainer(runs, tmp_path / "live", micro_batch_size=4, lr=1e-2, lora_rank=4, max_steps=2)
+    losses = []
+    for _ in range(2):
+        live.train_step()
+        losses.append(live.metrics.mean(live.device)["loss"])
+        live.metrics = type(live.metrics)()
+    live.close()
+    # step 1: the live run ties exactly (log 2); the table's r comes from another forward (beta 5000: LOGIT_TOL)
+    assert abs(two[1]["loss/loss"] - losses[0]) <= LOGIT_TOL
+    assert two[2]["loss/loss"] == pytest.approx(losses[1], rel=1e-4)
+    assert abs(two[2]["loss/loss"] - two[1]["loss/loss"]) > 1e-4
