@@ -22,12 +22,14 @@ Writes ``benchmarks/results/reference-cpu.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_train_step as B
 import torch
 from bench_utils import ResultTable, cpu_name
 
@@ -67,12 +69,8 @@ def numerics_random(dtype: torch.dtype) -> dict:
 def numerics_trainer(precision: str, root: Path) -> dict:
     """A tiny SD1.5 run reading a table against the run with the live reference, 3 micro-batches of 2 pairs: the
     largest |h_live - h_table| of the mean implicit rewards (each micro-batch's reward_w, reward_l) and the loss's."""
-    import os
-
     from rpo_fast import testing as T
-    from rpo_fast.config import TrainConfig
     from rpo_fast.reference import ReferenceConfig, run_pass
-    from rpo_fast.train import Trainer
 
     model = root / "sd15"
     if not model.exists():
@@ -88,29 +86,10 @@ def numerics_trainer(precision: str, root: Path) -> dict:
             batch_size=5,
         )
     )
-    base = dict(
-        ds_config=str(ROOT / "configs" / "single_gpu.json"),
-        model=str(model),
-        data=str(root / "cache"),
-        objective="dpo",
-        beta=BETA,
-        micro_batch_size=2,
+    live, pre = live_and_table(
+        model, root / "cache", table, root / precision, 2, objective="dpo", beta=BETA, mixed_precision=precision,
         max_steps=6,
-        optimizer="adamw",
-        mixed_precision=precision,
-        export=False,
-        progress=False,
-        tensorboard=False,
-    )
-    live = Trainer(TrainConfig(**base, output=str(root / f"live-{precision}")))
-    pre = Trainer(
-        TrainConfig(
-            **base,
-            output=str(root / f"pre-{precision}"),
-            ref_placement="precomputed",
-            reference_table=str(table),
-        )
-    )
+    )  # fmt: skip
     g = torch.Generator().manual_seed(3)
     noise = [0.02 * p.abs().mean() * torch.randn(p.shape, generator=g) for p in live.engine.module.parameters()]
     with torch.no_grad():
@@ -124,18 +103,38 @@ def numerics_trainer(precision: str, root: Path) -> dict:
             pre.loader.next()
             seeds = live.pair_seeds(picks)
             a = live.forward_loss(batch, seeds).metrics
-            b = pre.forward_loss(batch, seeds, ref_errors=pre.table.train_errors(picks, pre.device)).metrics
+            b = pre.forward_loss(batch, seeds, ref_errors=pre.table.train_errors(picks)).metrics
             worst["h"] = max(worst["h"], *(abs(float(a[k]) - float(b[k])) for k in ("reward_w", "reward_l")))
             worst["loss"] = max(worst["loss"], abs(float(a["loss"]) - float(b["loss"])))
-    live.close()
-    pre.close()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    close(live, pre)
     return dict(
         inputs=f"tiny SD1.5 trainer, {precision}, pass batch 5 vs micro-batch 2",
         max_logit_err_live_vs_table=worst["h"],
         loss_err=worst["loss"],
     )
+
+
+def live_and_table(model: Path, cache: Path, table: Path, out: Path, pairs: int, **flags):
+    """Two Trainers of the same step (``bench_train_step.bench_config``: RPO unless ``flags`` say otherwise, torch's
+    AdamW): one with the live replicated reference, one reading ``table``."""
+    from rpo_fast.train import Trainer
+
+    flags = dict(ds_config="single_gpu", max_steps=16, optimizer="adamw") | flags
+    live = Trainer(B.bench_config(model, cache, pairs, str(out / "live"), **flags))
+    pre = Trainer(
+        B.bench_config(
+            model, cache, pairs, str(out / "pre"), ref_placement="precomputed", reference_table=str(table), **flags
+        )
+    )
+    return live, pre
+
+
+def close(*trainers) -> None:
+    """Close the trainers and forget the one-process rank they set (the next Trainer of this process sets its own)."""
+    for t in trainers:
+        t.close()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
 
 
 def flops() -> list[dict]:
@@ -171,13 +170,10 @@ def flops() -> list[dict]:
 def step(steps: int, root: Path) -> dict:
     """The SDXL-structure skeleton, RPO, 1 pair, fp32: a step with the live reference and with the table, alternated
     in one process (medians of ``steps`` each after 2 warm-up steps), and the pass's images per second."""
-    import os
 
     from bench_host_overhead import build
 
-    from rpo_fast.config import TrainConfig
     from rpo_fast.reference import ReferenceConfig, run_pass
-    from rpo_fast.train import Trainer
 
     model, cache = build(root / "skeleton")
     ref = dict(model=str(model), data=str(cache), mixed_precision="no", progress=False, batch_size=8, epochs=2)
@@ -185,23 +181,7 @@ def step(steps: int, root: Path) -> dict:
     table = run_pass(ReferenceConfig(**ref, reference_table=str(root / "skeleton-table")))
     pass_s = time.perf_counter() - t0  # (its model load included)
     images = 2 * 8 * 2 + 2 * 8  # 2 epochs of 8 pairs and the evaluation's 8, two images each
-    base = dict(
-        ds_config=str(ROOT / "configs" / "single_gpu.json"),
-        model=str(model),
-        data=str(cache),
-        objective="rpo",
-        micro_batch_size=1,
-        max_steps=16,
-        mixed_precision="no",
-        optimizer="adamw",
-        export=False,
-        progress=False,
-        tensorboard=False,
-    )
-    live = Trainer(TrainConfig(**base, output=str(root / "step-live")))
-    pre = Trainer(
-        TrainConfig(**base, output=str(root / "step-pre"), ref_placement="precomputed", reference_table=str(table))
-    )
+    live, pre = live_and_table(model, cache, table, root / "step", 1, mixed_precision="no")
     times = {"live": [], "precomputed": []}
     for i in range(steps + 2):
         for name, t in (("live", live), ("precomputed", pre)):
@@ -209,10 +189,7 @@ def step(steps: int, root: Path) -> dict:
             t.train_step()
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
-    live.close()
-    pre.close()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    close(live, pre)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     return dict(
         live_ms_per_step=ms["live"],

@@ -77,9 +77,11 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, peak
 
 
-def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: str, max_steps: int = 10**6, **flags):
-    """The TrainConfig of a benchmarked step: RPO on the cache, ``pairs`` per micro-step, ``configs/DS_CONFIG.json``,
-    no export, progress bar or TensorBoard; ``flags`` are further TrainConfig fields."""
+def bench_config(
+    model: Path, cache: Path, pairs: int, out: str, *, ds_config: str, objective="rpo", max_steps=10**6, **flags
+):
+    """The TrainConfig of a benchmarked step: ``objective`` (RPO) on the cache, ``pairs`` per micro-step,
+    ``configs/DS_CONFIG.json``, no export, progress bar or TensorBoard; ``flags`` are further TrainConfig fields."""
     from rpo_fast.config import TrainConfig
 
     return TrainConfig(
@@ -87,7 +89,7 @@ def bench_config(model: Path, cache: Path, pairs: int, out: str, *, ds_config: s
         model=str(model),
         data=str(cache),
         output=out,
-        objective="rpo",
+        objective=objective,
         micro_batch_size=pairs,
         max_steps=max_steps,
         export=False,

@@ -6,11 +6,11 @@
 
 Every draw of a pair is a function of (seed, pair, epoch) (``rpo_fast.draws``), so the reference's error on each image
 of each (pair, epoch) a run can use is known before it starts: r_k = mean_N (q_k - t_k)^2 over the latent, q the
-reference's prediction, t the target, accumulated and stored in float64. The pass computes them for ``--epochs``
-epochs of the training cache (twin flips included) and for the evaluation's fixed draws (``--eval-pairs`` x
-``--eval-repeats``), inference only, in large batches; the trainer then loads no reference model and the loss sees
-delta = m - r (``PreferenceLoss(ref_errors=...)``). Every objective that needs only r trains from it: dpo, rpo,
-dense-dpo, cal-dpo (not dspo, which reads q itself).
+reference's prediction, t the target, accumulated and stored in float64. The pass computes them for ``--epochs`` epochs
+of the training cache (twin flips included) and for the evaluation's fixed draws (``--eval-pairs`` x
+``--eval-repeats``), inference only, in batches of ``--batch-size`` pairs, compiled with ``--compile``; the trainer then
+loads no reference model and the loss sees delta = m - r (``PreferenceLoss(ref_errors=...)``). Every objective that
+needs only r trains from it: dpo, rpo, dense-dpo, cal-dpo (not dspo, which reads q itself).
 
 The table is the folder TABLE_DIR: ``settings.json`` (its key, written first), ``parts/`` (one file per chunk of
 pairs, each written atomically: a killed pass resumes from the chunks it finished), then ``train.npy`` (epochs, pairs,
@@ -61,6 +61,10 @@ class ReferenceConfig:
         default=1, metadata=dict(help="epochs of the cache to cover (a run needs max steps x pairs per step / pairs)")
     )
     batch_size: int = field(default=8, metadata=dict(help="pairs per reference forward"))
+    compile: bool = field(
+        default=False,
+        metadata=dict(help="torch.compile the reference's forward (its rounding differs from the run's eager forward)"),
+    )
     unet: _T["unet"] = _same("unet")
     objective: _T["objective"] = _same("objective")
     gamma: _T["gamma"] = _same("gamma")
@@ -73,6 +77,7 @@ class ReferenceConfig:
     fuse_qkv: _T["fuse_qkv"] = _same("fuse_qkv")
     fp8: _T["fp8"] = _same("fp8")
     fp8_recipe: _T["fp8_recipe"] = _same("fp8_recipe")
+    compile_backend: _T["compile_backend"] = _same("compile_backend")
     eval_pairs: _T["eval_pairs"] = _same("eval_pairs")
     eval_repeats: _T["eval_repeats"] = _same("eval_repeats")
     eval_data: _T["eval_data"] = _same("eval_data")
@@ -196,13 +201,14 @@ class ReferenceTable:
                 f"reaches epoch {epochs}: rerun the pass with --epochs {epochs}"
             )
 
-    def train_errors(self, picks: list[Pick], device) -> torch.Tensor:
-        """(2B,) [winners; losers] of the picks' (pair, epoch) entries."""
+    def train_errors(self, picks: list[Pick]) -> torch.Tensor:
+        """(2B,) [winners; losers] of the picks' (pair, epoch) entries, on the CPU (the loader copies them)."""
         rows = self.train[[p.epoch for p in picks], [p.index for p in picks]]
-        return rows.T.reshape(-1).to(device)
+        return rows.T.reshape(-1).contiguous()
 
-    def eval_errors(self, repeat: int, indices: list[int], device) -> torch.Tensor:
-        return self.eval[repeat, indices].T.reshape(-1).to(device)
+    def eval_errors(self, repeat: int, indices: list[int]) -> torch.Tensor:
+        """(2B,) of the evaluation's fixed draws ``repeat`` of pairs ``indices``, on the CPU."""
+        return self.eval[repeat, indices].T.reshape(-1).contiguous()
 
 
 def epochs_needed(max_steps: int, pairs_per_rank_step: int, pairs: int, world: int) -> int:
@@ -269,6 +275,7 @@ def run_pass(cfg: ReferenceConfig) -> Path:
 
     dtype = PRECISIONS[cfg.mixed_precision]
     reference = load_reference(family, cfg, device).to(device)
+    forward = torch.compile(reference, backend=cfg.compile_backend) if cfg.compile else reference
     empty = {k: v.to(device) for k, v in dataset.empty_prompt.items()}
     law = key["timesteps"]
     probs = None
@@ -310,7 +317,7 @@ def run_pass(cfg: ReferenceConfig) -> Path:
             timestep_probs=probs,
         )
         with torch.inference_mode():
-            q = family.predict(reference, x.noisy, x.t_rows, x.cond)
+            q = family.predict(forward, x.noisy, x.t_rows, x.cond)
         r = per_sample_errors(q.double(), x.target.double()).m  # (2B,) [winners; losers]
         buf = r.view(2, -1).T.contiguous().cpu().numpy()  # (B, 2)
         _write_atomic(_part(out, kind, e, start, end), _npy(buf))

@@ -5,13 +5,13 @@
         --objective rpo --output runs/rpo
     python rpo_fast/train.py ...                     (one process)
 
-The policy trains under DeepSpeed with bitsandbytes' 8-bit AdamW as a client optimizer. The frozen reference is a
-bf16 copy on every rank, or its own ZeRO-3 inference engine (``--ref-placement zero3``), or with ``--lora-rank``
-the policy itself with its adapters disabled. Winners and losers go through each model in ONE concatenated
-forward. Data comes from the cache of ``python -m rpo_fast.cache`` (or raw pairs for small runs, encoded on the
-fly). Checkpoints are DeepSpeed's, in ``OUTPUT/checkpoints/step-N`` with a COMPLETE marker written last;
-``--resume`` continues from the newest complete one. The trained UNet (or LoRA adapter) is exported to
-``OUTPUT/unet`` (``OUTPUT/lora``).
+The policy trains under DeepSpeed with bitsandbytes' 8-bit AdamW as a client optimizer. The frozen reference is a bf16
+copy on every rank, or its own ZeRO-3 inference engine (``--ref-placement zero3``), or with ``--lora-rank`` the policy
+itself with its adapters disabled, or none: its errors read from a table computed ahead (``--ref-placement
+precomputed``, ``python -m rpo_fast.reference``). Winners and losers go through each model in ONE concatenated forward.
+Data comes from the cache of ``python -m rpo_fast.cache`` (or raw pairs for small runs, encoded on the fly). Checkpoints
+are DeepSpeed's, in ``OUTPUT/checkpoints/step-N`` with a COMPLETE marker written last; ``--resume`` continues from the
+newest complete one. The trained UNet (or LoRA adapter) is exported to ``OUTPUT/unet`` (``OUTPUT/lora``).
 
 This file is the wiring and the loop: ``Trainer.__init__`` builds data, models, engine and loss in that order;
 ``train`` is the loop (step, log, evaluate, checkpoint). The components: ``config`` (flags and checks),
@@ -107,7 +107,6 @@ class Trainer:
         self.sampler = PairSampler(
             len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world, twins=self.dataset.has_twins
         )
-        self.loader = PrefetchLoader(self.dataset, self.sampler, cfg.micro_batch_size, self.device, depth=cfg.prefetch)
         if cfg.eval_data:  # at the training resolution
             self.eval_dataset = self._open(cfg.eval_data, "--eval-data", self.dataset.resolution)
         else:
@@ -125,6 +124,12 @@ class Trainer:
                 ),
                 evaluates=bool(cfg.eval_every),
             )
+        extra = None
+        if self.table is not None:  # each batch's reference errors, read and pinned by the loader with the batch
+            extra = lambda picks: {"ref_errors": self.table.train_errors(picks)}  # noqa: E731
+        self.loader = PrefetchLoader(
+            self.dataset, self.sampler, cfg.micro_batch_size, self.device, depth=cfg.prefetch, extra=extra
+        )
 
         # models
         policy = self._policy()
@@ -330,8 +335,7 @@ class Trainer:
         """One optimizer step: ``grad_accum`` micro-steps, their metrics added to ``self.metrics``."""
         for _ in range(self.cfg.grad_accum):
             picks, batch = self.loader.next()  # read ahead by the loader's thread
-            table = self.table.train_errors(picks, self.device) if self.table is not None else None
-            out = self.forward_loss(batch, self.pair_seeds(picks), ref_errors=table)
+            out = self.forward_loss(batch, self.pair_seeds(picks), ref_errors=batch.get("ref_errors"))
             self.engine.backward(out.loss)
             self.debug.after_backward(self.engine, self.step)
             self.engine.step()  # an optimizer step at the accumulation boundary
@@ -361,7 +365,7 @@ class Trainer:
             real = self.eval_set[k * mb : (k + 1) * mb]
             idx = real or self.eval_set[:1]
             picks = [Pick(i, False, 0) for i in idx]
-            table = self.table.eval_errors(rep, idx, self.device) if self.table is not None else None
+            table = self.table.eval_errors(rep, idx).to(self.device) if self.table is not None else None
             out = self.forward_loss(
                 self.batch(picks, self.eval_dataset), self.pair_seeds(picks, 1 + rep), train=False, ref_errors=table
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainrun import in_process_trainer
+from trainrun import in_process_trainer, step_losses
 
 from rpo_fast.reference import ReferenceConfig, run_pass
 
@@ -40,14 +40,15 @@ def sd15_table(runs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def with_sd3(runs, tmp_path_factory):
-    """The ``runs`` fixture and a tiny SD3 pipeline with a synthetic cache of 24 pairs (a flow family)."""
+def with_flows(runs, tmp_path_factory):
+    """The ``runs`` fixture and tiny SD3 and FLUX pipelines, each with a synthetic cache of 24 pairs."""
     from rpo_fast import testing as T
 
-    root = tmp_path_factory.mktemp("sd3")
-    model = T.save_tiny_pipeline(root / "sd3", "sd3")
-    T.write_synthetic_cache(model, runs["root"] / "cache_sd3", 24, resolution=32, embed_dim=16)
-    return dict(runs, sd3=model)
+    root, out = tmp_path_factory.mktemp("flows"), dict(runs)
+    for kind in ("sd3", "flux"):
+        out[kind] = T.save_tiny_pipeline(root / kind, kind)
+        T.write_synthetic_cache(out[kind], runs["root"] / f"cache_{kind}", 24, resolution=32, embed_dim=16)
+    return out
 
 
 def _perturb(trainer, seed: int = 3) -> None:
@@ -85,19 +86,20 @@ CASES = [
     ("sd15", "rpo", {}),
     ("sdxl", "cal-dpo", {}),
     ("sd3", "dense-dpo", dict(timestep_sampling="discounted")),
+    ("flux", "dpo", {}),
 ]
 
 
 @pytest.mark.parametrize("kind, objective, extra", CASES, ids=[f"{k}-{o}" for k, o, _ in CASES])
-def test_the_table_gives_the_live_references_loss_and_gradient(with_sd3, tmp_path, kind, objective, extra):
+def test_the_table_gives_the_live_references_loss_and_gradient(with_flows, tmp_path, kind, objective, extra):
     """One process, beta 5000, fp32: the run reading the table and the run with the live reference give the same
     implicit rewards (within LOGIT_TOL), loss and gradient (GRAD_TOL), on the same picks and draws; then the run
     without a reference model trains a step of finite loss."""
-    runs = with_sd3
+    runs = with_flows
     table = table_for(runs, tmp_path / "table", kind, objective=objective, **extra)
     kw = dict(objective=objective, max_steps=10, beta=5000.0, **extra)
-    if kind == "sd3":
-        kw |= dict(model=str(runs["sd3"]), data=str(runs["root"] / "cache_sd3"))
+    if kind in ("sd3", "flux"):
+        kw |= dict(model=str(runs[kind]), data=str(runs["root"] / f"cache_{kind}"))
     live = in_process_trainer(runs, tmp_path / "live", kind, **kw)
     pre = in_process_trainer(
         runs, tmp_path / "pre", kind, ref_placement="precomputed", reference_table=str(table), **kw
@@ -110,7 +112,7 @@ def test_the_table_gives_the_live_references_loss_and_gradient(with_sd3, tmp_pat
         pre.loader.next()
         seeds = live.pair_seeds(picks)
         a, grad_a = _loss_and_grad(live, batch, seeds)
-        b, grad_b = _loss_and_grad(pre, batch, seeds, pre.table.train_errors(picks, pre.device))
+        b, grad_b = _loss_and_grad(pre, batch, seeds, pre.table.train_errors(picks))
         for key in ("reward_w", "reward_l", "reward_margin"):
             assert abs(a[key] - b[key]) <= LOGIT_TOL, (key, a[key], b[key])
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=1e-6), (a["loss"], b["loss"])
@@ -146,6 +148,57 @@ def test_a_killed_pass_resumes_to_the_same_table(runs, sd15_table, tmp_path, mon
     table_for(runs, tmp_path / "t")
     for name in ("train.npy", "eval.npy"):
         assert np.array_equal(np.load(tmp_path / "t" / name), np.load(sd15_table / name)), name
+
+
+def test_a_compiled_pass_gives_the_eager_table(runs, sd15_table, tmp_path):
+    """--compile (here Dynamo with the aot_eager backend: no C++ build on a CPU) computes the same errors as the eager
+    pass within 1e-6 (another kernel order rounds differently; well inside the logit bound at beta 5000)."""
+    import torch._dynamo
+
+    table = table_for(runs, tmp_path / "t", compile=True, compile_backend="aot_eager")
+    torch._dynamo.reset()
+    for name in ("train.npy", "eval.npy"):
+        np.testing.assert_allclose(np.load(table / name), np.load(sd15_table / name), rtol=1e-6, err_msg=name)
+
+
+def test_one_table_serves_a_sweep_and_the_objectives_that_need_only_r(runs, sd15_table, tmp_path):
+    """What does not invalidate a table: beta, the learning rate, the optimizer, the micro-batch and accumulation, and
+    a switch among dpo, rpo, cal-dpo and dense-dpo with the same (uniform) timestep law."""
+    from trainrun import train_config
+
+    from rpo_fast.config import TrainConfig, model_family
+    from rpo_fast.data.dataset import open_dataset
+    from rpo_fast.reference import ReferenceTable, epochs_needed, table_key
+
+    table = ReferenceTable(sd15_table)
+    runs_ = [
+        dict(objective="dpo", beta=100.0, lr=1e-6),
+        dict(objective="rpo", beta=8000.0, micro_batch_size=4, optimizer="adamw8bit"),
+        dict(objective="cal-dpo", grad_accum=2),
+        dict(objective="dense-dpo", gamma=0.8),
+    ]
+    for kw in runs_:
+        table_flags = dict(ref_placement="precomputed", reference_table=str(sd15_table), mixed_precision="no")
+        cfg = train_config(runs, tmp_path / "run", **table_flags, **kw)
+        assert isinstance(cfg, TrainConfig)
+        family = model_family(cfg)
+        ds = open_dataset(cfg.data, family=family, resolution=None)
+        key = table_key(cfg, family, ds, ds, torch.device("cpu"))
+        table.check(key, epochs=epochs_needed(4, cfg.micro_batch_size * cfg.grad_accum, len(ds), 1), evaluates=True)
+
+
+@pytest.mark.parametrize("field", ["seed", "family", "reference", "cache", "resolution", "pairs", "twins", "device"])
+def test_check_names_each_kind_of_difference(sd15_table, field):
+    """Every field of the key is compared and named, those no flag of the tests' runs can change included (the twin
+    flips, the device the draws were made on, ...): one error naming it."""
+    from rpo_fast.reference import KEY_NAMES, ReferenceTable
+
+    table = ReferenceTable(sd15_table)
+    other = dict(table.key)
+    other[field] = "something else"
+    with pytest.raises(ValueError, match="other settings") as e:
+        table.check(other, epochs=1, evaluates=False)
+    assert KEY_NAMES[field] in str(e.value) and str(e.value).count(": table ") == 1, str(e.value)
 
 
 # Each way a table can be made for other settings, as the run's or the pass's flags differ: (pass, run, the words).
@@ -194,6 +247,30 @@ def test_a_table_for_other_settings_is_refused_before_any_model_loads(runs, sd15
     assert words in str(e.value), str(e.value)
 
 
+def test_lora_with_active_dropout_is_refused(runs, sd15_table, tmp_path, monkeypatch):
+    """With LoRA the live reference is the policy without its adapters, run in training mode: a dropout with p > 0
+    would make its errors random, not a function of the draws, so a table cannot stand in for it."""
+    from rpo_fast.train import Trainer
+
+    policy = Trainer._policy
+
+    def with_dropout(self):
+        module = policy(self)
+        next(m for m in module.modules() if isinstance(m, torch.nn.Dropout)).p = 0.1
+        return module
+
+    monkeypatch.setattr(Trainer, "_policy", with_dropout)
+    with pytest.raises(ValueError, match="active dropout"):
+        in_process_trainer(
+            runs,
+            tmp_path / "run",
+            lora_rank=4,
+            max_steps=20,
+            ref_placement="precomputed",
+            reference_table=str(sd15_table),
+        )
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [
@@ -228,7 +305,7 @@ def test_at_step_0_the_table_reads_log_2_within_the_bound(runs, sd15_table, tmp_
     )
     picks, batch = pre.loader.next()
     with torch.no_grad():
-        out = pre.forward_loss(batch, pre.pair_seeds(picks), ref_errors=pre.table.train_errors(picks, pre.device))
+        out = pre.forward_loss(batch, pre.pair_seeds(picks), ref_errors=pre.table.train_errors(picks))
     m = {k: float(v) for k, v in out.metrics.items()}
     assert abs(m["loss"] - math.log(2)) <= LOGIT_TOL / 2 and abs(m["reward_w"]) <= LOGIT_TOL, m
     assert abs(m["reward_l"]) <= LOGIT_TOL and 0.0 <= m["implicit_acc"] <= 1.0
@@ -290,12 +367,7 @@ def test_rpo_on_two_zero2_ranks_reads_the_table_resumes_exactly_and_equals_one_l
     live = in_process_trainer(
         runs, tmp_path / "live", objective="rpo", micro_batch_size=4, beta=500.0, lr=1e-3, max_steps=4
     )
-    losses = []
-    for _ in range(2):
-        live.train_step()
-        losses.append(live.metrics.mean(live.device)["loss"])
-        live.metrics = type(live.metrics)()
-    live.close()
+    losses = step_losses(live, 2)
     assert a[1]["loss/loss"] == pytest.approx(losses[0], rel=1e-5)
     assert a[2]["loss/loss"] == pytest.approx(losses[1], rel=1e-4)
     assert abs(a[2]["loss/loss"] - a[1]["loss/loss"]) > 1e-4  # the update moved the policy: step 2 compares it
@@ -316,12 +388,7 @@ def test_lora_dpo_on_two_zero3_ranks_reads_the_base_models_table(runs, sd15_tabl
     assert "LoRA rank 4" in res.stdout and "reference: precomputed" in res.stdout
     two = train_rows(tmp_path / "two")
     live = in_process_trainer(runs, tmp_path / "live", micro_batch_size=4, lr=1e-2, lora_rank=4, max_steps=2)
-    losses = []
-    for _ in range(2):
-        live.train_step()
-        losses.append(live.metrics.mean(live.device)["loss"])
-        live.metrics = type(live.metrics)()
-    live.close()
+    losses = step_losses(live, 2)
     # step 1: the live run ties exactly (log 2); the table's r comes from another forward (beta 5000: LOGIT_TOL)
     assert abs(two[1]["loss/loss"] - losses[0]) <= LOGIT_TOL
     assert two[2]["loss/loss"] == pytest.approx(losses[1], rel=1e-4)

@@ -84,17 +84,20 @@ class PrefetchLoader:
     the stream. ``depth=0`` reads on the main thread.
 
     ``state_dict`` is the sampler's position after the last batch handed out, not after the ones read ahead: a run
-    resumed from a checkpoint continues at the exact pair.
+    resumed from a checkpoint continues at the exact pair. ``extra(picks)``: further tensors of a batch, looked up
+    from its picks (a precomputed reference's errors), read, pinned and copied with the rest.
     """
 
-    def __init__(self, dataset, sampler: PairSampler, batch_size: int, device: torch.device, *, depth: int = 2):
+    def __init__(
+        self, dataset, sampler: PairSampler, batch_size: int, device: torch.device, *, depth: int = 2, extra=None
+    ):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         if depth < 0:
             raise ValueError(f"prefetch depth must be 0 or more, got {depth}")
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
-        self.depth = depth
+        self.depth, self.extra = depth, extra
         self.pin = device.type == "cuda"
         self.lock = threading.Lock()  # one reader of the dataset at a time (evaluation reads it too)
         self._ahead: deque = deque()  # (picks, sampler state after them, future batch)
@@ -104,6 +107,8 @@ class PrefetchLoader:
     def _read(self, picks: list[Pick]) -> dict:
         with self.lock:
             batch = collate([self.dataset.get(p.index, p.flip) for p in picks])
+        if self.extra is not None:
+            batch |= self.extra(picks)
         if self.pin:
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         return batch
