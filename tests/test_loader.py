@@ -81,15 +81,28 @@ def test_host_sync_counter_sees_item_bool_tolist_and_value_dependent_ops():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["rpo", "dpo", "dspo"])
+@pytest.mark.parametrize("objective", ["rpo", "dpo", "dspo", "dpo-precomputed"])
 def test_the_step_needs_no_value_on_the_host(runs, tmp_path, objective):
     """Noise, timesteps, caption dropping, both forwards, the loss and the backward of one micro-step (sdxl: its
     conditioning has the most parts) run without a single host read: on a GPU the step never waits for the stream
-    there. DeepSpeed's optimizer step (gradient norm, overflow check) is not in the region: it reads the norm."""
+    there. DeepSpeed's optimizer step (gradient norm, overflow check) is not in the region: it reads the norm.
+    dpo-precomputed: the reference's errors read from a table (the loader brings them with the batch)."""
     from trainrun import ROOT
 
     from rpo_fast.config import TrainConfig
+    from rpo_fast.reference import ReferenceConfig, run_pass
     from rpo_fast.train import Trainer
+
+    table = {}
+    if objective.endswith("-precomputed"):
+        objective = objective.removesuffix("-precomputed")
+        path = run_pass(
+            ReferenceConfig(
+                model=str(runs["sdxl"]), data=str(runs["root"] / "cache_sdxl"), reference_table=str(tmp_path / "t"),
+                mixed_precision="no", progress=False, eval_pairs=2,
+            )
+        )  # fmt: skip
+        table = dict(ref_placement="precomputed", reference_table=str(path), max_steps=10)
 
     cfg = TrainConfig(
         ds_config=str(ROOT / "configs" / "single_gpu.json"),
@@ -102,12 +115,14 @@ def test_the_step_needs_no_value_on_the_host(runs, tmp_path, objective):
         export=False,
         progress=False,
         tensorboard=False,
+        **table,
     )
     trainer = Trainer(cfg)
     trainer.train_step()  # the first step builds what is built once
     picks, batch = trainer.loader.next()
+    assert ("ref_errors" in batch) == bool(table)
     with HostSyncs() as syncs:
-        out = trainer.forward_loss(batch, trainer.pair_seeds(picks))
+        out = trainer.forward_loss(batch, trainer.pair_seeds(picks), ref_errors=batch.get("ref_errors"))
         trainer.engine.backward(out.loss)
         trainer.metrics.add(out.metrics)
     trainer.close()
