@@ -334,11 +334,11 @@ def run_pass(cfg: ReferenceConfig) -> Path:
             ]
         )
         evals = [
-            np.concatenate([np.load(_part(out, *c)) for c in chunks if c[:2] == ("eval", r)])
+            np.concatenate([np.load(_part(out, *c)) for c in chunks if c[:2] == ("eval", r)] or [np.zeros((0, 2))])
             for r in range(cfg.eval_repeats)
-        ]
+        ]  # (no evaluation pairs with --eval-pairs 0)
         _write_atomic(out / "train.npy", _npy(train))
-        _write_atomic(out / "eval.npy", _npy(np.stack(evals) if n_eval else np.zeros((cfg.eval_repeats, 0, 2))))
+        _write_atomic(out / "eval.npy", _npy(np.stack(evals)))
         _write_atomic(out / "COMPLETE", b"")
         print(
             f"[reference] wrote {out}: {cfg.epochs} epoch(s) x {n} pairs, {cfg.eval_repeats} x {n_eval} eval pairs",
