@@ -264,10 +264,11 @@ def run_pass(cfg: ReferenceConfig) -> Path:
     if settings.exists() and json.loads(settings.read_text()) != key:
         raise ValueError(f"--reference-table {out} holds a table for other settings: use another folder")
     if (out / "COMPLETE").exists():
-        if ReferenceTable(out).epochs >= cfg.epochs:
-            print(f"[reference] {out} is complete ({ReferenceTable(out).epochs} epochs)", flush=True)
+        epochs = ReferenceTable(out).epochs
+        if epochs >= cfg.epochs:
+            print(f"[reference] {out} is complete ({epochs} epochs)", flush=True)
             return out
-        (out / "COMPLETE").unlink()  # more epochs: the finished chunks stay
+        (out / "COMPLETE").unlink(missing_ok=True)  # more epochs: the finished chunks stay (every rank unlinks)
     if rank == 0:
         (out / "parts").mkdir(parents=True, exist_ok=True)
         _write_atomic(settings, json.dumps(key, indent=1).encode())

@@ -150,6 +150,18 @@ def test_a_killed_pass_resumes_to_the_same_table(runs, sd15_table, tmp_path, mon
         assert np.array_equal(np.load(tmp_path / "t" / name), np.load(sd15_table / name)), name
 
 
+def test_a_finished_table_grows_by_the_epochs_asked_for(runs, sd15_table, tmp_path):
+    """A finished table run again with more --epochs keeps its chunks and computes only the new epoch's."""
+    import shutil
+
+    table = tmp_path / "t"
+    shutil.copytree(sd15_table, table)
+    table_for(runs, table, epochs=2)
+    grown = np.load(table / "train.npy")
+    assert grown.shape == (2, 48, 2) and np.array_equal(grown[:1], np.load(sd15_table / "train.npy"))
+    assert not np.array_equal(grown[0], grown[1])  # epoch 1: other flips and draws
+
+
 def test_a_compiled_pass_gives_the_eager_table(runs, sd15_table, tmp_path):
     """--compile (here Dynamo with the aot_eager backend: no C++ build on a CPU) computes the same errors as the eager
     pass within 1e-6 (another kernel order rounds differently; well inside the logit bound at beta 5000); with
