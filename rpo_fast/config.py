@@ -290,6 +290,8 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
         raise ValueError(f"--compile-resnets: {family.name} models have no resnet blocks")
     from .cuda_graphs import check_reference_graphs
 
+    if cfg.reference_graphs and not family.fixed_shapes:
+        raise ValueError(f"--reference-graphs: {family.name} models take each caption at its own length (shapes vary)")
     check_reference_graphs(cfg, objective(cfg.objective).reference)
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")

@@ -216,7 +216,7 @@ def test_max_sequence_length_is_recorded_and_refused_without_t5(flow, tiny_sd15,
     from safetensors.torch import load_file
 
     assert load_file(out / "shard-r0-00000.safetensors")["t5_prompt_embeds"].shape[1:] == (24, T.T5_TINY)
-    with pytest.raises(ValueError, match="--max-sequence-length applies to models with a T5 text encoder"):
+    with pytest.raises(ValueError, match="--max-sequence-length applies to models whose text encoder pads"):
         load_family(tiny_sd15, max_sequence_length=24)
 
 
@@ -444,5 +444,5 @@ def test_sampling_takes_the_caches_t5_length(flow, kind, t5, tmp_path):
     assert seen == {None: {load_family(flow[kind]).max_sequence_length}, 12: {12}}
     (tmp_path / "prompts.txt").write_text("a warm square\n")
     sd15 = T.save_tiny_pipeline(tmp_path / "sd15", "sd15")
-    with pytest.raises(ValueError, match="--max-sequence-length applies to models with a T5 text encoder"):
+    with pytest.raises(ValueError, match="--max-sequence-length applies to models whose text encoder pads"):
         evaluate(sd15, tmp_path / "prompts.txt", tmp_path / "eval", unet=sd15 / "unet", max_sequence_length=12)

@@ -50,7 +50,7 @@ class CachedPairs:
         self.has_twins = self.index["flip_twin"]
         self.has_embeddings = self.index["embedder"] is not None
         with safe_open(str(self.path / "empty_prompt.safetensors"), framework="pt") as f:
-            self.empty_prompt = {k: f.get_tensor(k)[0].float() for k in f.keys()}
+            self.empty_prompt = {k: _fp32(f.get_tensor(k)[0]) for k in f.keys()}
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -95,11 +95,16 @@ class CachedPairs:
             if k in NOT_ITEMS or k.endswith("_flip"):
                 continue
             if k in self.caption_keys:
-                item[k] = f.get_slice(k)[row : row + 1][0].float()
+                item[k] = _fp32(f.get_slice(k)[row : row + 1][0])
             else:
                 src = k + "_flip" if flip and self.has_twins and k + "_flip" in keys else k
-                item[k] = f.get_slice(src)[j : j + 1][0].float()
+                item[k] = _fp32(f.get_slice(src)[j : j + 1][0])
         return item
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as the trainer reads it: floats in fp32, integers (caption lengths) as stored."""
+    return t.float() if t.is_floating_point() else t
 
 
 class OnTheFlyPairs:

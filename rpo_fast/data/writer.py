@@ -175,7 +175,9 @@ def build_cache(
     first_pair_or_error(data, **read)  # bad data fails here, before any model loads
     encoder = PairEncoder(family, device=device, vae_dtype=STORAGE[vae_dtype])
     if rank == 0 and not (out / "empty_prompt.safetensors").exists():
-        tensors = {k: v.to(STORAGE[storage]) for k, v in encoder.encode_texts([""]).items()}
+        tensors = {
+            k: v.to(STORAGE[storage]) if v.is_floating_point() else v for k, v in encoder.encode_texts([""]).items()
+        }
         save_file(tensors, str(out / "empty_prompt.safetensors.tmp"))
         os.replace(out / "empty_prompt.safetensors.tmp", out / "empty_prompt.safetensors")
 

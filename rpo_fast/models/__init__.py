@@ -43,6 +43,7 @@ class ModelFamily:
     denoiser_folder: ClassVar[str] = "unet"  # subfolder of the model folder
     encoder_folders: ClassVar[tuple[str, ...]] = ()  # what the cache depends on (besides vae/): its fingerprint
     caption_keys: ClassVar[tuple[str, ...]] = ()  # per-caption conditioning: what encode_texts returns
+    vae_class_name: ClassVar[str] = "AutoencoderKL"  # diffusers' class of vae/
     latent_distribution: ClassVar[bool] = True  # the VAE encodes to a distribution (latent_dist); else .latent
     flow_matching: ClassVar[bool]  # set by the noising piece (noising.DDPMNoising / FlowMatchingNoising)
     dspo_form: ClassVar[str | None] = None  # DSPO's form for this family (None: DSPO does not apply)
@@ -53,7 +54,8 @@ class ModelFamily:
     sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
     resnet_blocks: ClassVar[tuple[str, ...]] = ()  # what --compile-resnets adds to regional compile (UNets)
-    max_sequence_length: int | None = None  # T5 tokens per caption (families with a T5 encoder)
+    max_sequence_length: int | None = None  # text tokens per caption (families whose encoder pads to a fixed length)
+    fixed_shapes: ClassVar[bool] = True  # the denoiser's shapes are the batch's (False: each caption's own length)
     # Random models of the family, by component (the denoiser's folder name, "vae", "text_encoders"...): ``tiny``,
     # the CPU tests' (rpo_fast.testing builds and saves it), and ``full``, the full-size variants by name (the
     # public configs' values; the benchmarks build them with random weights, the plans count them on the meta device,
@@ -75,8 +77,10 @@ class ModelFamily:
         self.path = Path(path)
         if max_sequence_length is not None:
             if self.max_sequence_length is None:
+                with_length = ", ".join(n for n, f in FAMILIES.items() if f.max_sequence_length is not None)
                 raise ValueError(
-                    f"--max-sequence-length applies to models with a T5 text encoder (sd3, flux), not {self.name}"
+                    f"--max-sequence-length applies to models whose text encoder pads to a fixed length "
+                    f"({with_length}), not {self.name}"
                 )
             if max_sequence_length < 1:
                 raise ValueError(f"--max-sequence-length must be positive, got {max_sequence_length}")
@@ -106,12 +110,19 @@ class ModelFamily:
         raise NotImplementedError
 
     def load_vae(self, *, device="cpu", dtype=torch.float32) -> torch.nn.Module:
-        from diffusers import AutoencoderKL
+        import diffusers
 
-        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", dtype=dtype).to(device).eval()
+        vae = getattr(diffusers, self.vae_class_name).from_pretrained(self.path, subfolder="vae", dtype=dtype)
+        return vae.to(device).eval()
 
     def load_pipeline(self, *, dtype=torch.float32) -> Any:
         """The diffusers sampling pipeline of the folder."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0) -> Any:
+        """A tiny random pipeline of the family from its ``tiny`` declaration, built from diffusers' and
+        transformers' own classes (``rpo_fast.testing.save_tiny_pipeline`` saves it)."""
         raise NotImplementedError
 
     @cached_property
@@ -215,8 +226,12 @@ class ModelFamily:
 
 
 def cast_conditioning(cond: dict, dtype: torch.dtype) -> dict:
-    """A family's conditioning (tensors, and dicts of tensors such as SDXL's added_cond_kwargs) in ``dtype``."""
-    return {k: cast_conditioning(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
+    """A family's conditioning (tensors, and dicts of tensors such as SDXL's added_cond_kwargs) in ``dtype``; integer
+    tensors (Z-Image's caption lengths) keep their type."""
+    return {
+        k: cast_conditioning(v, dtype) if isinstance(v, dict) else v.to(dtype) if v.is_floating_point() else v
+        for k, v in cond.items()
+    }
 
 
 def family_class(model: str | Path) -> type[ModelFamily]:
@@ -245,7 +260,7 @@ def load_family(model: str | Path, **options) -> ModelFamily:
 
 
 def model_kind(model: str | Path) -> str:
-    """The family name of a model folder: 'sd15', 'sdxl', 'sd3' or 'flux'."""
+    """The family name of a model folder: 'sd15', 'sdxl', 'sd3', 'flux', 'zimage', ..."""
     return family_class(model).name
 
 

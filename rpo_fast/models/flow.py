@@ -58,15 +58,17 @@ class FlowFamily(FlowMatchingNoising, ModelFamily):
         return denoiser_config is not None and denoiser_config.get("_class_name") == cls.denoiser_class_name
 
     # ---------------------------------------------------------------- loading
-    def denoiser_class(self):
+    @classmethod
+    def denoiser_class(cls):
         import diffusers
 
-        return getattr(diffusers, self.denoiser_class_name)
+        return getattr(diffusers, cls.denoiser_class_name)
 
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         import diffusers
 
-        return getattr(diffusers, self.pipeline_name)
+        return getattr(diffusers, cls.pipeline_name)
 
     def load_pipeline(self, *, dtype=torch.float32):
         return self.pipeline_class().from_pretrained(self.path, dtype=dtype)

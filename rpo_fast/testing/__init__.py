@@ -63,6 +63,7 @@ from .models import (
     build_unet,
     build_vae,
     byte_level_clip_tokenizer,
+    chat_tokenizer,
     flow_scheduler,
     save_model_configs,
     save_random_model,
@@ -76,6 +77,7 @@ from .models import (
 
 __all__ = [
     "BOS_ID",
+    "chat_tokenizer",
     "CLIP_BIGG_TEXT",
     "CLIP_L_TEXT",
     "CLIP_MAX_LENGTH",

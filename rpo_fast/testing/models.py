@@ -23,6 +23,7 @@ from ..models.configs import (
     TINY_T5,
     TINY_VAE,
 )
+from ..models.tokenizers import _bytes_to_unicode, chat_tokenizer  # noqa: F401 (chat_tokenizer: Qwen-encoded families)
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -30,19 +31,6 @@ from ..models.configs import (
 
 CLIP_MAX_LENGTH = CLIP_TOKENS
 BOS_ID, EOS_ID = TINY_BOS, TINY_EOS  # <|startoftext|>, <|endoftext|> (also the pad token, as in CLIP)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode map (the 256 base symbols of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def byte_level_clip_tokenizer():
@@ -115,7 +103,7 @@ TINY_TRANSFORMER_CONFIGS = {k: FAMILIES[k].tiny["transformer"] for k in _FLOWS}
 FULL_TRANSFORMER_CONFIGS = {v: c["transformer"] for k in _FLOWS for v, c in FAMILIES[k].full.items()}
 FLOW_KIND = {v: k for k in _FLOWS for v in FAMILIES[k].full}
 # every full-size model the fixtures build (save_random_model, save_model_configs), with its family
-FULL_SIZE = {v: k for k in (*_UNETS, *_FLOWS) for v in FAMILIES[k].full}
+FULL_SIZE = {v: k for k, f in FAMILIES.items() for v in f.full}
 FULL_TRANSFORMER_PARAMS = {v: c["params"] for k in _FLOWS for v, c in FAMILIES[k].full.items()}
 
 
@@ -249,6 +237,16 @@ def tiny_pipeline(kind: str = "sd15", *, seed: int = 0, prediction_type: str = "
     )
 
 
+def _declared() -> tuple[str, ...]:
+    """The families that build their own tiny pipeline (``ModelFamily.tiny_pipeline``)."""
+    return tuple(k for k, f in FAMILIES.items() if "tiny_pipeline" in vars(f))
+
+
+def _declared_full() -> dict[str, str]:
+    """Full-size model name -> family, for the families that build their own tiny pipeline."""
+    return {v: k for k in _declared() for v in FAMILIES[k].full}
+
+
 def save_tiny_pipeline(
     path: str | Path, kind: str = "sd15", *, seed: int = 0, prediction_type: str = "epsilon"
 ) -> Path:
@@ -257,6 +255,9 @@ def save_tiny_pipeline(
     'sdxl'; ``transformer/`` and CLIP-L, CLIP-G, T5 (``_3``) for 'sd3'; ``transformer/``, CLIP-L and T5 (``_2``) for
     'flux' (``prediction_type`` is the UNets' only)."""
     path = Path(path)
+    if kind in _declared():
+        FAMILIES[kind].tiny_pipeline(seed=seed).save_pretrained(path)
+        return path
     if kind in ("sd3", "flux"):
         tiny_flow_pipeline(kind, seed=seed).save_pretrained(path)
         return path
@@ -322,6 +323,16 @@ def save_random_model(
     weights: a training step reads a cache, and the 4.7 B-parameter T5-XXL would only cost time)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if kind in _declared_full():  # a declared family's full-size model: configs and the denoiser's random weights
+        path, family = Path(path), FAMILIES[_declared_full()[kind]]
+        if not full:
+            return save_tiny_pipeline(path, family.name, seed=seed)
+        save_model_configs(path, kind)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            denoiser = family.denoiser_class()(**family.full[kind][family.denoiser_folder])
+        denoiser.to(dtype).save_pretrained(path / family.denoiser_folder)
+        return path
     if kind in FULL_TRANSFORMER_CONFIGS:
         path = Path(path)
         if not full:
@@ -353,6 +364,23 @@ def save_model_configs(path: str | Path, kind: str, *, full: bool = True) -> Pat
     ``kind``: 'sd15', 'sdxl', or a full-size flow model ('sd3.5-medium', 'sd3.5-large', 'flux.1-dev')."""
 
     path = Path(path)
+    if kind in _declared_full():  # a declared family: model_index.json, the denoiser's, vae/ and scheduler/ configs
+        family = FAMILIES[_declared_full()[kind]]
+        spec = family.full[kind]
+        vae_class = family.vae_class_name
+        index = {"_class_name": family.pipeline_name, "vae": ["diffusers", vae_class]}
+        index[family.denoiser_folder] = ["diffusers", family.denoiser_class_name]
+        configs = {
+            family.denoiser_folder: dict(spec[family.denoiser_folder], _class_name=family.denoiser_class_name),
+            "vae": dict(spec["vae"], _class_name=vae_class),
+            "scheduler": dict(spec["scheduler"], _class_name="FlowMatchEulerDiscreteScheduler"),
+        }
+        for sub, config in configs.items():
+            name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+            (path / sub).mkdir(parents=True, exist_ok=True)
+            (path / sub / name).write_text(json.dumps(config, indent=1))
+        (path / "model_index.json").write_text(json.dumps(index, indent=1))
+        return path
     if kind in FULL_TRANSFORMER_CONFIGS:  # sd3.5-medium, sd3.5-large, flux.1-dev: transformer/, vae/, scheduler/
         flux = FLOW_KIND[kind] == "flux"
         cls = "FluxTransformer2DModel" if flux else "SD3Transformer2DModel"

@@ -1,0 +1,45 @@
+"""Offline tokenizers for the families' tiny random pipelines (``ModelFamily.tiny_pipeline``): built from the
+``tokenizers`` library without downloads, saved and loaded like a real repository's ``tokenizer/`` folder."""
+
+from __future__ import annotations
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode map (the 256 base symbols of byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def chat_tokenizer():
+    """A ``Qwen2TokenizerFast`` built without downloads, for the Qwen-encoded families (Z-Image, FLUX.2-Klein,
+    Qwen-Image): byte-level BPE with no merges (the 256 byte symbols), the specials ``<|endoftext|>`` (256, also the
+    pad), ``<|im_start|>`` (257), ``<|im_end|>`` (258), and Qwen3's chat template for a user turn (with the
+    generation prompt, and the empty think block where ``enable_thinking`` is False)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    symbols = [c for _, c in sorted(_bytes_to_unicode().items())]
+    vocab = {c: i for i, c in enumerate(symbols)}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab.update({s: 256 + i for i, s in enumerate(specials)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    template = (
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- endif %}{%- endif %}"
+    )
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+        chat_template=template, model_max_length=131072,
+    )  # fmt: skip

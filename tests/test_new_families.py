@@ -1,0 +1,251 @@
+"""The families added in round three (Z-Image so far), one parametrised module: each tiny fixture round-tripped through
+save, load and a 2-step sample; the cached caption conditioning and the prediction held to the family's own pipeline;
+then the flow families' training pattern: every applicable objective in one process, DPO and RPO on 2 ZeRO-3 ranks
+with an exact resume after a kill, the export sampled and evaluated in the pipeline, the LoRA loaded with
+``load_lora_weights``; the full-size parameter counts and plan tables."""
+
+import math
+
+import pytest
+import torch
+from trainrun import ZERO3, launch, launch_many, train_rows
+
+from rpo_fast import testing as T
+from rpo_fast.config import loss_options, parse_args
+from rpo_fast.models import FAMILIES, load_family, model_kind
+
+NEW = ("zimage",)
+OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
+SINGLE = ZERO3.parent / "single_gpu.json"
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """Each new family's tiny pipeline and a cache of 12 warm-beats-cool pairs (32 px)."""
+    from rpo_fast.data.writer import build_cache
+
+    root = tmp_path_factory.mktemp("families")
+    d = dict(root=root, clip=T.save_tiny_clip(root / "clip"))
+    pairs = T.write_warm_preference_pairs(root / "warm", 12, seed=0)
+    for kind in NEW:
+        d[kind] = T.save_tiny_pipeline(root / kind, kind)
+        d[f"cache_{kind}"] = root / f"cache_{kind}"
+        build_cache(
+            d[kind], pairs, d[f"cache_{kind}"], resolution=32, embedder=str(d["clip"]), shard_size=16,
+            batch_size=8, progress=False, rank=0, world=1,
+        )  # fmt: skip
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# The family against its diffusers pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_tiny_fixture_round_trips_and_samples(fam, kind, tmp_path):
+    """Detected from its folder; saved again from the loaded pipeline, the copy samples the same 2-step image."""
+    assert model_kind(fam[kind]) == kind
+    family = load_family(fam[kind])
+    pipe = family.load_pipeline()
+    pipe.save_pretrained(tmp_path / "copy")
+    again = load_family(tmp_path / "copy").load_pipeline()
+
+    def draw(p):
+        g = [torch.Generator().manual_seed(3)]
+        out = p(["a warm square"], num_inference_steps=2, height=32, width=32, generator=g, output_type="pt")
+        return out.images
+
+    a, b = draw(pipe), draw(again)
+    assert a.shape == (1, 3, 32, 32) and torch.equal(a, b) and a.std() > 0
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_cached_text_conditioning_is_the_pipelines(fam, kind):
+    """The cached caption parts, put back by ``conditioning`` and cut by ``predict``, are the pipeline's
+    ``encode_prompt`` output; a dropped caption takes the empty caption's (within 1e-4: threaded matmuls)."""
+    family = load_family(fam[kind])
+    pipe = family.load_text_encoders()
+    caps = ["a warm red square", "Cool blue!"]
+    parts = family.encode_texts(pipe, caps)
+    empty = {k: v[0] for k, v in family.encode_texts(pipe, [""]).items()}
+    cond = family.conditioning(parts, torch.tensor([False, True]), empty)
+    if kind == "zimage":
+        prompt = list(caps)
+        want, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+        (e_empty,), _ = pipe.encode_prompt([""], do_classifier_free_guidance=False)
+        want = [want[0], e_empty, want[0], e_empty]
+        got = [e[:n] for e, n in zip(cond["prompt_embeds"], cond["prompt_length"].tolist())]
+        assert caps == ["a warm red square", "Cool blue!"]  # the family passes a copy: the pipeline rewrites its own
+        assert [len(g) for g in got] == [len(w) for w in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        assert cond["prompt_embeds"][:, max(len(w) for w in want) :].abs().max() == 0  # the padding is zeros
+        assert family.caption_shapes()["prompt_embeds"] == tuple(parts["prompt_embeds"].shape[1:])
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_prediction_is_the_velocity_the_pipeline_steps_with(fam, kind):
+    """One step of the pipeline's scheduler with the family's prediction equals the pipeline's own step on the same
+    latents and caption (ZImagePipeline negates the transformer's output and feeds it 1 - s)."""
+    family = load_family(fam[kind])
+    pipe = family.load_pipeline()
+    steps, i = 4, 1
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 16, 16, 16, generator=g)
+    seen = {}
+
+    def keep(p, step, t, kwargs):
+        seen.setdefault(step, kwargs["latents"].clone())
+        return {}
+
+    out = pipe(
+        ["a warm square"], num_inference_steps=steps, height=32, width=32, latents=latents.clone(), guidance_scale=0,
+        output_type="latent", callback_on_step_end=keep,
+    )  # fmt: skip
+    del out
+    parts = family.encode_texts(family.load_text_encoders(), ["a warm square"])
+    cond = family.conditioning(parts, torch.tensor([False]), {k: v[0] for k, v in parts.items()}, pairs=False)
+    sched = pipe.scheduler
+    t = sched.timesteps[i].reshape(1).float()
+    with torch.no_grad():
+        v = family.predict(pipe.transformer, seen[i - 1], t, cond)
+    sched._step_index = i
+    stepped = sched.step(v, sched.timesteps[i], seen[i - 1], return_dict=False)[0]
+    torch.testing.assert_close(stepped, seen[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_dspo_and_graphs_refused(fam, kind):
+    def opts(*extra):
+        data = ["--data", str(fam[f"cache_{kind}"])]
+        return parse_args(["--ds_config", str(SINGLE), "--model", str(fam[kind]), *data, *extra])
+
+    family = load_family(fam[kind])
+    assert loss_options(opts("--objective", "dpo"), family)["beta"] == 100.0
+    with pytest.raises(ValueError, match=f"--objective dspo does not apply to {kind} models"):
+        loss_options(opts("--objective", "dspo"), family)
+    if not FAMILIES[kind].fixed_shapes:
+        from rpo_fast.config import validate
+
+        with pytest.raises(ValueError, match=f"--reference-graphs: {kind} models take each caption"):
+            validate(opts("--reference-graphs"), family=family)
+
+
+def test_full_size_parameter_counts():
+    """Counted on the meta device from the declared configs: Z-Image-Turbo 6.15 B."""
+    for kind in NEW:
+        family = FAMILIES[kind]
+        for name, spec in family.full.items():
+            with torch.device("meta"):
+                m = family.denoiser_class()(**spec[family.denoiser_folder])
+            assert sum(p.numel() for p in m.parameters()) == spec["params"], name
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def _args(fam, kind, out, objective, *extra):
+    args = ["--ds_config", str(ZERO3), "--model", str(fam[kind]), "--data", str(fam[f"cache_{kind}"])]
+    args += ["--output", str(out), "--objective", objective, "--log-every", "1", "--no-progress"]
+    return args + ["--mixed-precision", "no", "--optimizer", "adamw", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(fam, tmp_path_factory):
+    """Every objective but DSPO on each new family in one process, 2 pairs a step, 3 steps; and DPO in bf16 with
+    8-bit AdamW (the shipped defaults)."""
+    root = tmp_path_factory.mktemp("one")
+    runs = {(k, o): root / f"{k}-{o}" for k in NEW for o in OBJECTIVES}
+    argv = [_args(fam, k, out, o, "--micro-batch-size", "2", "--max-steps", "3") for (k, o), out in runs.items()]
+    for k in NEW:
+        runs[k, "bf16"] = root / f"{k}-bf16"
+        bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
+        argv.append(_args(fam, k, runs[k, "bf16"], "dpo", *bf16))
+    res = launch_many(argv)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", NEW)
+@pytest.mark.parametrize("objective", [*OBJECTIVES, "bf16"])
+def test_every_objective_trains_in_one_process(one_process, kind, objective):
+    """Finite losses; where there is a reference, step 1 ties (DPO-type losses at log 2) and step 2 has moved."""
+    rows = train_rows(one_process[kind, objective])
+    steps = sorted(rows)
+    assert steps == ([1, 2] if objective == "bf16" else [1, 2, 3])
+    losses = [rows[s]["loss/loss"] for s in steps]
+    assert all(math.isfinite(v) for v in losses)
+    if objective in ("dpo", "rpo", "dense-dpo", "bf16"):
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    if objective != "sft":
+        assert rows[1]["loss/mse_w"] == pytest.approx(rows[1]["loss/ref_mse_w"], rel=1e-6)
+        assert rows[2]["loss/mse_w"] != rows[2]["loss/ref_mse_w"]
+    assert (one_process[kind, objective] / FAMILIES[kind].denoiser_folder / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", NEW)
+def test_two_ranks_resume_exactly_and_export_for_diffusers(fam, one_process, kind, tmp_path):
+    """2 ZeRO-3 ranks x 1 pair: DPO's and RPO's losses equal one process holding both pairs (rel 1e-4); RPO killed
+    after step 2's checkpoint and resumed gives the uninterrupted run's losses to the bit; the export loads with
+    from_pretrained, has moved, samples in the family's pipeline and evaluates with its defaults."""
+    from rpo_fast.evaluate import evaluate, load_pipeline, sample
+
+    steps = ["--micro-batch-size", "1", "--max-steps", "3", "--checkpoint-every", "2"]
+    runs = {}
+    for objective in ("dpo", "rpo"):
+        runs[objective] = tmp_path / objective
+        res = launch(_args(fam, kind, runs[objective], objective, *steps))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        one, two = train_rows(one_process[kind, objective]), train_rows(runs[objective])
+        for s in (1, 2, 3):
+            assert two[s]["loss/loss"] == pytest.approx(one[s]["loss/loss"], rel=1e-4), (objective, s)
+    killed = tmp_path / "killed"
+    res = launch(_args(fam, kind, killed, "rpo", *steps, "--debug-exit-after-step", "2"))
+    assert res.returncode != 0 and (killed / "checkpoints" / "step-2" / "COMPLETE").exists()
+    res = launch(_args(fam, kind, killed, "rpo", *steps, "--resume"))
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = train_rows(runs["rpo"]), train_rows(killed)
+    assert sorted(b) == [1, 2, 3] and all(a[s]["loss/loss"] == b[s]["loss/loss"] for s in (1, 2, 3))
+
+    family = load_family(fam[kind])
+    folder = runs["dpo"] / family.denoiser_folder
+    tuned, base = family.load_denoiser(folder), family.load_denoiser()
+    assert max((p - q).abs().max().item() for p, q in zip(tuned.parameters(), base.parameters())) > 0
+    pipe = load_pipeline(family, unet=folder, device="cpu")
+    assert sample(pipe, ["a warm square"], tmp_path / "images", steps=2, resolution=32, progress=False)[0].exists()
+    (tmp_path / "prompts.txt").write_text("a warm square\na cool circle\n")
+    summary = evaluate(
+        fam[kind], tmp_path / "prompts.txt", tmp_path / "eval", unet=folder, resolution=32, device="cpu", steps=2,
+        progress=False,
+    )  # fmt: skip
+    assert summary["steps"] == 2 and len(list((tmp_path / "eval" / "images" / "tuned").glob("*.png"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", NEW)
+def test_lora_trains_and_loads_in_the_pipeline(fam, kind, tmp_path):
+    """LoRA: ties at step 1 (the reference is the adapter-disabled policy); the adapter loads with the pipeline's
+    load_lora_weights and changes the transformer's prediction."""
+    from rpo_fast.evaluate import load_pipeline
+
+    out = tmp_path / "lora"
+    args = _args(fam, kind, out, "dpo", "--micro-batch-size", "2", "--max-steps", "2", "--lora-rank", "4")
+    args[args.index("--ds_config") + 1] = str(SINGLE)
+    res = launch([*args, "--lr", "1e-2"], ranks=1)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert train_rows(out)[1]["loss/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    family = load_family(fam[kind])
+    _, t, cond = family.dummy_inputs(1)
+    x = torch.randn(1, family.config("vae")["latent_channels"], 8, 8)
+    cond = {k: v[:, :40] if v.dim() > 1 else torch.full_like(v, 40) for k, v in cond.items()}
+    base = load_pipeline(family, device="cpu").transformer
+    tuned = load_pipeline(family, lora=out / "lora", device="cpu").transformer
+    with torch.no_grad():
+        assert (family.predict(tuned, x, t, cond) - family.predict(base, x, t, cond)).abs().max() > 0
