@@ -132,6 +132,22 @@ def test_dspo_and_graphs_refused(fam, kind):
             validate(opts("--reference-graphs"), family=family)
 
 
+@pytest.mark.parametrize("kind", NEW)
+def test_cache_bytes_formula_is_the_shards(fam, kind):
+    """benchmarks/plans/flow_plan.py's bytes per pair (the plan's cache column), held to the tiny cache's shard."""
+    import flow_plan
+    from safetensors.torch import load_file
+
+    family = load_family(fam[kind])
+    shard = load_file(fam[f"cache_{kind}"] / "shard-r0-00000.safetensors")
+    n, unique = len(shard["text_index"]), len(shard[family.caption_keys[0]])
+    c = family.config("vae")["latent_channels"]
+    per = flow_plan.cache_bytes_per_pair(
+        kind, c, 16, clip_dim=16, captions_per_pair=unique / n, text_bytes=flow_plan.caption_bytes(family)
+    )
+    assert sum(t.numel() * t.element_size() for t in shard.values()) == pytest.approx(n * per, rel=1e-9)
+
+
 def test_full_size_parameter_counts():
     """Counted on the meta device from the declared configs: Z-Image-Turbo 6.15 B."""
     for kind in NEW:

@@ -1,6 +1,6 @@
 """The flow-matching models on paper: size, FLOPs, activations, cache bytes, and the memory per GPU of a full
-fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large and FLUX.1-dev at 1024 px. Everything is counted on
-the meta device from the public configs (no weights, no GPU).
+fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev and Z-Image-Turbo at 1024 px. Everything
+is counted on the meta device from the public configs (no weights, no GPU).
 
     python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")
+MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image-turbo")
 UNETS = ("sd15", "sdxl")  # the same memory plan for the UNets, at their recipes' resolutions (512, 1024 px)
 RESOLUTION = 1024
 GPUS = (4, 8, 16, 64)
@@ -57,13 +57,32 @@ def largest_layer(model) -> int:
 
 
 def cache_bytes_per_pair(
-    kind: str, latent_channels: int, latent_side: int, widths: dict, clip_dim: int = 768, captions_per_pair: float = 1
+    kind: str,
+    latent_channels: int,
+    latent_side: int,
+    widths: dict | None = None,
+    clip_dim: int = 768,
+    captions_per_pair: float = 1,
+    text_bytes: float | None = None,
 ) -> float:
     """Shard bytes one pair adds (fp16 storage): the latents' mean and std of both images, its share of its caption's
-    CLIP and T5 parts and pooled embedding, RPO's CLIP embeddings (text + 2 images), the caption index (int64)."""
+    parts (SD3/FLUX: the CLIP and T5 parts and pooled embedding from ``widths``; another family: ``text_bytes``,
+    from ``caption_bytes``), RPO's CLIP embeddings (text + 2 images), the caption index (int64)."""
     latents = 2 * 2 * latent_channels * latent_side**2 * 2
-    text = T5_TOKENS[kind] * widths["t5"] + widths["pooled"] + (77 * widths["clip"] if kind == "sd3" else 0)
-    return latents + 2 * text * captions_per_pair + 3 * clip_dim * 2 + 8
+    if text_bytes is None:
+        text_bytes = 2 * (
+            T5_TOKENS[kind] * widths["t5"] + widths["pooled"] + (77 * widths["clip"] if kind == "sd3" else 0)
+        )
+    return latents + text_bytes * captions_per_pair + 3 * clip_dim * 2 + 8
+
+
+def caption_bytes(family) -> int:
+    """Bytes of one caption's cached parts (``ModelFamily.random_captions``'s types): states in fp16, integers as
+    they are (Z-Image's int64 lengths)."""
+    import torch
+
+    parts = family.random_captions(1, torch.Generator().manual_seed(0)).values()
+    return sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in parts)
 
 
 def measure(models=MODELS, modes=None) -> dict:
@@ -84,6 +103,8 @@ def measure(models=MODELS, modes=None) -> dict:
             costs = {mode: step_cost(family, mode, rows=2) for mode in modes or RECOMPUTE}
             out[name] = dict(
                 kind=family.name,
+                caption_bytes=None if family.name in (*T5_TOKENS, *UNETS) else caption_bytes(family),
+                latent_channels=family.config("vae")["latent_channels"],
                 params=sum(p.numel() for p in model.parameters()),
                 largest=largest_layer(model),
                 forward_flops=next(iter(costs.values()))["forward_flops"] / 2,  # the same in every mode
@@ -106,7 +127,9 @@ def family_table(m: dict) -> str:
         widths = dict(
             t5=T.T5_XXL["d_model"], pooled=clip if r["kind"] == "sd3" else T.CLIP_L_TEXT["hidden_size"], clip=clip
         )
-        cache = cache_bytes_per_pair(r["kind"], 16, RESOLUTION // 8, widths)
+        cache = cache_bytes_per_pair(
+            r["kind"], r["latent_channels"], RESOLUTION // 8, widths, text_bytes=r["caption_bytes"]
+        )
         ref = 2 * r["forward_flops"]
         rows.append(
             f"| {name} | `{r['kind']}` | {r['params'] / 1e9:.2f} B | {r['forward_flops'] / 1e12:.1f} TFLOP | "

@@ -216,7 +216,7 @@ class EvaluateConfig:
     seed: int = _opt(0, "image j of prompt i: seed_of(seed, i, j)")
     per_prompt: int = _opt(1, "images per prompt")
     steps: int | None = _opt(None, "denoising steps per image (default: 50; SD3/FLUX 28)")
-    guidance: float | None = _opt(None, "default: 7.5 (SD1.5), 5 (SDXL), 7 (SD3), 3.5 (FLUX)")
+    guidance: float | None = _opt(None, "default: 7.5 (SD1.5), 5 (SDXL, Z-Image), 7 (SD3), 3.5 (FLUX)")
     batch_size: int = _opt(8, "images per pipeline call")
     resolution: int | None = _opt(None, "default: the model's")
     max_sequence_length: int | None = _opt(

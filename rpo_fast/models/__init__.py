@@ -141,6 +141,11 @@ class ModelFamily:
         ``encode_texts`` gives per caption, without loading an encoder)."""
         raise NotImplementedError
 
+    def random_captions(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Random per-caption tensors of ``caption_shapes`` (n, ...) in the types ``encode_texts`` gives: a synthetic
+        cache's captions (benchmarks) and the plans' bytes per caption."""
+        return {k: torch.randn(n, *shape, generator=generator) for k, shape in self.caption_shapes().items()}
+
     def image_conditioning(self, crops: list, resolution: int) -> dict[str, Tensor]:
         """Per-pair conditioning from the two images' crops (``data.Crop``): tensors (2, ...); none by default."""
         return {}

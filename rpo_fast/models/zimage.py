@@ -71,7 +71,8 @@ class ZImageFamily(FlowFamily):
 
     @cached_property
     def default_resolution(self) -> int:
-        return 1024  # ZImagePipeline's default height and width
+        """ZImagePipeline's default, 1024, which its VAE's config also says (the tiny VAE says 32)."""
+        return self.config("vae").get("sample_size") or 1024
 
     @torch.no_grad()
     def encode_texts(self, encoders, captions):
@@ -94,6 +95,13 @@ class ZImageFamily(FlowFamily):
         """prompt_embeds (max_sequence_length, cap_feat_dim), prompt_length ()."""
         cfg = self.config(self.denoiser_folder)
         return {"prompt_embeds": (self.max_sequence_length, cfg["cap_feat_dim"]), "prompt_length": ()}
+
+    def random_captions(self, n, generator):
+        """Random states, and lengths of 1 to max_sequence_length tokens with the states past them zero."""
+        embeds = torch.randn(n, *self.caption_shapes()["prompt_embeds"], generator=generator)
+        lengths = torch.randint(1, self.max_sequence_length + 1, (n,), generator=generator)
+        embeds[torch.arange(self.max_sequence_length) >= lengths[:, None]] = 0
+        return {"prompt_embeds": embeds, "prompt_length": lengths}
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
         def pick(key):

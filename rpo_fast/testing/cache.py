@@ -36,12 +36,11 @@ def write_synthetic_cache(
         "clip_text": torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=g), dim=-1),
         "clip_image": torch.nn.functional.normalize(torch.randn(n, 2, embed_dim, generator=g), dim=-1),
     }
-    widths = family.caption_shapes()
-    shard.update({k: torch.randn(n, *shape, generator=g) for k, shape in widths.items()})
+    shard.update(family.random_captions(n, g))
     square = D.Crop((resolution, resolution), (0, 0))  # a square image, centre-cropped
     for key, v in family.image_conditioning([square, square], resolution).items():
         shard[key] = v.expand(n, *v.shape).contiguous()
-    empty = {k: torch.randn(1, *shape, generator=g).half() for k, shape in widths.items()}
+    empty = {k: v.half() if v.is_floating_point() else v for k, v in family.random_captions(1, g).items()}
     meta = dict(n=n, pairs_before=0, cursor=[0, n], counts={})
     W.write_shard(out / S.shard_name(0, 0), shard, torch.float16, meta, family.caption_keys)
     save_file(empty, str(out / "empty_prompt.safetensors"))
