@@ -99,10 +99,9 @@ def export(engine, family, output: Path, *, zero3: bool, lora: bool) -> Path:
         tmp = Path(output) / f"{dest.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if lora:
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            family.save_lora(tmp, convert_state_dict_to_diffusers(get_peft_model_state_dict(model)))
+            family.save_lora(tmp, get_peft_model_state_dict(model))
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(dest, ignore_errors=True)

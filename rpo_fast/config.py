@@ -127,7 +127,12 @@ class TrainConfig:
     )
     lora_rank: int = field(default=0, **_help("LoRA rank (0: train the whole denoiser); reference = no adapters"))
     lora_alpha: float | None = field(default=None, **_help("LoRA alpha (default: the rank)"))
-    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", **_help("module names that get adapters"))
+    lora_targets: str | None = field(
+        default=None,
+        **_help(
+            "module names that get adapters, comma-separated (default: the family's; most: to_q,to_k,to_v,to_out.0)"
+        ),
+    )
     compile: bool = field(default=False, **_help("torch.compile the denoiser's forward (--compile-mode whole)"))
     compile_mode: Literal["whole", "regional"] | None = field(
         default=None,

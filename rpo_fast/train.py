@@ -226,7 +226,8 @@ class Trainer:
             from peft import LoraConfig
 
             policy.requires_grad_(False)
-            targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+            given = cfg.lora_targets.split(",") if cfg.lora_targets is not None else self.family.lora_targets
+            targets = [t.strip() for t in given if t.strip()]
             lora = LoraConfig(
                 r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
                 target_modules=targets,

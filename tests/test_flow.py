@@ -395,6 +395,12 @@ def test_lora_trains_and_loads_in_the_pipeline(flow, kind, tmp_path):
     x = torch.randn(1, x.shape[1], 8, 8)
     base = load_pipeline(load_family(flow[kind]), unet=flow[kind] / "transformer", device="cpu").transformer
     tuned = load_pipeline(load_family(flow[kind]), lora=out / "lora", device="cpu").transformer
+    from safetensors.torch import load_file
+
+    for key, w in load_file(out / "lora" / "pytorch_lora_weights.safetensors").items():  # each where it was trained
+        if key.endswith(".lora_A.weight"):
+            module = tuned.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
+            assert any(torch.equal(a.weight, w) for a in module.lora_A.values()), key
     with torch.no_grad():
         diff = (fam.predict(tuned, x, t, cond) - fam.predict(base, x, t, cond)).abs().max().item()
     assert diff > 0

@@ -14,7 +14,7 @@ from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import FAMILIES, load_family, model_kind
 
-NEW = ("zimage",)
+NEW = ("zimage", "flux2-klein")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
 SINGLE = ZERO3.parent / "single_gpu.json"
 
@@ -53,7 +53,7 @@ def test_tiny_fixture_round_trips_and_samples(fam, kind, tmp_path):
 
     def draw(p):
         g = [torch.Generator().manual_seed(3)]
-        out = p(["a warm square"], num_inference_steps=2, height=32, width=32, generator=g, output_type="pt")
+        out = p(prompt=["a warm square"], num_inference_steps=2, height=32, width=32, generator=g, output_type="pt")
         return out.images
 
     a, b = draw(pipe), draw(again)
@@ -81,37 +81,53 @@ def test_cached_text_conditioning_is_the_pipelines(fam, kind):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
         assert cond["prompt_embeds"][:, max(len(w) for w in want) :].abs().max() == 0  # the padding is zeros
-        assert family.caption_shapes()["prompt_embeds"] == tuple(parts["prompt_embeds"].shape[1:])
+    if kind == "flux2-klein":
+        want, _ = pipe.encode_prompt(list(caps))
+        e_empty, _ = pipe.encode_prompt([""])
+        assert want.shape[1] == 512 and want.shape[2] == 3 * pipe.text_encoder.config.hidden_size
+        want = torch.cat([want[:1], e_empty, want[:1], e_empty])
+        torch.testing.assert_close(cond["encoder_hidden_states"], want, rtol=1e-4, atol=1e-4)
+    assert family.caption_shapes() == {k: tuple(v.shape[1:]) for k, v in parts.items()}
+
+
+def _family_layout(kind, latents):
+    """The pipeline's latents during sampling -> the family's layout (n, C, h, w)."""
+    if kind == "flux2-klein":  # packed tokens (n, h w, 128) of the patchified latent
+        n, hw, c4 = latents.shape
+        side = int(hw**0.5)
+        return FAMILIES[kind].unpatchify(latents.permute(0, 2, 1).reshape(n, c4, side, side))
+    return latents
 
 
 @pytest.mark.parametrize("kind", NEW)
-def test_prediction_is_the_velocity_the_pipeline_steps_with(fam, kind):
-    """One step of the pipeline's scheduler with the family's prediction equals the pipeline's own step on the same
-    latents and caption (ZImagePipeline negates the transformer's output and feeds it 1 - s)."""
+def test_prediction_and_shift_are_the_pipelines(fam, kind):
+    """The pipeline's sampling sigmas are the family's shift of u = 1, ..., 1/N at the image's token count; one Euler
+    step with the family's prediction, in the family's latent layout, lands on the pipeline's own step (Z-Image
+    negates the transformer's output and feeds it 1 - s; FLUX.2 packs patchified tokens)."""
     family = load_family(fam[kind])
     pipe = family.load_pipeline()
     steps, i = 4, 1
-    g = torch.Generator().manual_seed(5)
-    latents = torch.randn(1, 16, 16, 16, generator=g)
     seen = {}
 
     def keep(p, step, t, kwargs):
-        seen.setdefault(step, kwargs["latents"].clone())
+        seen.setdefault(step, _family_layout(kind, kwargs["latents"].clone()))
         return {}
 
-    out = pipe(
-        ["a warm square"], num_inference_steps=steps, height=32, width=32, latents=latents.clone(), guidance_scale=0,
-        output_type="latent", callback_on_step_end=keep,
+    pipe(
+        prompt=["a warm square"], num_inference_steps=steps, height=32, width=32, guidance_scale=0,
+        generator=torch.Generator().manual_seed(5), output_type="latent", callback_on_step_end=keep,
     )  # fmt: skip
-    del out
+    sched = pipe.scheduler
+    u = torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
+    shape = seen[0].shape[1:]
+    family.sample_steps = steps  # FLUX.2's shift depends on the sampler's step count
+    torch.testing.assert_close(sched.sigmas[:-1].double(), family.shift(u, family.tokens(shape)), rtol=1e-5, atol=1e-6)
     parts = family.encode_texts(family.load_text_encoders(), ["a warm square"])
     cond = family.conditioning(parts, torch.tensor([False]), {k: v[0] for k, v in parts.items()}, pairs=False)
-    sched = pipe.scheduler
     t = sched.timesteps[i].reshape(1).float()
     with torch.no_grad():
         v = family.predict(pipe.transformer, seen[i - 1], t, cond)
-    sched._step_index = i
-    stepped = sched.step(v, sched.timesteps[i], seen[i - 1], return_dict=False)[0]
+    stepped = seen[i - 1] + (sched.sigmas[i + 1] - sched.sigmas[i]) * v
     torch.testing.assert_close(stepped, seen[i], rtol=1e-5, atol=1e-5)
 
 
@@ -258,10 +274,18 @@ def test_lora_trains_and_loads_in_the_pipeline(fam, kind, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert train_rows(out)[1]["loss/loss"] == pytest.approx(math.log(2), abs=1e-6)
     family = load_family(fam[kind])
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(any(f".{t}.lora_A" in k for k in saved) for t in family.lora_targets)  # the family's targets, each
+    base = load_pipeline(family, device="cpu").transformer
+    tuned = load_pipeline(family, lora=out / "lora", device="cpu").transformer
+    for key, w in saved.items():  # every saved adapter sits where it was trained
+        if key.endswith(".lora_A.weight"):
+            module = tuned.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
+            assert any(torch.equal(a.weight, w) for a in module.lora_A.values()), key
     _, t, cond = family.dummy_inputs(1)
     x = torch.randn(1, family.config("vae")["latent_channels"], 8, 8)
     cond = {k: v[:, :40] if v.dim() > 1 else torch.full_like(v, 40) for k, v in cond.items()}
-    base = load_pipeline(family, device="cpu").transformer
-    tuned = load_pipeline(family, lora=out / "lora", device="cpu").transformer
     with torch.no_grad():
         assert (family.predict(tuned, x, t, cond) - family.predict(base, x, t, cond)).abs().max() > 0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image-turbo")
+MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image-turbo", "flux.2-klein-4b", "flux.2-klein-9b")
 UNETS = ("sd15", "sdxl")  # the same memory plan for the UNets, at their recipes' resolutions (512, 1024 px)
 RESOLUTION = 1024
 GPUS = (4, 8, 16, 64)

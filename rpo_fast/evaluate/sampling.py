@@ -129,7 +129,7 @@ def sample(
                 else dict(max_sequence_length=pipe.family.max_sequence_length)
             )
             out = pipe(
-                [prompts[i] for (i, _), _ in chunk],
+                prompt=[prompts[i] for (i, _), _ in chunk],
                 **t5,
                 num_inference_steps=steps,
                 guidance_scale=guidance,

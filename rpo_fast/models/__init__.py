@@ -52,6 +52,7 @@ class ModelFamily:
     vae_fp16: ClassVar[bool] = True  # the VAE encodes in fp16 without overflowing
     default_beta: ClassVar[float | None] = None  # the objectives' beta where --beta is not given (None: theirs)
     sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")  # --lora-targets' default
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
     resnet_blocks: ClassVar[tuple[str, ...]] = ()  # what --compile-resnets adds to regional compile (UNets)
     max_sequence_length: int | None = None  # text tokens per caption (families whose encoder pads to a fixed length)
@@ -226,7 +227,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def save_lora(self, folder: str | Path, layers: dict) -> None:
-        """A LoRA state dict (diffusers naming) in the format the pipeline's ``load_lora_weights`` reads."""
+        """A LoRA state dict (PEFT's naming, ``get_peft_model_state_dict``) in the format the pipeline's
+        ``load_lora_weights`` reads."""
         raise NotImplementedError
 
 

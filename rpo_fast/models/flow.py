@@ -79,6 +79,8 @@ class FlowFamily(FlowMatchingNoising, ModelFamily):
         return pipe.to(device)
 
     def save_lora(self, folder, layers):
+        """In PEFT's naming (lora_A / lora_B), as diffusers' transformer training scripts save (FLUX.2's loader reads
+        lora.down / lora.up as another trainer's format and misplaces the double blocks' adapters)."""
         self.pipeline_class().save_lora_weights(Path(folder), transformer_lora_layers=layers, safe_serialization=True)
 
     def set_attention(self, denoiser, attention: str) -> None:

@@ -100,6 +100,10 @@ class SD15Family(DDPMNoising, ModelFamily):
         )
 
     def save_lora(self, folder, layers):
+        """In diffusers' own naming (lora.down / lora.up), as its SD and SDXL training scripts save."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(layers)
         self.pipeline_class().save_lora_weights(Path(folder), unet_lora_layers=layers, safe_serialization=True)
 
     # ---------------------------------------------------------------- the cache side
