@@ -14,7 +14,7 @@ from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import FAMILIES, load_family, model_kind
 
-NEW = ("zimage", "flux2-klein")
+NEW = ("zimage", "flux2-klein", "sana")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
 SINGLE = ZERO3.parent / "single_gpu.json"
 
@@ -53,7 +53,8 @@ def test_tiny_fixture_round_trips_and_samples(fam, kind, tmp_path):
 
     def draw(p):
         g = [torch.Generator().manual_seed(3)]
-        out = p(prompt=["a warm square"], num_inference_steps=2, height=32, width=32, generator=g, output_type="pt")
+        kw = dict(num_inference_steps=2, height=32, width=32, generator=g, output_type="pt", **family.sample_options)
+        out = p(prompt=["a warm square"], **kw)
         return out.images
 
     a, b = draw(pipe), draw(again)
@@ -87,6 +88,15 @@ def test_cached_text_conditioning_is_the_pipelines(fam, kind):
         assert want.shape[1] == 512 and want.shape[2] == 3 * pipe.text_encoder.config.hidden_size
         want = torch.cat([want[:1], e_empty, want[:1], e_empty])
         torch.testing.assert_close(cond["encoder_hidden_states"], want, rtol=1e-4, atol=1e-4)
+    if kind == "sana":  # the pipeline's prompt (with its instruction) and negative prompt "" (without)
+        pe, pm, ne, nm = pipe.encode_prompt(
+            list(caps), do_classifier_free_guidance=True, negative_prompt="",
+            complex_human_instruction=family.instruction,
+        )  # fmt: skip
+        want = torch.cat([pe[:1], ne[:1], pe[:1], ne[:1]])
+        torch.testing.assert_close(cond["encoder_hidden_states"], want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(cond["encoder_attention_mask"], torch.cat([pm[:1], nm[:1], pm[:1], nm[:1]]).long())
+        assert not torch.equal(pm[0], nm[0])  # the instruction is in the caption's tokens, not the empty one's
     assert family.caption_shapes() == {k: tuple(v.shape[1:]) for k, v in parts.items()}
 
 
@@ -101,34 +111,35 @@ def _family_layout(kind, latents):
 
 @pytest.mark.parametrize("kind", NEW)
 def test_prediction_and_shift_are_the_pipelines(fam, kind):
-    """The pipeline's sampling sigmas are the family's shift of u = 1, ..., 1/N at the image's token count; one Euler
-    step with the family's prediction, in the family's latent layout, lands on the pipeline's own step (Z-Image
-    negates the transformer's output and feeds it 1 - s; FLUX.2 packs patchified tokens)."""
+    """The pipeline's sampling sigmas are the family's shift of its sampler's grid (u = 1, ..., 1/N; SANA's DPM-Solver:
+    0.999 times that) at the image's token count; and at a sampling step the family's prediction, from the latent in
+    its own layout and t = 1000 s, is the model output the pipeline hands its scheduler (Z-Image negates the
+    transformer's output and feeds it 1 - s; FLUX.2 packs patchified tokens; SANA scales t by timestep_scale)."""
     family = load_family(fam[kind])
     pipe = family.load_pipeline()
-    steps, i = 4, 1
-    seen = {}
+    steps, i, seen = 4, 1, []
+    step = pipe.scheduler.step
 
-    def keep(p, step, t, kwargs):
-        seen.setdefault(step, _family_layout(kind, kwargs["latents"].clone()))
-        return {}
+    def record(model_output, timestep, sample, *args, **kw):
+        seen.append((model_output.clone(), timestep, sample.clone()))
+        return step(model_output, timestep, sample, *args, **kw)
 
+    pipe.scheduler.step = record
     pipe(
         prompt=["a warm square"], num_inference_steps=steps, height=32, width=32, guidance_scale=0,
-        generator=torch.Generator().manual_seed(5), output_type="latent", callback_on_step_end=keep,
+        generator=torch.Generator().manual_seed(5), output_type="latent", **family.sample_options,
     )  # fmt: skip
     sched = pipe.scheduler
-    u = torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
-    shape = seen[0].shape[1:]
+    model_output, timestep, sample = seen[i]
+    sample, want = _family_layout(kind, sample), _family_layout(kind, model_output)
     family.sample_steps = steps  # FLUX.2's shift depends on the sampler's step count
-    torch.testing.assert_close(sched.sigmas[:-1].double(), family.shift(u, family.tokens(shape)), rtol=1e-5, atol=1e-6)
+    shifted = family.shift(family.sampler_u(steps), family.tokens(sample.shape[1:]))
+    torch.testing.assert_close(sched.sigmas[:-1].double(), shifted, rtol=1e-5, atol=1e-6)
     parts = family.encode_texts(family.load_text_encoders(), ["a warm square"])
     cond = family.conditioning(parts, torch.tensor([False]), {k: v[0] for k, v in parts.items()}, pairs=False)
-    t = sched.timesteps[i].reshape(1).float()
     with torch.no_grad():
-        v = family.predict(pipe.transformer, seen[i - 1], t, cond)
-    stepped = seen[i - 1] + (sched.sigmas[i + 1] - sched.sigmas[i]) * v
-    torch.testing.assert_close(stepped, seen[i], rtol=1e-5, atol=1e-5)
+        got = family.predict(pipe.transformer, sample, timestep.reshape(1).float(), cond)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", NEW)

@@ -77,3 +77,27 @@ def test_readme_cost_table_is_the_counted_one():
     import recompute_cost
 
     assert recompute_cost.table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_a_grouped_convolutions_backward_is_counted_as_its_arithmetic(groups):
+    """The plans' FLOP counter: a convolution's backward is its forward's count per gradient (input and weight), for a
+    depthwise (grouped) convolution too, where torch's own formula counts it as dense (groups x too many); with
+    groups = 1 the count is torch's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rpo_fast.recompute import flop_counter
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    counts = []
+    for counter in (flop_counter(), FlopCounterMode(display=False)):
+        with counter:
+            y = conv(x)
+            forward = counter.get_total_flops()
+            y.sum().backward()
+        counts.append((forward, counter.get_total_flops() - forward))
+    (forward, backward), (_, torch_backward) = counts
+    assert forward == 2 * 2 * 36 * 8 * (8 // groups) * 9  # 2 FLOPs a multiply-add, per output element and tap
+    assert backward == 2 * forward
+    assert (torch_backward == backward) == (groups == 1)

@@ -1,6 +1,6 @@
 """The flow-matching models on paper: size, FLOPs, activations, cache bytes, and the memory per GPU of a full
-fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev and Z-Image-Turbo at 1024 px. Everything
-is counted on the meta device from the public configs (no weights, no GPU).
+fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Image-Turbo, FLUX.2-Klein 4B and 9B and
+SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public configs (no weights, no GPU).
 
     python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
 
@@ -26,7 +26,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-MODELS = ("sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image-turbo", "flux.2-klein-4b", "flux.2-klein-9b")
+MODELS = (
+    "sd3.5-medium",
+    "sd3.5-large",
+    "flux.1-dev",
+    "z-image-turbo",
+    "flux.2-klein-4b",
+    "flux.2-klein-9b",
+    "sana-1.6b",
+    "sana-0.6b",
+)
 UNETS = ("sd15", "sdxl")  # the same memory plan for the UNets, at their recipes' resolutions (512, 1024 px)
 RESOLUTION = 1024
 GPUS = (4, 8, 16, 64)
@@ -105,6 +114,7 @@ def measure(models=MODELS, modes=None) -> dict:
                 kind=family.name,
                 caption_bytes=None if family.name in (*T5_TOKENS, *UNETS) else caption_bytes(family),
                 latent_channels=family.config("vae")["latent_channels"],
+                latent_side=RESOLUTION // family.vae_scale_factor,
                 params=sum(p.numel() for p in model.parameters()),
                 largest=largest_layer(model),
                 forward_flops=next(iter(costs.values()))["forward_flops"] / 2,  # the same in every mode
@@ -128,7 +138,7 @@ def family_table(m: dict) -> str:
             t5=T.T5_XXL["d_model"], pooled=clip if r["kind"] == "sd3" else T.CLIP_L_TEXT["hidden_size"], clip=clip
         )
         cache = cache_bytes_per_pair(
-            r["kind"], r["latent_channels"], RESOLUTION // 8, widths, text_bytes=r["caption_bytes"]
+            r["kind"], r["latent_channels"], r["latent_side"], widths, text_bytes=r["caption_bytes"]
         )
         ref = 2 * r["forward_flops"]
         rows.append(

@@ -131,6 +131,7 @@ def sample(
             out = pipe(
                 prompt=[prompts[i] for (i, _), _ in chunk],
                 **t5,
+                **pipe.family.sample_options,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=gens,

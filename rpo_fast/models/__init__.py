@@ -52,6 +52,7 @@ class ModelFamily:
     vae_fp16: ClassVar[bool] = True  # the VAE encodes in fp16 without overflowing
     default_beta: ClassVar[float | None] = None  # the objectives' beta where --beta is not given (None: theirs)
     sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
+    sample_options: ClassVar[dict] = {}  # further keyword arguments of the family's pipeline call when sampling
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")  # --lora-targets' default
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes for regional compile where diffusers names none
     resnet_blocks: ClassVar[tuple[str, ...]] = ()  # what --compile-resnets adds to regional compile (UNets)
@@ -127,10 +128,16 @@ class ModelFamily:
         raise NotImplementedError
 
     @cached_property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 2^(levels - 1) of the VAE (AutoencoderKL's block_out_channels, AutoencoderDC's
+        encoder_block_out_channels), as the pipelines compute it."""
+        vae = self.config("vae")
+        return 2 ** (len(vae.get("block_out_channels") or vae["encoder_block_out_channels"]) - 1)
+
+    @cached_property
     def default_resolution(self) -> int:
         """Pixels of the model's native resolution: the denoiser's sample size times the VAE's downsampling."""
-        vae = self.config("vae")
-        return self.config(self.denoiser_folder)["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        return self.config(self.denoiser_folder)["sample_size"] * self.vae_scale_factor
 
     # ---------------------------------------------------------------- the cache side
     def encode_texts(self, encoders: Any, captions: list[str]) -> dict[str, Tensor]:

@@ -217,7 +217,7 @@ class FluxFamily(FlowFamily):
     @cached_property
     def default_resolution(self) -> int:
         vae = self.config("vae")  # FLUX.1's VAE says 1024; else FluxPipeline's default_sample_size 128 x its factor
-        return vae.get("sample_size") or 128 * 2 ** (len(vae["block_out_channels"]) - 1)
+        return vae.get("sample_size") or 128 * self.vae_scale_factor
 
     @cached_property
     def guidance_embeds(self) -> bool:
@@ -291,7 +291,7 @@ class FluxFamily(FlowFamily):
         cfg = self.config(self.denoiser_folder)
         c, size = (
             cfg["in_channels"] // 4,
-            self.default_resolution // 2 ** (len(self.config("vae")["block_out_channels"]) - 1),
+            self.default_resolution // self.vae_scale_factor,
         )
         x = torch.randn(rows, c, size, size)
         t = torch.full((rows,), self.num_train_timesteps / 2)

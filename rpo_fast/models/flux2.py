@@ -114,7 +114,7 @@ class Flux2KleinFamily(FlowFamily):
     def default_resolution(self) -> int:
         """The pipeline's default_sample_size 128 x the VAE's factor: 1024 (the tiny VAE's says 32)."""
         vae = self.config("vae")
-        return vae.get("sample_size") or 128 * 2 ** (len(vae["block_out_channels"]) - 1)
+        return vae.get("sample_size") or 128 * self.vae_scale_factor
 
     # ---------------------------------------------------------------- latents
     @cached_property

@@ -118,6 +118,11 @@ class FlowMatchingNoising:
         f = self.shift_factor(tokens)
         return s / (f - (f - 1) * s)
 
+    def sampler_u(self, steps: int) -> Tensor:
+        """The sampler's steps before the shift, u_i = 1 - i/N for i = 0..N-1 (the pipelines' sigmas
+        linspace(1, 1/N, N)); float64."""
+        return torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
+
     def discount_timesteps(self, t, latent_shape=None):
         """The integer timesteps (B,) whose k(t) is the sampler step of t = 1000 s: ceil(T shift^-1(s)) - 1. A
         sampler's own step sits on the top edge of its interval (FLUX's u = 1 - i/N): 1e-3 of a timestep absorbs
@@ -143,7 +148,7 @@ class FlowMatchingNoising:
 
     def dummy_latent_shape(self) -> tuple[int, int, int]:
         vae = self.config("vae")
-        size = self.default_resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+        size = self.default_resolution // self.vae_scale_factor
         return (vae["latent_channels"], size, size)
 
     def noisy_and_target(self, x0, noise, t):

@@ -43,3 +43,18 @@ def chat_tokenizer():
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
         chat_template=template, model_max_length=131072,
     )  # fmt: skip
+
+
+def gemma_tokenizer():
+    """A ``GemmaTokenizer`` built without downloads, for SANA's Gemma-2 encoder, in Gemma's own form (BPE with byte
+    fallback, spaces as ``▁``, ``<bos>`` prepended): ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, ``<mask>`` 4,
+    the 256 byte tokens ``<0x00>``... (5-260), then ``▁`` and the printable ASCII characters, no merges."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    vocab = {s: i for i, s in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{b:02X}>": 5 + b for b in range(256)})
+    for c in ["\u2581", *(c for c in string.printable if not c.isspace())]:
+        vocab[c] = len(vocab)
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192, add_bos_token=True)

@@ -26,7 +26,7 @@ def write_synthetic_cache(
     out.mkdir(parents=True, exist_ok=True)
     family = load_family(model)
     vae = family.config("vae")
-    h = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    h = resolution // family.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
     shard = {
         "captions": [f"synthetic caption {i}" for i in range(n)],

@@ -373,7 +373,7 @@ def save_model_configs(path: str | Path, kind: str, *, full: bool = True) -> Pat
         configs = {
             family.denoiser_folder: dict(spec[family.denoiser_folder], _class_name=family.denoiser_class_name),
             "vae": dict(spec["vae"], _class_name=vae_class),
-            "scheduler": dict(spec["scheduler"], _class_name="FlowMatchEulerDiscreteScheduler"),
+            "scheduler": dict({"_class_name": "FlowMatchEulerDiscreteScheduler"}, **spec["scheduler"]),
         }
         for sub, config in configs.items():
             name = "scheduler_config.json" if sub == "scheduler" else "config.json"
