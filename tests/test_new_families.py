@@ -14,7 +14,7 @@ from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import FAMILIES, load_family, model_kind
 
-NEW = ("zimage", "flux2-klein", "sana")
+NEW = ("zimage", "flux2-klein", "sana", "qwenimage")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
 SINGLE = ZERO3.parent / "single_gpu.json"
 
@@ -97,6 +97,17 @@ def test_cached_text_conditioning_is_the_pipelines(fam, kind):
         torch.testing.assert_close(cond["encoder_hidden_states"], want, rtol=1e-4, atol=1e-4)
         assert torch.equal(cond["encoder_attention_mask"], torch.cat([pm[:1], nm[:1], pm[:1], nm[:1]]).long())
         assert not torch.equal(pm[0], nm[0])  # the instruction is in the caption's tokens, not the empty one's
+    if kind == "qwenimage":  # the template's first 34 tokens are what the pipeline drops
+        prefix = pipe.prompt_template_encode.split("{}")[0]
+        assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 34
+        pe, pm = pipe.encode_prompt(list(caps))
+        ne, nm = pipe.encode_prompt([""])
+        pm = torch.ones(pe.shape[:2], dtype=torch.long) if pm is None else pm
+        nm = torch.ones(ne.shape[:2], dtype=torch.long) if nm is None else nm
+        for row, (e, m) in enumerate([(pe[0], pm[0]), (ne[0], nm[0])] * 2):
+            got_e, got_m = cond["encoder_hidden_states"][row], cond["encoder_hidden_states_mask"][row]
+            torch.testing.assert_close(got_e[: len(e)] * got_m[: len(e), None], e * m[:, None], rtol=1e-4, atol=1e-4)
+            assert torch.equal(got_m[: len(m)], m.long()) and got_m[len(m) :].sum() == 0
     assert family.caption_shapes() == {k: tuple(v.shape[1:]) for k, v in parts.items()}
 
 
@@ -106,6 +117,10 @@ def _family_layout(kind, latents):
         n, hw, c4 = latents.shape
         side = int(hw**0.5)
         return FAMILIES[kind].unpatchify(latents.permute(0, 2, 1).reshape(n, c4, side, side))
+    if kind == "qwenimage":  # packed tokens (n, h/2 w/2, 4C), FLUX.1's packing
+        n, hw, c4 = latents.shape
+        side = 2 * int(hw**0.5)
+        return FAMILIES["flux"].unpack(latents, side, side)
     return latents
 
 
@@ -133,7 +148,7 @@ def test_prediction_and_shift_are_the_pipelines(fam, kind):
     model_output, timestep, sample = seen[i]
     sample, want = _family_layout(kind, sample), _family_layout(kind, model_output)
     family.sample_steps = steps  # FLUX.2's shift depends on the sampler's step count
-    shifted = family.shift(family.sampler_u(steps), family.tokens(sample.shape[1:]))
+    shifted = family.sampler_sigmas(steps, family.tokens(sample.shape[1:]))
     torch.testing.assert_close(sched.sigmas[:-1].double(), shifted, rtol=1e-5, atol=1e-6)
     parts = family.encode_texts(family.load_text_encoders(), ["a warm square"])
     cond = family.conditioning(parts, torch.tensor([False]), {k: v[0] for k, v in parts.items()}, pairs=False)
@@ -168,7 +183,7 @@ def test_cache_bytes_formula_is_the_shards(fam, kind):
     family = load_family(fam[kind])
     shard = load_file(fam[f"cache_{kind}"] / "shard-r0-00000.safetensors")
     n, unique = len(shard["text_index"]), len(shard[family.caption_keys[0]])
-    c = family.config("vae")["latent_channels"]
+    c = family.latent_channels
     per = flow_plan.cache_bytes_per_pair(
         kind, c, 16, clip_dim=16, captions_per_pair=unique / n, text_bytes=flow_plan.caption_bytes(family)
     )
@@ -296,7 +311,7 @@ def test_lora_trains_and_loads_in_the_pipeline(fam, kind, tmp_path):
             module = tuned.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
             assert any(torch.equal(a.weight, w) for a in module.lora_A.values()), key
     _, t, cond = family.dummy_inputs(1)
-    x = torch.randn(1, family.config("vae")["latent_channels"], 8, 8)
+    x = torch.randn(1, family.latent_channels, 8, 8)
     cond = {k: v[:, :40] if v.dim() > 1 else torch.full_like(v, 40) for k, v in cond.items()}
     with torch.no_grad():
         assert (family.predict(tuned, x, t, cond) - family.predict(base, x, t, cond)).abs().max() > 0

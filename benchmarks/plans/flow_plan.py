@@ -1,6 +1,7 @@
 """The flow-matching models on paper: size, FLOPs, activations, cache bytes, and the memory per GPU of a full
-fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Image-Turbo, FLUX.2-Klein 4B and 9B and
-SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public configs (no weights, no GPU).
+fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Image-Turbo, Qwen-Image, FLUX.2-Klein
+4B and 9B and SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public configs (no
+weights, no GPU).
 
     python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
 
@@ -31,6 +32,7 @@ MODELS = (
     "sd3.5-large",
     "flux.1-dev",
     "z-image-turbo",
+    "qwen-image",
     "flux.2-klein-4b",
     "flux.2-klein-9b",
     "sana-1.6b",
@@ -113,7 +115,7 @@ def measure(models=MODELS, modes=None) -> dict:
             out[name] = dict(
                 kind=family.name,
                 caption_bytes=None if family.name in (*T5_TOKENS, *UNETS) else caption_bytes(family),
-                latent_channels=family.config("vae")["latent_channels"],
+                latent_channels=family.latent_channels,
                 latent_side=RESOLUTION // family.vae_scale_factor,
                 params=sum(p.numel() for p in model.parameters()),
                 largest=largest_layer(model),

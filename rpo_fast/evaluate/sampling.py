@@ -133,7 +133,7 @@ def sample(
                 **t5,
                 **pipe.family.sample_options,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
+                **pipe.family.guidance_kwargs(guidance, len(chunk)),
                 generator=gens,
                 height=size,
                 width=size,

@@ -129,10 +129,19 @@ class ModelFamily:
 
     @cached_property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel: 2^(levels - 1) of the VAE (AutoencoderKL's block_out_channels, AutoencoderDC's
-        encoder_block_out_channels), as the pipelines compute it."""
+        """Pixels per latent pixel, as the pipelines compute it: 2^(levels - 1) of the VAE's block_out_channels
+        (AutoencoderKL; AutoencoderDC's encoder_block_out_channels), or 2^(temporal downsamplings) (Qwen-Image's 3D
+        VAE)."""
         vae = self.config("vae")
+        if "temperal_downsample" in vae:
+            return 2 ** len(vae["temperal_downsample"])
         return 2 ** (len(vae.get("block_out_channels") or vae["encoder_block_out_channels"]) - 1)
+
+    @cached_property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent (its config's latent_channels, or z_dim)."""
+        vae = self.config("vae")
+        return vae.get("latent_channels") or vae["z_dim"]
 
     @cached_property
     def default_resolution(self) -> int:
@@ -223,6 +232,10 @@ class ModelFamily:
         """Fuse each attention's q/k/v projections into one linear layer (fewer, larger matmuls); the replaced
         layers stay in the module (frozen, unused): ``checkpoint.unfused_state`` splits the fused weights back."""
         raise ValueError(f"--fuse-qkv is not supported for {self.name} models")
+
+    def guidance_kwargs(self, guidance: float, n: int) -> dict:
+        """The pipeline's keyword arguments for classifier-free guidance ``guidance`` on ``n`` prompts."""
+        return {"guidance_scale": guidance}
 
     def predict(self, denoiser, noisy: Tensor, t: Tensor, cond: dict) -> Tensor:
         """The denoiser's prediction (the objective's model_pred / ref_pred)."""

@@ -123,6 +123,10 @@ class FlowMatchingNoising:
         linspace(1, 1/N, N)); float64."""
         return torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
 
+    def sampler_sigmas(self, steps: int, tokens: int) -> Tensor:
+        """The sampler's sigmas s_0 > ... > s_(N-1) at an image of ``tokens`` tokens: the shifted grid."""
+        return self.shift(self.sampler_u(steps), tokens)
+
     def discount_timesteps(self, t, latent_shape=None):
         """The integer timesteps (B,) whose k(t) is the sampler step of t = 1000 s: ceil(T shift^-1(s)) - 1. A
         sampler's own step sits on the top edge of its interval (FLUX's u = 1 - i/N): 1e-3 of a timestep absorbs
@@ -147,9 +151,8 @@ class FlowMatchingNoising:
         return (self.shift(u, self.tokens(latent_shape)) * T).float()
 
     def dummy_latent_shape(self) -> tuple[int, int, int]:
-        vae = self.config("vae")
         size = self.default_resolution // self.vae_scale_factor
-        return (vae["latent_channels"], size, size)
+        return (self.latent_channels, size, size)
 
     def noisy_and_target(self, x0, noise, t):
         """x_t = (1 - s) x0 + s eps and v = eps - x0, s = t / 1000 per pair."""

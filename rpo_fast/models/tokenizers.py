@@ -17,11 +17,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def chat_tokenizer():
+def chat_tokenizer(words: tuple[str, ...] = ()):
     """A ``Qwen2TokenizerFast`` built without downloads, for the Qwen-encoded families (Z-Image, FLUX.2-Klein,
-    Qwen-Image): byte-level BPE with no merges (the 256 byte symbols), the specials ``<|endoftext|>`` (256, also the
-    pad), ``<|im_start|>`` (257), ``<|im_end|>`` (258), and Qwen3's chat template for a user turn (with the
-    generation prompt, and the empty think block where ``enable_thinking`` is False)."""
+    Qwen-Image): byte-level BPE over the 256 byte symbols, the specials ``<|endoftext|>`` (256, also the pad),
+    ``<|im_start|>`` (257), ``<|im_end|>`` (258), and Qwen3's chat template for a user turn (with the generation
+    prompt, and the empty think block where ``enable_thinking`` is False). ``words`` (as the pre-tokenizer splits
+    them: a leading space included) become one token each, by merges that grow each word left to right (ids from
+    259): what makes a fixed prompt prefix as many tokens as the real tokenizer makes it (Qwen-Image drops 34)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
@@ -29,7 +31,15 @@ def chat_tokenizer():
     vocab = {c: i for i, c in enumerate(symbols)}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab.update({s: 256 + i for i, s in enumerate(specials)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    byte = _bytes_to_unicode()
+    merges = []
+    for word in words:
+        w = "".join(byte[b] for b in word.encode())
+        for i in range(2, len(w) + 1):
+            if w[:i] not in vocab:
+                vocab[w[:i]] = len(vocab)
+                merges.append((w[: i - 1], w[i - 1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)

@@ -25,13 +25,12 @@ def write_synthetic_cache(
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family = load_family(model)
-    vae = family.config("vae")
     h = resolution // family.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
     shard = {
         "captions": [f"synthetic caption {i}" for i in range(n)],
-        "latent_mean": torch.randn(n, 2, vae["latent_channels"], h, h, generator=g),
-        "latent_std": torch.rand(n, 2, vae["latent_channels"], h, h, generator=g) * 0.1,
+        "latent_mean": torch.randn(n, 2, family.latent_channels, h, h, generator=g),
+        "latent_std": torch.rand(n, 2, family.latent_channels, h, h, generator=g) * 0.1,
         "text_index": torch.arange(n),
         "clip_text": torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=g), dim=-1),
         "clip_image": torch.nn.functional.normalize(torch.randn(n, 2, embed_dim, generator=g), dim=-1),
