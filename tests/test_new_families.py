@@ -14,7 +14,7 @@ from rpo_fast import testing as T
 from rpo_fast.config import loss_options, parse_args
 from rpo_fast.models import FAMILIES, load_family, model_kind
 
-NEW = ("zimage", "flux2-klein", "sana", "qwenimage")
+NEW = ("zimage", "flux2-klein", "flux2", "sana", "qwenimage")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
 SINGLE = ZERO3.parent / "single_gpu.json"
 
@@ -82,10 +82,10 @@ def test_cached_text_conditioning_is_the_pipelines(fam, kind):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
         assert cond["prompt_embeds"][:, max(len(w) for w in want) :].abs().max() == 0  # the padding is zeros
-    if kind == "flux2-klein":
+    if kind in ("flux2-klein", "flux2"):
         want, _ = pipe.encode_prompt(list(caps))
         e_empty, _ = pipe.encode_prompt([""])
-        assert want.shape[1] == 512 and want.shape[2] == 3 * pipe.text_encoder.config.hidden_size
+        assert want.shape[1] == 512 and want.shape[2] == 3 * pipe.text_encoder.config.get_text_config().hidden_size
         want = torch.cat([want[:1], e_empty, want[:1], e_empty])
         torch.testing.assert_close(cond["encoder_hidden_states"], want, rtol=1e-4, atol=1e-4)
     if kind == "sana":  # the pipeline's prompt (with its instruction) and negative prompt "" (without)
@@ -113,7 +113,7 @@ def test_cached_text_conditioning_is_the_pipelines(fam, kind):
 
 def _family_layout(kind, latents):
     """The pipeline's latents during sampling -> the family's layout (n, C, h, w)."""
-    if kind == "flux2-klein":  # packed tokens (n, h w, 128) of the patchified latent
+    if kind in ("flux2-klein", "flux2"):  # packed tokens (n, h w, 128) of the patchified latent
         n, hw, c4 = latents.shape
         side = int(hw**0.5)
         return FAMILIES[kind].unpatchify(latents.permute(0, 2, 1).reshape(n, c4, side, side))
@@ -152,6 +152,8 @@ def test_prediction_and_shift_are_the_pipelines(fam, kind):
     torch.testing.assert_close(sched.sigmas[:-1].double(), shifted, rtol=1e-5, atol=1e-6)
     parts = family.encode_texts(family.load_text_encoders(), ["a warm square"])
     cond = family.conditioning(parts, torch.tensor([False]), {k: v[0] for k, v in parts.items()}, pairs=False)
+    if "guidance" in cond:  # FLUX.2-dev's embedded guidance: the pipeline's guidance_scale
+        cond["guidance"] = torch.zeros_like(cond["guidance"])
     with torch.no_grad():
         got = family.predict(pipe.transformer, sample, timestep.reshape(1).float(), cond)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)

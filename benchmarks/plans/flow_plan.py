@@ -1,7 +1,7 @@
 """The flow-matching models on paper: size, FLOPs, activations, cache bytes, and the memory per GPU of a full
-fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Image-Turbo, Qwen-Image, FLUX.2-Klein
-4B and 9B and SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public configs (no
-weights, no GPU).
+fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Image-Turbo, Qwen-Image, FLUX.2-dev,
+FLUX.2-Klein 4B and 9B and SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public
+configs (no weights, no GPU).
 
     python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
 
@@ -33,6 +33,7 @@ MODELS = (
     "flux.1-dev",
     "z-image-turbo",
     "qwen-image",
+    "flux.2-dev",
     "flux.2-klein-4b",
     "flux.2-klein-9b",
     "sana-1.6b",

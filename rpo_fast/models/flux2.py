@@ -1,6 +1,7 @@
-"""FLUX.2-Klein (``flux2-klein``; black-forest-labs/FLUX.2-klein-4B and -9B, their -base releases, diffusers'
-``Flux2Transformer2DModel`` and ``Flux2KleinPipeline``): an MM-DiT over FLUX.2's 32-channel VAE, one Qwen3 text
-encoder, rectified flow with FLUX.2's empirical shift.
+"""FLUX.2: Klein (``flux2-klein``; black-forest-labs/FLUX.2-klein-4B and -9B, their -base releases,
+``Flux2KleinPipeline``) and dev (``flux2``; black-forest-labs/FLUX.2-dev, ``Flux2Pipeline``), diffusers'
+``Flux2Transformer2DModel``: an MM-DiT over FLUX.2's 32-channel VAE, rectified flow with FLUX.2's empirical shift.
+Klein reads a Qwen3 text encoder; dev a Mistral-3 (Small 3.1) one and a guidance embedding.
 
 Latents (``Flux2KleinPipeline._encode_vae_image`` and the end of its ``__call__``): the VAE's 32 channels at 1/8 are
 cut into 2 x 2 patches (128 channels at 1/16) and normalised by the VAE's batch-norm statistics,
@@ -17,7 +18,10 @@ from the image's token count and the sampler's step count, the family's ``sample
 
 Text (``Flux2KleinPipeline.encode_prompt``): the caption in Qwen3's chat template (``enable_thinking=False``), padded
 to ``max_sequence_length`` (512), the hidden states of layers (9, 18, 27) side by side: (512, 3 D), padding included
-(the pipeline keeps it). Sampling: the pipeline's defaults, 50 steps at guidance 4.0; a distilled release
+(the pipeline keeps it). FLUX.2-dev (``Flux2Pipeline.encode_prompt``): the pipeline's system message and the caption
+in Mistral's chat template, layers (10, 20, 30) of Mistral-3, (512, 3 x 5120); its guidance embedding takes the
+same value for policy and reference while training (1.0, as FLUX.1's family), the sampling guidance (4.0) at
+evaluation. Sampling: the pipeline's defaults, 50 steps at guidance 4.0; a distilled release
 (``is_distilled`` in its model_index.json) skips classifier-free guidance in the pipeline itself and samples in 4 steps
 (its card's).
 """
@@ -67,6 +71,7 @@ class Flux2KleinFamily(FlowFamily):
     guidance = 4.0  # Flux2KleinPipeline's default
     sample_steps = 50
     max_sequence_length = 512
+    text_layers = TEXT_LAYERS
     tiny = dict(
         transformer=dict(
             patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -163,7 +168,7 @@ class Flux2KleinFamily(FlowFamily):
         pipe = encoders
         embeds, _ = pipe.encode_prompt(
             list(captions), device=pipe.device, max_sequence_length=self.max_sequence_length,
-            text_encoder_out_layers=TEXT_LAYERS,
+            text_encoder_out_layers=self.text_layers,
         )  # fmt: skip
         return {"prompt_embeds": embeds.float()}
 
@@ -188,13 +193,16 @@ class Flux2KleinFamily(FlowFamily):
 
     def predict(self, denoiser, noisy, t, cond):
         """Patchified, packed tokens in (n, h/2 w/2, 4C), s = t / 1000; the velocity unpacked to (n, C, h, w)."""
+        return self._predict(denoiser, noisy, t, cond, None)
+
+    def _predict(self, denoiser, noisy, t, cond, guidance):
         x = self.patchify(noisy)
         n, c4, h, w = x.shape
         text = cond["encoder_hidden_states"]
         img_ids, txt_ids = self.token_ids(h, w, text.shape[1], noisy.device)
         out = denoiser(
             hidden_states=x.reshape(n, c4, h * w).permute(0, 2, 1), timestep=(t / self.num_train_timesteps).to(x.dtype),
-            guidance=None, encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            guidance=guidance, encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]  # fmt: skip
         return self.unpatchify(out.permute(0, 2, 1).reshape(n, c4, h, w))
 
@@ -224,5 +232,91 @@ class Flux2KleinFamily(FlowFamily):
         encoder = Qwen3ForCausalLM(Qwen3Config(**cls.tiny["text_encoder"])).eval()
         return Flux2KleinPipeline(
             transformer=transformer, vae=vae, text_encoder=encoder, tokenizer=chat_tokenizer(),
+            scheduler=FlowMatchEulerDiscreteScheduler(**cls.tiny["scheduler"]),
+        )  # fmt: skip
+
+
+class Flux2Family(Flux2KleinFamily):
+    """FLUX.2-dev: Klein's latents, shift, packing and prediction, Mistral-3's text layers and a guidance embedding."""
+
+    name = "flux2"
+    pipeline_name = "Flux2Pipeline"
+    guidance = 4.0  # Flux2Pipeline's default (embedded guidance, no second forward)
+    text_layers = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
+    train_guidance = 1.0  # the guidance embedding's input while training, the same for policy and reference
+    tiny = dict(
+        Flux2KleinFamily.tiny,
+        transformer=dict(Flux2KleinFamily.tiny["transformer"], guidance_embeds=True),
+        text_encoder=dict(  # a Mistral3ForConditionalGeneration deep enough for the pipeline's layers (10, 20, 30)
+            text_config=dict(
+                model_type="mistral", vocab_size=263, hidden_size=16, intermediate_size=24,
+                num_hidden_layers=max(text_layers) + 1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            ),
+            vision_config=dict(
+                model_type="pixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                head_dim=8, image_size=28, patch_size=14,
+            ),
+            image_token_index=262, spatial_merge_size=2,
+        ),
+    )  # fmt: skip
+    full = {  # black-forest-labs/FLUX.2-dev: Flux2Transformer2DModel's defaults (Mistral-3 Small: 3 x 5120)
+        "flux.2-dev": dict(
+            transformer=dict(
+                patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                num_attention_heads=48, joint_attention_dim=15360, axes_dims_rope=(32, 32, 32, 32),
+                guidance_embeds=True,
+            ),
+            vae=_FLUX2_VAE, scheduler=_SCHEDULER, params=32_223_281_152,
+        )
+    }  # fmt: skip
+
+    @torch.no_grad()
+    def encode_texts(self, encoders, captions):
+        """prompt_embeds (n, max_sequence_length, 3 D): ``Flux2Pipeline.encode_prompt`` (its system message)."""
+        pipe = encoders
+        embeds, _ = pipe.encode_prompt(
+            list(captions), device=pipe.device, max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_layers,
+        )  # fmt: skip
+        return {"prompt_embeds": embeds.float()}
+
+    def conditioning(self, batch, drop, empty, *, pairs=True):
+        """Klein's, and the guidance embedding's input ``train_guidance`` per row."""
+        cond = super().conditioning(batch, drop, empty, pairs=pairs)
+        text = cond["encoder_hidden_states"]
+        return dict(cond, guidance=torch.full((text.shape[0],), self.train_guidance, device=text.device))
+
+    def predict(self, denoiser, noisy, t, cond):
+        """Klein's, with the conditioning's guidance (the value the pipeline passes as ``guidance_scale``)."""
+        cond = dict(cond)
+        guidance = cond.pop("guidance")
+        return self._predict(denoiser, noisy, t, cond, guidance.to(noisy.dtype))
+
+    def dummy_inputs(self, rows):
+        x, t, cond = super().dummy_inputs(rows)
+        return x, t, dict(cond, guidance=torch.full((rows,), self.train_guidance))
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0):
+        """A tiny random ``Flux2Pipeline``: the tiny transformer with a guidance embedding, Klein's tiny VAE, a
+        31-layer ``Mistral3ForConditionalGeneration`` of width 16, and an offline tokenizer with Mistral's chat
+        template in place of the pipeline's ``PixtralProcessor`` (``tokenizers.mistral_tokenizer``)."""
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        from ..seeding import seed_of
+        from .tokenizers import mistral_tokenizer
+
+        torch.manual_seed(seed_of(seed, 0))
+        transformer = cls.denoiser_class()(**cls.tiny["transformer"])
+        torch.manual_seed(seed_of(seed, 1))
+        vae = AutoencoderKLFlux2(**cls.tiny["vae"])
+        vae.bn.running_mean.normal_(0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+        torch.manual_seed(seed_of(seed, 2))
+        encoder = Mistral3ForConditionalGeneration(Mistral3Config(**cls.tiny["text_encoder"])).eval()
+        return Flux2Pipeline(
+            transformer=transformer, vae=vae, text_encoder=encoder, tokenizer=mistral_tokenizer(),
             scheduler=FlowMatchEulerDiscreteScheduler(**cls.tiny["scheduler"]),
         )  # fmt: skip

@@ -68,3 +68,29 @@ def gemma_tokenizer():
     for c in ["\u2581", *(c for c in string.printable if not c.isspace())]:
         vocab[c] = len(vocab)
     return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192, add_bos_token=True)
+
+
+def mistral_tokenizer():
+    """A ``PreTrainedTokenizerFast`` built without downloads for FLUX.2-dev's Mistral-3 encoder, standing in for the
+    pipeline's ``PixtralProcessor`` (which needs torchvision): byte-level BPE with no merges, the specials ``<pad>``
+    0, ``<s>`` 1, ``</s>`` 2, ``[INST]``, ``[/INST]``, ``[SYSTEM_PROMPT]``, ``[/SYSTEM_PROMPT]`` (3-6), the 256 byte
+    symbols from 7, and Mistral's chat template over text content parts (a system turn, then user turns)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({c: len(specials) + i for i, (_, c) in enumerate(sorted(_bytes_to_unicode().items()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    template = (
+        "{{- bos_token }}{%- for message in messages %}{%- set text = message['content'][0]['text'] %}"
+        "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+        "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}{%- endif %}{%- endfor %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=template,
+        model_max_length=131072,
+    )  # fmt: skip
