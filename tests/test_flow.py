@@ -243,11 +243,13 @@ def test_cache_bytes_formula_is_the_shards(flow, kind):
 
 @pytest.mark.slow
 def test_readme_tables_are_the_flow_plan():
-    m = flow_plan.measure()
+    """The README's model-family, size and memory tables are what benchmarks/plans/flow_plan.py prints."""
+    m, unets = flow_plan.measure(), flow_plan.measure(flow_plan.UNETS, ("full",))
     readme = (T_ROOT / "README.md").read_text()
+    assert flow_plan.families_table(unets, m) in readme
     assert flow_plan.family_table(m) in readme
     assert flow_plan.memory_table(m) in readme
-    assert flow_plan.memory_table(flow_plan.measure(flow_plan.UNETS, ("full",)), flow_plan.UNET_GPUS) in readme
+    assert flow_plan.memory_table(unets, flow_plan.UNET_GPUS) in readme
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rpo_fast.models import FAMILIES, load_family, model_kind
 
 NEW = ("zimage", "flux2-klein", "flux2", "sana", "qwenimage")
 OBJECTIVES = ("dpo", "rpo", "sft", "dense-dpo", "cal-dpo")  # DSPO is refused (test_dspo_and_graphs_refused)
-SINGLE = ZERO3.parent / "single_gpu.json"
+SINGLE, ZERO2 = ZERO3.parent / "single_gpu.json", ZERO3.parent / "zero2_8bit.json"
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +216,16 @@ def _args(fam, kind, out, objective, *extra):
 @pytest.fixture(scope="module")
 def one_process(fam, tmp_path_factory):
     """Every objective but DSPO on each new family in one process, 2 pairs a step, 3 steps; and DPO in bf16 with
-    8-bit AdamW (the shipped defaults)."""
+    8-bit AdamW (the shipped defaults) on ZeRO-3 and on ZeRO-2."""
     root = tmp_path_factory.mktemp("one")
     runs = {(k, o): root / f"{k}-{o}" for k in NEW for o in OBJECTIVES}
     argv = [_args(fam, k, out, o, "--micro-batch-size", "2", "--max-steps", "3") for (k, o), out in runs.items()]
-    for k in NEW:
+    bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
+    for k in NEW:  # the shipped defaults, bf16 with 8-bit AdamW, on ZeRO-3 and on ZeRO-2
         runs[k, "bf16"] = root / f"{k}-bf16"
-        bf16 = ("--micro-batch-size", "2", "--max-steps", "2", "--mixed-precision", "bf16", "--optimizer", "adamw8bit")
         argv.append(_args(fam, k, runs[k, "bf16"], "dpo", *bf16))
+        runs[k, "zero2"] = root / f"{k}-zero2"
+        argv.append([*_args(fam, k, runs[k, "zero2"], "dpo", *bf16), "--ds_config", str(ZERO2)])
     res = launch_many(argv)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return runs
@@ -232,15 +234,15 @@ def one_process(fam, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", NEW)
-@pytest.mark.parametrize("objective", [*OBJECTIVES, "bf16"])
+@pytest.mark.parametrize("objective", [*OBJECTIVES, "bf16", "zero2"])
 def test_every_objective_trains_in_one_process(one_process, kind, objective):
     """Finite losses; where there is a reference, step 1 ties (DPO-type losses at log 2) and step 2 has moved."""
     rows = train_rows(one_process[kind, objective])
     steps = sorted(rows)
-    assert steps == ([1, 2] if objective == "bf16" else [1, 2, 3])
+    assert steps == ([1, 2] if objective in ("bf16", "zero2") else [1, 2, 3])
     losses = [rows[s]["loss/loss"] for s in steps]
     assert all(math.isfinite(v) for v in losses)
-    if objective in ("dpo", "rpo", "dense-dpo", "bf16"):
+    if objective in ("dpo", "rpo", "dense-dpo", "bf16", "zero2"):
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     if objective != "sft":
         assert rows[1]["loss/mse_w"] == pytest.approx(rows[1]["loss/ref_mse_w"], rel=1e-6)

@@ -3,7 +3,7 @@ fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Im
 FLUX.2-Klein 4B and 9B and SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public
 configs (no weights, no GPU).
 
-    python benchmarks/plans/flow_plan.py          # prints the README's two tables (tests/test_flow.py holds them equal)
+    python benchmarks/plans/flow_plan.py          # prints the README's tables (tests/test_flow.py holds them equal)
 
 Model states per trained parameter, in DeepSpeed's own breakdown (``estimate_zero2_model_states_mem_needs``:
 2 bytes of bf16 weights + 2 of bf16 gradients + 4 of fp32 gradients + 4 of fp32 master weights + 8 of Adam states)
@@ -153,6 +153,19 @@ def family_table(m: dict) -> str:
     return "\n".join(rows)
 
 
+def first_plans(r: dict, n: int) -> tuple[str, str]:
+    """The first plan (least communication first) to fit ``BUDGET`` on ``n`` GPUs with one pair's activations under
+    ``--recompute full``: "stage, reference" with the reference on the GPU, and the stage with it precomputed ("no"
+    where none fits)."""
+    act = r["costs"]["full"]["activation_bytes"]
+    states = [model_states(r["params"], r["largest"], s, n) for s in range(4)]
+    ref = (reference_bytes(r["params"], False, n), reference_bytes(r["params"], True, n))
+    plans = [(s, False) for s in range(4)] + [(3, True)]  # a sharded reference: with a ZeRO-3 policy
+    fits = [f"{s}, {'sharded' if sh else 'replicated'}" for s, sh in plans if states[s] + ref[sh] + act < BUDGET]
+    alone = [str(s) for s in range(4) if states[s] + act < BUDGET]  # no reference on the GPU
+    return (fits[0] if fits else "no"), (alone[0] if alone else "no")
+
+
 def memory_table(m: dict, gpus=GPUS) -> str:
     rows = [
         "| model | GPUs | stage 0 | stage 1 | stage 2 | stage 3 | + reference replicated / sharded | "
@@ -160,20 +173,48 @@ def memory_table(m: dict, gpus=GPUS) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in m.items():
-        act = r["costs"]["full"]["activation_bytes"]
         for n in gpus:
             states = [model_states(r["params"], r["largest"], s, n) for s in range(4)]
             ref = (reference_bytes(r["params"], False, n), reference_bytes(r["params"], True, n))
-            plans = [(s, False) for s in range(4)] + [(3, True)]  # a sharded reference: with a ZeRO-3 policy
-            fits = [
-                f"{s}, {'sharded' if sh else 'replicated'}" for s, sh in plans if states[s] + ref[sh] + act < BUDGET
-            ]
-            alone = [str(s) for s in range(4) if states[s] + act < BUDGET]  # no reference on the GPU
+            live, alone = first_plans(r, n)
             rows.append(
                 f"| {name} | {n} | "
                 + " | ".join(f"{b / 1e9:.1f} GB" for b in states)
-                + f" | {ref[0] / 1e9:.1f} / {ref[1] / 1e9:.1f} GB | {fits[0] if fits else 'no'} | "
-                + f"{alone[0] if alone else 'no'} |"
+                + f" | {ref[0] / 1e9:.1f} / {ref[1] / 1e9:.1f} GB | {live} | {alone} |"
+            )
+    return "\n".join(rows)
+
+
+TESTED = {  # where each family's tiny model is trained on the CPU
+    "sd15": "`tests/test_train.py` and most others",
+    "sdxl": "`tests/test_train.py`, `tests/test_engines.py`",
+    "sd3": "`tests/test_flow.py`",
+    "flux": "`tests/test_flow.py`",
+}
+
+
+def families_table(*measured: dict) -> str:
+    """One row a full-size model: its family, pipeline, prediction, objectives, the first plan that trains it on
+    8 x 80 GB (reference on the GPU / precomputed), its default LoRA targets and where it is tested."""
+    from rpo_fast.models import FAMILIES
+    from rpo_fast.objectives import OBJECTIVE_TABLE
+
+    rows = [
+        "| model | family | pipeline | prediction | objectives | full fine-tune on 8 x 80 GB: ZeRO stage, reference "
+        "/ stage with it precomputed | LoRA targets (default) | tested on the CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in measured:
+        for name, r in m.items():
+            family = FAMILIES[r["kind"]]
+            pipeline = family.pipeline_class().__name__
+            prediction = "velocity" if family.flow_matching else "epsilon (or v)"
+            objectives = [o for o, spec in OBJECTIVE_TABLE.items() if "form" not in spec.options or family.dspo_form]
+            live, alone = first_plans(r, 8)
+            rows.append(
+                f"| {name} | `{family.name}` | `{pipeline}` | {prediction} | {', '.join(objectives)} | "
+                f"{live} / {alone} | `{','.join(family.lora_targets)}` | "
+                f"{TESTED.get(family.name, '`tests/test_new_families.py`')} |"
             )
     return "\n".join(rows)
 
@@ -182,9 +223,11 @@ UNET_GPUS = (1, 8)
 
 
 if __name__ == "__main__":
-    m = measure()
+    m, unets = measure(), measure(UNETS, ("full",))
+    print(families_table(unets, m))
+    print()
     print(family_table(m))
     print()
     print(memory_table(m))
     print()
-    print(memory_table(measure(UNETS, ("full",)), UNET_GPUS))
+    print(memory_table(unets, UNET_GPUS))

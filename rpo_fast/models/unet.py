@@ -89,7 +89,8 @@ class SD15Family(DDPMNoising, ModelFamily):
             out.append((tok, enc))
         return out
 
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline
@@ -221,7 +222,8 @@ class SDXLFamily(SD15Family):
             ("tokenizer_2", "text_encoder_2", CLIPTokenizer, CLIPTextModelWithProjection),
         ]
 
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline
