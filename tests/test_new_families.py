@@ -252,20 +252,57 @@ def test_every_objective_trains_in_one_process(one_process, kind, objective):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_a_precomputed_reference_gives_the_live_references_losses(fam, one_process, tmp_path):
+    """``python -m rpo_fast.reference`` on each new family's cache, then DPO reading the table without a reference
+    model (one process for all the families): the live reference's losses (rel 1e-4) at every step."""
+    from rpo_fast.reference import ReferenceConfig, run_pass
+
+    argv = []
+    for kind in NEW:
+        table = run_pass(
+            ReferenceConfig(
+                model=str(fam[kind]), data=str(fam[f"cache_{kind}"]), reference_table=str(tmp_path / f"table-{kind}"),
+                mixed_precision="no", progress=False, epochs=1, batch_size=5, objective="dpo",
+            )
+        )  # fmt: skip
+        extra = ("--micro-batch-size", "2", "--max-steps", "3", "--ref-placement", "precomputed")
+        argv.append(_args(fam, kind, tmp_path / kind, "dpo", *extra, "--reference-table", str(table)))
+    res = launch_many(argv)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for kind in NEW:
+        live, pre = train_rows(one_process[kind, "dpo"]), train_rows(tmp_path / kind)
+        assert [pre[s]["loss/loss"] for s in (1, 2, 3)] == pytest.approx(
+            [live[s]["loss/loss"] for s in (1, 2, 3)], rel=1e-4
+        ), kind
+
+
+@pytest.fixture(scope="module")
+def two_ranks(fam, tmp_path_factory):
+    """DPO and RPO on 2 ZeRO-3 ranks x 1 pair a rank, 3 steps, a checkpoint at step 2, for every new family: the ten
+    runs in one deepspeed launch (tests/train_many.py on each rank)."""
+    root = tmp_path_factory.mktemp("two")
+    runs = {(k, o): root / f"{k}-{o}" for k in NEW for o in ("dpo", "rpo")}
+    res = launch_many([_args(fam, k, out, o, *TWO_RANK_STEPS) for (k, o), out in runs.items()], ranks=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return runs
+
+
+TWO_RANK_STEPS = ("--micro-batch-size", "1", "--max-steps", "3", "--checkpoint-every", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", NEW)
-def test_two_ranks_resume_exactly_and_export_for_diffusers(fam, one_process, kind, tmp_path):
+def test_two_ranks_resume_exactly_and_export_for_diffusers(fam, one_process, two_ranks, kind, tmp_path):
     """2 ZeRO-3 ranks x 1 pair: DPO's and RPO's losses equal one process holding both pairs (rel 1e-4); RPO killed
     after step 2's checkpoint and resumed gives the uninterrupted run's losses to the bit; the export loads with
     from_pretrained, has moved, samples in the family's pipeline and evaluates with its defaults."""
     from rpo_fast.evaluate import evaluate, load_pipeline, sample
 
-    steps = ["--micro-batch-size", "1", "--max-steps", "3", "--checkpoint-every", "2"]
-    runs = {}
-    for objective in ("dpo", "rpo"):
-        runs[objective] = tmp_path / objective
-        res = launch(_args(fam, kind, runs[objective], objective, *steps))
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        one, two = train_rows(one_process[kind, objective]), train_rows(runs[objective])
+    steps = list(TWO_RANK_STEPS)
+    runs = {o: two_ranks[kind, o] for o in ("dpo", "rpo")}
+    for objective, run in runs.items():
+        one, two = train_rows(one_process[kind, objective]), train_rows(run)
         for s in (1, 2, 3):
             assert two[s]["loss/loss"] == pytest.approx(one[s]["loss/loss"], rel=1e-4), (objective, s)
     killed = tmp_path / "killed"

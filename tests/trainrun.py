@@ -22,11 +22,24 @@ def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess
     Every launcher run also checks that it left none of DeepSpeed's CPU all-reduce buffers in /dev/shm (the trainer
     unlinks them; each leaked one holds ~70 MB of memory until reboot, and a test suite's worth once ran CI out of
     memory). A one-process run makes none: DeepSpeed sets them up only when the launcher sets LOCAL_SIZE."""
+    return _run(TRAIN, args, ranks, timeout)
+
+
+def launch_many(runs: list[list[str]], *, ranks: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Runs one after another in ONE Python process a rank (tests/train_many.py): the imports and DeepSpeed's
+    set-up, most of a tiny run's time, paid once; on ``ranks`` > 1 under the deepspeed launcher, as ``launch``."""
+    args = []
+    for i, run in enumerate(runs):
+        args += (["--"] if i else []) + run
+    return _run(ROOT / "tests" / "train_many.py", args, ranks, timeout)
+
+
+def _run(script: Path, args: list[str], ranks: int, timeout: int) -> subprocess.CompletedProcess:
     port = str(free_port())
     if ranks > 1:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", port, str(TRAIN), *args]
+        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
     else:
-        cmd = [sys.executable, str(TRAIN), *args]
+        cmd = [sys.executable, str(script), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if ranks > 1 else []
@@ -34,16 +47,6 @@ def launch(args: list[str], *, ranks: int = 2, timeout: int = 600) -> subprocess
         f.unlink()
     assert not leaked, f"the run left DeepSpeed's shared-memory buffers behind: {leaked}"
     return res
-
-
-def launch_many(runs: list[list[str]], *, timeout: int = 900) -> subprocess.CompletedProcess:
-    """One-process runs one after another in ONE Python process (tests/train_many.py): the imports and DeepSpeed's
-    set-up, most of a tiny run's time, paid once."""
-    cmd = [sys.executable, str(ROOT / "tests" / "train_many.py")]
-    for i, args in enumerate(runs):
-        cmd += (["--"] if i else []) + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def train_config(runs, out, kind: str = "sd15", **kw):

@@ -252,6 +252,21 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def dropped(batch: dict, drop: Tensor, empty: dict, key: str) -> Tensor:
+    """``batch[key]`` (B, ...), the rows where ``drop`` (B,) is set replaced by the empty caption's ``empty[key]``."""
+    v = batch[key]
+    return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+
+
+def random_masked_states(n: int, shape: tuple[int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random caption states (n, L, D) and attention masks (n, L) int64 of 1 to L leading ones, the states past
+    them zero (a synthetic cache's captions of a family whose encoder pads: ``random_captions``)."""
+    embeds = torch.randn(n, *shape, generator=generator)
+    lengths = torch.randint(1, shape[0] + 1, (n,), generator=generator)
+    mask = (torch.arange(shape[0]) < lengths[:, None]).long()
+    return embeds * mask[..., None], mask
+
+
 def cast_conditioning(cond: dict, dtype: torch.dtype) -> dict:
     """A family's conditioning (tensors, and dicts of tensors such as SDXL's added_cond_kwargs) in ``dtype``; integer
     tensors (Z-Image's caption lengths) keep their type."""

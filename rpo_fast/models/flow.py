@@ -28,13 +28,13 @@ stores the CLIP and T5 parts apart (no padding on disk) through the pipelines' o
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import ModelFamily
+from . import ModelFamily, dropped
 from .configs import FLOW_VAE, T5_TINY, TINY_FLOW_VAE, TINY_HIDDEN
 from .noising import FlowMatchingNoising
 
@@ -161,9 +161,7 @@ class SD3Family(FlowFamily):
         }
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
-        def pick(key):
-            v = batch[key]
-            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+        pick = partial(dropped, batch, drop, empty)
 
         clip, t5 = pick("clip_prompt_embeds"), pick("t5_prompt_embeds")
         ehs = torch.cat([torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
@@ -242,9 +240,7 @@ class FluxFamily(FlowFamily):
         }
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
-        def pick(key):
-            v = batch[key]
-            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+        pick = partial(dropped, batch, drop, empty)
 
         n = 2 if pairs else 1
         t5, pooled = pick("t5_prompt_embeds").repeat(n, 1, 1), pick("pooled_prompt_embeds").repeat(n, 1)

@@ -214,13 +214,11 @@ class Flux2KleinFamily(FlowFamily):
 
     @classmethod
     def tiny_pipeline(cls, seed: int = 0):
-        """A tiny random ``Flux2KleinPipeline``: the tiny transformer, a 2-level ``AutoencoderKLFlux2`` with random
-        batch-norm statistics, a 28-layer ``Qwen3ForCausalLM`` of width 16 and the byte-level chat tokenizer."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+        """A tiny random pipeline of the family: the tiny transformer, a 2-level ``AutoencoderKLFlux2`` with random
+        batch-norm statistics, and ``tiny_text_encoder``'s encoder and tokenizer."""
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
         from ..seeding import seed_of
-        from .tokenizers import chat_tokenizer
 
         torch.manual_seed(seed_of(seed, 0))
         transformer = cls.denoiser_class()(**cls.tiny["transformer"])
@@ -229,11 +227,20 @@ class Flux2KleinFamily(FlowFamily):
         vae.bn.running_mean.normal_(0, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
         torch.manual_seed(seed_of(seed, 2))
-        encoder = Qwen3ForCausalLM(Qwen3Config(**cls.tiny["text_encoder"])).eval()
-        return Flux2KleinPipeline(
-            transformer=transformer, vae=vae, text_encoder=encoder, tokenizer=chat_tokenizer(),
+        encoder, tokenizer = cls.tiny_text_encoder()
+        return cls.pipeline_class()(
+            transformer=transformer, vae=vae, text_encoder=encoder.eval(), tokenizer=tokenizer,
             scheduler=FlowMatchEulerDiscreteScheduler(**cls.tiny["scheduler"]),
         )  # fmt: skip
+
+    @classmethod
+    def tiny_text_encoder(cls):
+        """Klein's: a 28-layer ``Qwen3ForCausalLM`` of width 16 and the byte-level chat tokenizer."""
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        from .tokenizers import chat_tokenizer
+
+        return Qwen3ForCausalLM(Qwen3Config(**cls.tiny["text_encoder"])), chat_tokenizer()
 
 
 class Flux2Family(Flux2KleinFamily):
@@ -298,25 +305,11 @@ class Flux2Family(Flux2KleinFamily):
         return x, t, dict(cond, guidance=torch.full((rows,), self.train_guidance))
 
     @classmethod
-    def tiny_pipeline(cls, seed: int = 0):
-        """A tiny random ``Flux2Pipeline``: the tiny transformer with a guidance embedding, Klein's tiny VAE, a
-        31-layer ``Mistral3ForConditionalGeneration`` of width 16, and an offline tokenizer with Mistral's chat
+    def tiny_text_encoder(cls):
+        """A 31-layer ``Mistral3ForConditionalGeneration`` of width 16 and an offline tokenizer with Mistral's chat
         template in place of the pipeline's ``PixtralProcessor`` (``tokenizers.mistral_tokenizer``)."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-        from ..seeding import seed_of
         from .tokenizers import mistral_tokenizer
 
-        torch.manual_seed(seed_of(seed, 0))
-        transformer = cls.denoiser_class()(**cls.tiny["transformer"])
-        torch.manual_seed(seed_of(seed, 1))
-        vae = AutoencoderKLFlux2(**cls.tiny["vae"])
-        vae.bn.running_mean.normal_(0, 0.5)
-        vae.bn.running_var.uniform_(0.5, 2.0)
-        torch.manual_seed(seed_of(seed, 2))
-        encoder = Mistral3ForConditionalGeneration(Mistral3Config(**cls.tiny["text_encoder"])).eval()
-        return Flux2Pipeline(
-            transformer=transformer, vae=vae, text_encoder=encoder, tokenizer=mistral_tokenizer(),
-            scheduler=FlowMatchEulerDiscreteScheduler(**cls.tiny["scheduler"]),
-        )  # fmt: skip
+        return Mistral3ForConditionalGeneration(Mistral3Config(**cls.tiny["text_encoder"])), mistral_tokenizer()

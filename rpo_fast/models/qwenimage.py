@@ -23,10 +23,11 @@ Guidance: the pipeline's "true" classifier-free guidance needs a negative prompt
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
+from . import dropped, random_masked_states
 from .flow import FlowFamily, FluxFamily
 
 DROP = 34  # QwenImagePipeline.prompt_template_encode_start_idx
@@ -152,16 +153,11 @@ class QwenImageFamily(FlowFamily):
         return {"prompt_embeds": (n, cfg["joint_attention_dim"]), "prompt_embeds_mask": (n,)}
 
     def random_captions(self, n, generator):
-        """Random states and masks of 1 to max_sequence_length leading ones, the states past them zero."""
-        embeds = torch.randn(n, *self.caption_shapes()["prompt_embeds"], generator=generator)
-        lengths = torch.randint(1, self.max_sequence_length + 1, (n,), generator=generator)
-        mask = (torch.arange(self.max_sequence_length) < lengths[:, None]).long()
-        return {"prompt_embeds": embeds * mask[..., None], "prompt_embeds_mask": mask}
+        embeds, mask = random_masked_states(n, self.caption_shapes()["prompt_embeds"], generator)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
-        def pick(key):
-            v = batch[key]
-            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+        pick = partial(dropped, batch, drop, empty)
 
         n = 2 if pairs else 1
         return dict(

@@ -21,10 +21,11 @@ binning would turn a 512 px request into its 1024 px bin).
 from __future__ import annotations
 
 import inspect
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
+from . import dropped, random_masked_states
 from .flow import FlowFamily
 
 _SCHEDULER = dict(  # Sana_1600M_1024px_diffusers/scheduler
@@ -57,6 +58,7 @@ class SanaFamily(FlowFamily):
     sample_options = {"use_resolution_binning": False}
     max_sequence_length = 300
     patch = 1
+    repeated_blocks = ("SanaTransformerBlock",)  # diffusers 0.42.1 names none for SANA (--compile-mode regional)
     tiny = dict(
         transformer=dict(
             in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
@@ -143,16 +145,11 @@ class SanaFamily(FlowFamily):
         return {"prompt_embeds": (n, cfg["caption_channels"]), "prompt_attention_mask": (n,)}
 
     def random_captions(self, n, generator):
-        """Random states and masks of 1 to max_sequence_length leading ones (right padding, as the pipeline's)."""
-        embeds = torch.randn(n, *self.caption_shapes()["prompt_embeds"], generator=generator)
-        lengths = torch.randint(1, self.max_sequence_length + 1, (n,), generator=generator)
-        mask = (torch.arange(self.max_sequence_length) < lengths[:, None]).long()
+        embeds, mask = random_masked_states(n, self.caption_shapes()["prompt_embeds"], generator)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
-        def pick(key):
-            v = batch[key]
-            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+        pick = partial(dropped, batch, drop, empty)
 
         n = 2 if pairs else 1
         return dict(

@@ -17,21 +17,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def chat_tokenizer(words: tuple[str, ...] = ()):
-    """A ``Qwen2TokenizerFast`` built without downloads, for the Qwen-encoded families (Z-Image, FLUX.2-Klein,
-    Qwen-Image): byte-level BPE over the 256 byte symbols, the specials ``<|endoftext|>`` (256, also the pad),
-    ``<|im_start|>`` (257), ``<|im_end|>`` (258), and Qwen3's chat template for a user turn (with the generation
-    prompt, and the empty think block where ``enable_thinking`` is False). ``words`` (as the pre-tokenizer splits
-    them: a leading space included) become one token each, by merges that grow each word left to right (ids from
-    259): what makes a fixed prompt prefix as many tokens as the real tokenizer makes it (Qwen-Image drops 34)."""
+def _byte_level_bpe(specials: list[str], first: bool, words: tuple[str, ...] = ()):
+    """A ``tokenizers`` byte-level BPE: the 256 byte symbols and ``specials`` (before the bytes where ``first``, else
+    after them), then ``words`` as one token each (merges growing each word left to right)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
 
-    symbols = [c for _, c in sorted(_bytes_to_unicode().items())]
-    vocab = {c: i for i, c in enumerate(symbols)}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab.update({s: 256 + i for i, s in enumerate(specials)})
     byte = _bytes_to_unicode()
+    symbols = [c for _, c in sorted(byte.items())]
+    vocab = {s: i for i, s in enumerate(specials + symbols if first else symbols + specials)}
     merges = []
     for word in words:
         w = "".join(byte[b] for b in word.encode())
@@ -43,6 +36,19 @@ def chat_tokenizer(words: tuple[str, ...] = ()):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
+    return tok
+
+
+def chat_tokenizer(words: tuple[str, ...] = ()):
+    """A ``Qwen2TokenizerFast`` built without downloads, for the Qwen-encoded families (Z-Image, FLUX.2-Klein,
+    Qwen-Image): byte-level BPE over the 256 byte symbols, the specials ``<|endoftext|>`` (256, also the pad),
+    ``<|im_start|>`` (257), ``<|im_end|>`` (258), and Qwen3's chat template for a user turn (with the generation
+    prompt, and the empty think block where ``enable_thinking`` is False). ``words`` (as the pre-tokenizer splits
+    them: a leading space included) become one token each, by merges that grow each word left to right (ids from
+    259): what makes a fixed prompt prefix as many tokens as the real tokenizer makes it (Qwen-Image drops 34)."""
+    from transformers import Qwen2TokenizerFast
+
+    tok = _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], first=False, words=words)
     template = (
         "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
         "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
@@ -75,16 +81,11 @@ def mistral_tokenizer():
     pipeline's ``PixtralProcessor`` (which needs torchvision): byte-level BPE with no merges, the specials ``<pad>``
     0, ``<s>`` 1, ``</s>`` 2, ``[INST]``, ``[/INST]``, ``[SYSTEM_PROMPT]``, ``[/SYSTEM_PROMPT]`` (3-6), the 256 byte
     symbols from 7, and Mistral's chat template over text content parts (a system turn, then user turns)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    vocab.update({c: len(specials) + i for i, (_, c) in enumerate(sorted(_bytes_to_unicode().items()))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
+    tok = _byte_level_bpe(
+        ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"], first=True
+    )
     template = (
         "{{- bos_token }}{%- for message in messages %}{%- set text = message['content'][0]['text'] %}"
         "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"

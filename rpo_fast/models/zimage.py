@@ -25,10 +25,11 @@ Evaluation samples with the pipeline's defaults: 50 steps at guidance 5.0 (Z-Ima
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
+from . import dropped
 from .configs import FLOW_VAE, TINY_FLOW_VAE, TINY_HIDDEN
 from .flow import FlowFamily
 
@@ -104,9 +105,7 @@ class ZImageFamily(FlowFamily):
         return {"prompt_embeds": embeds, "prompt_length": lengths}
 
     def conditioning(self, batch, drop, empty, *, pairs=True):
-        def pick(key):
-            v = batch[key]
-            return torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[key], v)
+        pick = partial(dropped, batch, drop, empty)
 
         n = 2 if pairs else 1
         return dict(prompt_embeds=pick("prompt_embeds").repeat(n, 1, 1), prompt_length=pick("prompt_length").repeat(n))

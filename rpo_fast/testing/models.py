@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import FAMILIES
+from ..models import FAMILIES, ModelFamily
 from ..models.configs import (
     CLIP_TOKENS,
     TINY_BOS,
@@ -239,7 +239,8 @@ def tiny_pipeline(kind: str = "sd15", *, seed: int = 0, prediction_type: str = "
 
 def _declared() -> tuple[str, ...]:
     """The families that build their own tiny pipeline (``ModelFamily.tiny_pipeline``)."""
-    return tuple(k for k, f in FAMILIES.items() if "tiny_pipeline" in vars(f))
+    base = ModelFamily.tiny_pipeline.__func__
+    return tuple(k for k, f in FAMILIES.items() if f.tiny_pipeline.__func__ is not base)
 
 
 def _declared_full() -> dict[str, str]:
