@@ -98,12 +98,13 @@ class CachedPairs:
                 item[k] = _fp32(f.get_slice(k)[row : row + 1][0])
             else:
                 src = k + "_flip" if flip and self.has_twins and k + "_flip" in keys else k
-                item[k] = _fp32(f.get_slice(src)[j : j + 1][0])
+                item[k] = f.get_slice(src)[j : j + 1][0].float()
         return item
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """A stored tensor as the trainer reads it: floats in fp32, integers (caption lengths) as stored."""
+    """A stored caption tensor as the trainer reads it: floats in fp32, integers (caption lengths, masks) as stored.
+    (Per-pair tensors, SDXL's integer time ids among them, are read as fp32.)"""
     return t.float() if t.is_floating_point() else t
 
 

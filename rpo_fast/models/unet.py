@@ -257,7 +257,7 @@ class SDXLFamily(SD15Family):
     def conditioning(self, batch, drop, empty, *, pairs=True):
         cond = super().conditioning(batch, drop, empty, pairs=pairs)
         pooled = torch.where(drop[:, None], empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"])
-        time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1)  # (2B, 6) [winners; losers]
+        time_ids = batch["time_ids"].float().transpose(0, 1).flatten(0, 1)  # (2B, 6) [winners; losers], as floats
         b = pooled.shape[0]
         cond["added_cond_kwargs"] = dict(
             text_embeds=pooled.repeat(2, 1) if pairs else pooled, time_ids=time_ids if pairs else time_ids[:b]
