@@ -269,6 +269,59 @@ def _triton_available() -> bool:
     return True
 
 
+def sample_errors(
+    model_pred: Tensor, target: Tensor, ref_pred: Tensor | None = None, *, backend: str = "auto"
+) -> O.SampleErrors:
+    """The error pass alone, with autograd, on any backend: per sample k over its N elements
+
+        m_k = mean_N (p_k - t_k)^2,   r_k = mean_N (q_k - t_k)^2,   delta_k = mean_N (p_k - q_k)(p_k + q_k - 2 t_k)
+
+    in fp32 (float64 for float64 inputs on the eager backends), with dL/dp_k = (g^m_k + g^delta_k) (2/N)(p_k - t_k).
+    The online objectives scale, clip and combine delta per sample on top of it (a Gaussian step's log-ratio is
+    -c_k delta_k). ``backend``: as ``PreferenceLoss`` ("auto": the Triton op on CUDA, eager elsewhere; "native": the
+    C++/CUDA op). model_pred, target and ref_pred are (R, ...) of one shape.
+
+    Returns ``SampleErrors(m, r, delta)``; ``r`` and ``delta`` are None without ``ref_pred``.
+    """
+    backend = O.one_of(*BACKENDS)("backend", backend)
+    _floating("model_pred", model_pred)
+    _floating("target", target)
+    tensors = {"model_pred": model_pred, "target": target}
+    if ref_pred is not None:
+        _floating("ref_pred", ref_pred)
+        tensors["ref_pred"] = ref_pred
+    if model_pred.dim() < 2 or model_pred.numel() == 0:
+        raise ValueError(f"model_pred must be (rows, ...) with at least 2 dims and elements, got {tuple(model_pred.shape)}")
+    for key, x in tensors.items():
+        if tuple(x.shape) != tuple(model_pred.shape):
+            raise ValueError(f"{key} shape {tuple(x.shape)} must equal model_pred shape {tuple(model_pred.shape)}")
+    if len({str(x.device) for x in tensors.values()}) > 1:
+        raise ValueError(f"inputs are on different devices: { {k: str(t.device) for k, t in tensors.items()} }")
+    if backend == "auto":
+        backend = "triton" if model_pred.device.type == "cuda" and _triton_available() else "eager"
+    target = target.detach()
+    ref_pred = None if ref_pred is None else ref_pred.detach()
+    if backend in ("eager", "compile"):
+        fn = O.per_sample_errors if backend == "eager" else _compiled_errors()
+        return fn(model_pred, target, ref_pred)
+    if backend == "triton":
+        from .kernels import sample_errors_op as op
+    else:
+        from .kernels.native import sample_errors_native_op as op
+    m, r, delta = op(model_pred, target, ref_pred)
+    return O.SampleErrors(m, None, None) if ref_pred is None else O.SampleErrors(m, r, delta)
+
+
+_COMPILED_ERRORS = None
+
+
+def _compiled_errors():
+    global _COMPILED_ERRORS
+    if _COMPILED_ERRORS is None:
+        _COMPILED_ERRORS = torch.compile(O.per_sample_errors, dynamic=False)
+    return _COMPILED_ERRORS
+
+
 def preference_loss(
     objective: str,
     model_pred: Tensor,

@@ -3,7 +3,7 @@
 
 import importlib
 
-__all__ = ["fused_preference_loss", "preference_loss_op"]
+__all__ = ["fused_preference_loss", "preference_loss_op", "sample_errors_op"]
 
 
 def __getattr__(name):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import shared
-from .shared import K, define_fused_op, fused_loss, pair_scalars, same_layout
+from .shared import K, define_errors_op, define_fused_op, fused_loss, pair_scalars, same_layout
 
 CPU_CHUNK = 8192  # elements per chunk of the CPU error pass (fixed: the reduction order depends on shapes only)
 GPU_MIN_CHUNK = 1024  # the fewest elements per chunk on a GPU (as the Triton op's BLOCK_ERR)
@@ -215,6 +215,7 @@ def errors_bwd(
 preference_loss_native_op, preference_loss_native_backward_op = define_fused_op(
     "rpo_fast::preference_loss_native", errors_fwd, pair_fwd, errors_bwd
 )
+sample_errors_native_op = define_errors_op("rpo_fast::sample_errors_native", errors_fwd, errors_bwd)
 
 
 def fused_preference_loss(objective: str, opts: dict, *args: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:

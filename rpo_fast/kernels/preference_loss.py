@@ -27,9 +27,26 @@ import triton.language as tl
 from torch import Tensor
 
 from . import shared
-from .shared import METRIC_NAMES, K, define_fused_op, fused_loss, objective_params, pair_scalars, same_layout
+from .shared import (
+    METRIC_NAMES,
+    K,
+    define_errors_op,
+    define_fused_op,
+    fused_loss,
+    objective_params,
+    pair_scalars,
+    same_layout,
+)
 
-__all__ = ["METRIC_NAMES", "errors_bwd", "errors_fwd", "fused_preference_loss", "objective_params", "pair_fwd"]
+__all__ = [
+    "METRIC_NAMES",
+    "errors_bwd",
+    "errors_fwd",
+    "fused_preference_loss",
+    "objective_params",
+    "pair_fwd",
+    "sample_errors_op",
+]
 
 K_PARTS = tl.constexpr(K)  # partial sums per sample and chunk, as the kernels may read a global (constexpr only)
 # The objective ids the kernels branch on (OBJ), as globals a kernel may read (constexpr only): shared's numbering,
@@ -616,6 +633,7 @@ def pair_fwd(
 preference_loss_op, preference_loss_backward_op = define_fused_op(
     "rpo_fast::preference_loss", errors_fwd, pair_fwd, errors_bwd
 )
+sample_errors_op = define_errors_op("rpo_fast::sample_errors", errors_fwd, errors_bwd)  # (m, r, delta) per sample
 
 
 def fused_preference_loss(objective: str, opts: dict, *args: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -218,3 +218,50 @@ def fused_loss(
     )
     met = met.detach()
     return loss, {name: met[METRIC_NAMES.index(name)] for name in spec.metrics}
+
+
+def define_errors_op(name: str, errors_fwd: Callable, errors_bwd: Callable):
+    """Register ``name``: the error pass alone as a custom op with autograd, per sample k over N elements
+
+        m_k = mean_N (p_k - t_k)^2,   r_k = mean_N (q_k - t_k)^2,   delta_k = mean_N (p_k - q_k)(p_k + q_k - 2 t_k)
+
+    returned as three fp32 (R,) tensors (r and delta are zeros without a reference), and its backward
+
+        dL/dp_k = (g^m_k + g^delta_k) * (2 / N) * (p_k - t_k)        (r carries no gradient: q is a constant)
+
+    one elementwise pass (``errors_bwd`` with ge = (g^m + g^delta) 2/N, gd = 0). The objectives that combine the
+    per-sample errors themselves (the online ones) sit on it. Returns the op."""
+
+    @torch.library.custom_op(name, mutates_args=())
+    def op(model_pred: Tensor, target: Tensor, ref_pred: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        part = errors_fwd(model_pred, target, ref_pred)
+        sums = part.sum(1) * (1.0 / model_pred[0].numel())  # (R, K), chunks reduced in a fixed order
+        return sums[:, 0].clone(), sums[:, 1].clone(), sums[:, 2].clone()  # clones: outputs may not alias
+
+    @op.register_fake
+    def _(model_pred, target, ref_pred):
+        rows = model_pred.shape[0]
+        return tuple(torch.empty(rows, dtype=torch.float32, device=model_pred.device) for _ in range(3))
+
+    @torch.library.custom_op(name + "_backward", mutates_args=())
+    def backward_op(model_pred: Tensor, target: Tensor, ge: Tensor) -> Tensor:
+        one = torch.ones((), dtype=torch.float32, device=model_pred.device)
+        return errors_bwd(one, model_pred, target, None, ge, ge, has_d=False)
+
+    @backward_op.register_fake
+    def _(model_pred, target, ge):
+        return torch.empty_like(model_pred)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    def backward(ctx, g_m, g_r, g_delta):
+        model_pred, target = ctx.saved_tensors
+        g = torch.zeros(model_pred.shape[0], dtype=torch.float32, device=model_pred.device)
+        for part in (g_m, g_delta):
+            if part is not None:
+                g = g + part.float()
+        return backward_op(model_pred, target, g * (2.0 / model_pred[0].numel())), None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
