@@ -36,6 +36,12 @@ def validate_inputs(spec: Objective, x: LossInputs, ref_errors: Tensor | None = 
     name, model_pred, target, ref_pred = spec.name, x.model_pred, x.target, x.ref_pred
     _floating("model_pred", model_pred)
     _floating("target", target)
+    if spec.online:
+        return validate_group_inputs(spec, x, ref_errors)
+    for key in ("rewards", "log_ratio_scale"):
+        if getattr(x, key) is not None:
+            online = [k for k, o in OBJECTIVE_TABLE.items() if o.online]
+            raise ValueError(f"{key} applies to the online objectives ({_names(online)}) only, not {name!r}")
     if model_pred.dim() < 2:
         raise ValueError(f"model_pred must be (rows, C, H, W) or at least 2-D, got shape {tuple(model_pred.shape)}")
     rows, tail = model_pred.shape[0], tuple(model_pred.shape[1:])
@@ -124,6 +130,61 @@ def validate_inputs(spec: Objective, x: LossInputs, ref_errors: Tensor | None = 
         raise ValueError(f"inputs are on different devices: { {k: str(t.device) for k, t in tensors.items()} }")
 
 
+def validate_group_inputs(spec: Objective, x: LossInputs, ref_errors: Tensor | None = None) -> None:
+    """The group layout's checks (``objectives.GROUPS``): rows = S G K step-major, ``rewards`` (G, K) with K >= 2,
+    ``log_ratio_scale`` (rows,), target and ref_pred of model_pred's shape, online-rpo's embeddings (G, D)."""
+    name, p = spec.name, x.model_pred
+    if p.dim() < 2 or p.numel() == 0:
+        raise ValueError(f"model_pred must be (rows, ...) with elements, got shape {tuple(p.shape)}")
+    if ref_errors is not None:
+        raise ValueError(
+            f"{name} trains online against a live reference: ref_errors (a precomputed table) cannot serve"
+        )
+    if x.ref_pred is None:
+        raise ValueError(f"{name} needs ref_pred, the frozen reference model's prediction")
+    tensors = {"model_pred": p, "target": x.target, "ref_pred": x.ref_pred}
+    for key in ("target", "ref_pred"):
+        _floating(key, tensors[key])
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"{key} shape {tuple(tensors[key].shape)} must equal model_pred shape {tuple(p.shape)}")
+    r = x.rewards
+    if r is None:
+        raise ValueError(f"{name} needs rewards (G, K): the reward of each of K samples of G prompts")
+    _floating("rewards", r)
+    if r.dim() != 2 or r.shape[1] < 2 or r.shape[0] < 1:
+        raise ValueError(f"rewards must be (G, K) with K >= 2 samples per prompt, got shape {tuple(r.shape)}")
+    rows, gk = p.shape[0], r.numel()
+    if rows % gk:
+        raise ValueError(
+            f"{name}: model_pred has {rows} rows, not a multiple of G K = {gk}; it must hold {spec.layout.description}"
+        )
+    c = x.log_ratio_scale
+    if c is None:
+        raise ValueError(f"{name} needs log_ratio_scale (rows,): each row's c = b^2 / (2 sigma^2) of its step")
+    _floating("log_ratio_scale", c)
+    if tuple(c.shape) != (rows,):
+        raise ValueError(f"log_ratio_scale must be (rows,) = ({rows},), got shape {tuple(c.shape)}")
+    tensors.update(rewards=r, log_ratio_scale=c)
+    if spec.embeddings:
+        g = r.shape[0]
+        for key in ("embeds_w", "embeds_l"):
+            e = getattr(x, key)
+            if e is None:
+                raise ValueError(f"{name} needs embeds_w and embeds_l (G, D): each prompt's best and worst image")
+            _floating(key, e)
+            if e.dim() != 2 or e.shape[0] != g:
+                raise ValueError(f"{key} must be (G, D) = ({g}, D), got shape {tuple(e.shape)}")
+            tensors[key] = e
+    elif x.embeds_w is not None or x.embeds_l is not None:
+        raise ValueError(f"embeds_w / embeds_l do not apply to {name!r}")
+    for key in ("weights", "timesteps"):
+        if getattr(x, key) is not None:
+            raise ValueError(f"{key} do not apply to the online objective {name!r}")
+    devices = {str(t.device) for t in tensors.values()}
+    if len(devices) > 1:
+        raise ValueError(f"inputs are on different devices: { {k: str(t.device) for k, t in tensors.items()} }")
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
@@ -197,7 +258,7 @@ class PreferenceLoss(nn.Module):
         self.objective = objective
         self.options = self.spec.resolve(options)
         self.backend = O.one_of(*BACKENDS)("backend", backend)
-        if self.backend in ("triton", "native") and not self.spec.fused:
+        if self.backend in ("triton", "native") and not (self.spec.fused or self.spec.online):
             eager_only = [k for k, o in OBJECTIVE_TABLE.items() if not o.fused]
             raise ValueError(
                 f"backend={backend!r}: objective {objective!r} has no fused kernel (objectives without one: "
@@ -211,7 +272,7 @@ class PreferenceLoss(nn.Module):
         if self.backend != "auto":
             return self.backend
         if torch.device(device).type == "cuda" and _triton_available():
-            return "triton" if self.spec.fused else "compile"
+            return "triton" if self.spec.fused or self.spec.online else "compile"
         return "eager"
 
     def extra_repr(self) -> str:
@@ -229,12 +290,18 @@ class PreferenceLoss(nn.Module):
         weights: Tensor | None = None,
         timesteps: Tensor | None = None,
         ref_errors: Tensor | None = None,
+        rewards: Tensor | None = None,
+        log_ratio_scale: Tensor | None = None,
     ) -> LossOutput:
-        args = LossInputs(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps)
-        validate_inputs(self.spec, args, ref_errors)
+        x = LossInputs(model_pred, target, ref_pred, embeds_w, embeds_l, weights, timesteps, rewards, log_ratio_scale)
+        validate_inputs(self.spec, x, ref_errors)
         backend = self.backend_for(model_pred.device)
+        args = x[: O.PAIR_INPUTS]
+        if self.spec.online:  # the error pass on the backend, the combination eagerly
+            err = sample_errors(model_pred, target, ref_pred, backend=backend)
+            return self.spec.eager(err, x, self.options)
         if ref_errors is not None:
-            loss, metrics = eager_loss_from_errors(self.objective, self.options, args, ref_errors)
+            loss, metrics = eager_loss_from_errors(self.objective, self.options, x, ref_errors)
         elif backend == "triton":
             from .kernels import fused_preference_loss
 
@@ -291,7 +358,9 @@ def sample_errors(
         _floating("ref_pred", ref_pred)
         tensors["ref_pred"] = ref_pred
     if model_pred.dim() < 2 or model_pred.numel() == 0:
-        raise ValueError(f"model_pred must be (rows, ...) with at least 2 dims and elements, got {tuple(model_pred.shape)}")
+        raise ValueError(
+            f"model_pred must be (rows, ...) with at least 2 dims and elements, got {tuple(model_pred.shape)}"
+        )
     for key, x in tensors.items():
         if tuple(x.shape) != tuple(model_pred.shape):
             raise ValueError(f"{key} shape {tuple(x.shape)} must equal model_pred shape {tuple(model_pred.shape)}")

@@ -57,7 +57,11 @@ METRIC_HELP = {
     "ref_mse_w": "the reference's mean error on the winners, r_w",
     "ref_mse_l": "the reference's mean error on the losers, r_l",
     "weight_diag": "RPO: the mean diagonal of the B x B weight matrix (the weight of each winner's own loser)",
+    "log_ratio": "online: the mean per-step log-ratio log p_theta - log p_ref = -c delta before clipping (an estimate "
+    "of the per-element KL to the reference on the replayed samples)",
+    "clip_fraction": "online: the fraction of per-step log-ratios outside the clip (no gradient there)",
 }
+ONLINE_METRICS = ("loss", "implicit_acc", "reward_margin", "log_ratio", "clip_fraction", "mse_w", "ref_mse_w")
 
 
 class SampleErrors(NamedTuple):
@@ -346,6 +350,132 @@ def dspo_loss(
 
 
 # --------------------------------------------------------------------------------------------------
+# The online objectives: K samples of each of G prompts, S sampled steps (the group layout)
+# --------------------------------------------------------------------------------------------------
+
+
+def group_log_ratios(err: SampleErrors, scale: Tensor, rewards: Tensor) -> Tensor:
+    """The per-step log-ratios Delta (S, G, K) of the group layout: rows step-major, row s G K + g K + k is sample
+    k of prompt g at sampled step s, and Delta = log p_theta(x_(k+1) | x_k) - log p_ref(x_(k+1) | x_k) =
+    -c delta, with c = b^2 / (2 sigma^2) the step's scale (``rollout.Transitions.scale``)."""
+    g, k = rewards.shape
+    return (-scale.to(err.delta.dtype) * err.delta).view(-1, g, k)
+
+
+def best_and_worst(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Each group's highest- and lowest-reward sample (G,), ties to the lower index (a stable descending sort)."""
+    order = torch.sort(rewards, dim=1, descending=True, stable=True).indices
+    return order[:, 0], order[:, -1]
+
+
+def list_mle(logits: Tensor, rewards: Tensor) -> Tensor:
+    """ListMLE (Plackett-Luce) of each group's logits (G, K) under the ranking by ``rewards`` (G, K), the mean over
+    groups: with s the logits sorted by descending reward (ties to the lower index),
+
+        L = mean_g sum_i [ log sum_(j >= i) exp(s_gj) - s_gi ]
+
+    (Dense_Reward_T2I's ``listMLELoss``: the same, with a random tie order and 1e-10 inside the log)."""
+    order = torch.sort(rewards, dim=1, descending=True, stable=True).indices
+    s = logits.gather(1, order)
+    tail = torch.logcumsumexp(s.flip(1), dim=1).flip(1)
+    return (tail - s).sum(1).mean()
+
+
+def _online_metrics(loss: Tensor, u: Tensor, delta_raw: Tensor, clip: float, err: SampleErrors) -> dict:
+    out = dict(
+        loss=loss,
+        implicit_acc=implicit_accuracy(u),
+        reward_margin=u.mean(),
+        log_ratio=delta_raw.mean(),
+        clip_fraction=(delta_raw.abs() > clip).to(delta_raw.dtype).mean(),
+        mse_w=err.m.mean(),
+        ref_mse_w=err.r.mean(),
+    )
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+def dense_reward_loss(
+    err: SampleErrors, scale: Tensor, rewards: Tensor, *, temperature: float = 10.0, clip: float = 1e-4
+) -> LossOutput:
+    """The dense-reward method as its authors train it online (Yang, Chen, Zhou, ICML 2024;
+    Shentao-YANG/Dense_Reward_T2I ``get_pl_loss_logit`` and ``listMLELoss``): each trajectory's logit is the
+    temperature times the mean over the S sampled steps (drawn with P(k) proportional to gamma^k by the caller) of
+    the clipped log-ratio, and the loss is ListMLE over each prompt's K trajectories ranked by reward:
+
+        l_gk = temperature * mean_s clip(Delta_sgk, -clip, clip),    Delta = -c delta   (``group_log_ratios``)
+        L = mean_g ListMLE(l_g, rewards_g)                                             (``list_mle``)
+
+    Defaults: the single-prompt setting (temperature 10, clip 1e-4, 3 steps); multi-prompt: 12.5, 5e-4, 1 step.
+    Delta comes from delta in one expression (the authors subtract two bf16 log-probabilities, whose rounding is
+    larger than the 1e-4 clip). Metrics: u = l_best - l_worst per group (implicit_acc: u > 0), the mean unclipped
+    Delta (``log_ratio``) and the fraction clipped."""
+    d = group_log_ratios(err, scale, rewards)
+    logits = temperature * d.clamp(-clip, clip).mean(0)
+    loss = list_mle(logits, rewards)
+    best, worst = best_and_worst(rewards)
+    u = logits.gather(1, best[:, None])[:, 0] - logits.gather(1, worst[:, None])[:, 0]
+    return LossOutput(loss, _online_metrics(loss, u, d, clip, err))
+
+
+def _best_worst_steps(d: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    best, worst = best_and_worst(rewards)
+    idx = torch.arange(rewards.shape[0], device=d.device)
+    return d[:, idx, best], d[:, idx, worst]  # (S, G) each
+
+
+def online_dpo_loss(
+    err: SampleErrors, scale: Tensor, rewards: Tensor, *, beta: float = 10.0, clip: float = 1e-4
+) -> LossOutput:
+    """Online DPO (as D3PO, Yang et al. 2024, on the model's own samples): each prompt's best sample against its
+    worst, at every sampled step,
+
+        u_sg = beta * (clip(Delta_s,g,best) - clip(Delta_s,g,worst)),    L = mean_(s,g) -log sigmoid(u_sg)
+
+    with Delta = -c delta the per-step log-ratio to the reference (D3PO's is to the sampling policy; ours is held
+    to the reference as the dense-reward method's), clipped at +-clip as the dense-reward method."""
+    d = group_log_ratios(err, scale, rewards)
+    dw, dl = _best_worst_steps(d.clamp(-clip, clip), rewards)
+    u = beta * (dw - dl)
+    loss = -F.logsigmoid(u).mean()
+    return LossOutput(loss, _online_metrics(loss, u.mean(0), d, clip, err))
+
+
+def online_rpo_loss(
+    err: SampleErrors,
+    scale: Tensor,
+    rewards: Tensor,
+    embeds_w: Tensor,
+    embeds_l: Tensor,
+    *,
+    beta: float = 10.0,
+    clip: float = 1e-4,
+    tau: float = 0.5,
+    weighting: str = "inside",
+) -> LossOutput:
+    """Online RPO (ours: Diffusion-RPO's cross-prompt contrast applied to the model's own samples): every prompt's
+    best sample i contrasted with every prompt's worst sample j of the batch, at every sampled step, weighted by
+    the similarity of their images as RPO,
+
+        D_sij = beta * (clip(Delta_s,i,best) - clip(Delta_s,j,worst))              (S x G x G; D_sii = online-dpo's u)
+        w_ij = softmax_j( -(1 - cos(e^w_i, e^l_j)) / tau )                          (``rpo_weights``)
+        "inside":  L = mean_(s,i,j) -log sigmoid(w_ij D_sij)
+        "outside": L = mean_(s,i) sum_j w_ij (-log sigmoid(D_sij))
+
+    Where e^w (G, D) embeds each prompt's best image and e^l (G, D) its worst (``best_and_worst`` picks them)."""
+    d = group_log_ratios(err, scale, rewards)
+    dw, dl = _best_worst_steps(d.clamp(-clip, clip), rewards)
+    dd = beta * (dw[:, :, None] - dl[:, None, :])  # (S, G, G)
+    w = rpo_weights(embeds_w, embeds_l, tau=tau).to(dd.dtype)
+    if weighting == "inside":
+        loss = -F.logsigmoid(w * dd).mean()
+    else:
+        loss = (w * -F.logsigmoid(dd)).sum(2).mean()
+    metrics = _online_metrics(loss, torch.diagonal(dd, dim1=1, dim2=2).mean(0), d, clip, err)
+    metrics["weight_diag"] = torch.diagonal(w).mean().detach().float()
+    return LossOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
 # The objective table: what each objective needs, its options, its eager function
 # --------------------------------------------------------------------------------------------------
 
@@ -360,6 +490,11 @@ class LossInputs(NamedTuple):
     embeds_l: Tensor | None = None
     weights: Tensor | None = None
     timesteps: Tensor | None = None
+    rewards: Tensor | None = None
+    log_ratio_scale: Tensor | None = None
+
+
+PAIR_INPUTS = 7  # the fields of LossInputs the pair objectives' fused ops take (the rest are the group layout's)
 
 
 def positive(name: str, v: Any) -> float:
@@ -416,6 +551,11 @@ class Layout:
 
 PAIRS = Layout("pairs", 2, "2B rows, the B winners first and then the B losers")
 WINNERS = Layout("winners", 1, "B rows, the winners only")
+GROUPS = Layout(
+    "groups",
+    1,
+    "S G K rows, step-major: row s G K + g K + k is sample k of prompt g at sampled step s (rewards (G, K))",
+)
 
 
 @dataclass(frozen=True)
@@ -429,7 +569,9 @@ class Objective:
     ``fused``: a fused kernel exists (Triton and native; ``rpo_fast.kernels.shared.KERNEL_BRANCH``); without one
     the objective runs eagerly or compiled, and ``backend="auto"`` picks compile on CUDA. ``score_terms``: it reads
     <e, d> and |d|^2 of the winners, and its gradient has a term in (p - q) (DSPO). ``metrics``: the names it
-    reports."""
+    reports. ``online``: it trains on the model's own samples (the ``GROUPS`` layout: ``rewards`` (G, K) and
+    ``log_ratio_scale`` (rows,) inputs); every backend runs its error pass (``sample_errors``: fused on Triton and
+    native) and its eager function combines the per-sample errors."""
 
     name: str
     eager: Callable[[SampleErrors, LossInputs, dict], LossOutput]
@@ -443,6 +585,7 @@ class Objective:
     fused: bool = True
     score_terms: bool = False
     metrics: tuple[str, ...] = PAIR_METRICS
+    online: bool = False
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """Check the options and fill in the defaults."""
@@ -481,6 +624,7 @@ def _dspo_defaults(o: dict) -> dict:
 
 
 BETA = (5000.0, positive)
+ONLINE = dict(layout=GROUPS, fused=False, online=True, metrics=ONLINE_METRICS)
 OBJECTIVE_TABLE: dict[str, Objective] = {
     o.name: o
     for o in (
@@ -546,6 +690,44 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
             ),
             dict(beta=BETA, beta_cal=(0.5, positive), lam_cal=(0.5, non_negative)),
             weights=True,
+        ),
+        Objective(
+            "dense-reward",
+            lambda err, x, o: dense_reward_loss(
+                err, x.log_ratio_scale, x.rewards, temperature=o["temperature"], clip=o["log_ratio_clip"]
+            ),
+            dict(temperature=(10.0, positive), log_ratio_clip=(1e-4, positive)),
+            **ONLINE,
+        ),
+        Objective(
+            "online-dpo",
+            lambda err, x, o: online_dpo_loss(
+                err, x.log_ratio_scale, x.rewards, beta=o["beta"], clip=o["log_ratio_clip"]
+            ),
+            dict(beta=(10.0, positive), log_ratio_clip=(1e-4, positive)),
+            **ONLINE,
+        ),
+        Objective(
+            "online-rpo",
+            lambda err, x, o: online_rpo_loss(
+                err,
+                x.log_ratio_scale,
+                x.rewards,
+                x.embeds_w,
+                x.embeds_l,
+                beta=o["beta"],
+                clip=o["log_ratio_clip"],
+                tau=o["tau"],
+                weighting=o["weighting"],
+            ),
+            dict(
+                beta=(10.0, positive),
+                log_ratio_clip=(1e-4, positive),
+                tau=(0.5, positive),
+                weighting=("inside", one_of("inside", "outside")),
+            ),
+            embeddings=True,
+            **dict(ONLINE, metrics=ONLINE_METRICS + ("weight_diag",)),
         ),
     )
 }

@@ -204,7 +204,9 @@ def test_a_folder_of_no_known_family_is_a_clear_error(tmp_path):
 def test_objective_table_declares_what_each_objective_needs():
     t = OBJECTIVE_TABLE
     assert not t["sft"].reference and all(o.reference for k, o in t.items() if k != "sft")
-    assert [k for k, o in t.items() if o.embeddings] == ["rpo"]
+    assert [k for k, o in t.items() if o.embeddings] == ["rpo", "online-rpo"]
+    assert [k for k, o in t.items() if o.online] == ["dense-reward", "online-dpo", "online-rpo"]
+    assert all(o.layout.name == "groups" and not o.fused for o in t.values() if o.online)
     assert [k for k, o in t.items() if o.timesteps] == ["dense-dpo"]
     assert [k for k, o in t.items() if o.weights] == ["dpo", "dense-dpo", "cal-dpo"]
     assert [k for k, o in t.items() if o.score_terms] == ["dspo"]

@@ -117,6 +117,7 @@ def test_auto_keeps_triton_on_cuda():
         loss = PreferenceLoss(name)
         assert (loss.backend_for("cuda"), loss.backend_for("cpu")) == ("triton", "eager"), name
         assert PreferenceLoss(name, backend="native").backend_for("cuda") == "native"
+    loss = PreferenceLoss("dpo")
     loss.spec = dataclasses.replace(loss.spec, fused=False)
     assert (loss.backend_for("cuda"), loss.backend_for("cpu")) == ("compile", "eager")
 

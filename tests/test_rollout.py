@@ -64,7 +64,8 @@ def sde_step_with_logprob(sigmas, model_output, step_index, sample, noise_level=
     dt = sigma_prev - sigma
     std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
     prev_sample_mean = (
-        sample * (1 + std_dev_t**2 / (2 * sigma) * dt) + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        sample * (1 + std_dev_t**2 / (2 * sigma) * dt)
+        + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
     )
     if prev_sample is None:
         prev_sample = prev_sample_mean + std_dev_t * torch.sqrt(-1 * dt) * z
@@ -111,11 +112,14 @@ def test_log_ratio_is_minus_c_delta(kind):
     x, target, c = R.step_targets(trans, lat, k)
     p, q = (torch.randn(3, 4, 5, 7, generator=g, dtype=torch.float64) for _ in range(2))
     x_next = lat[torch.arange(3), k + 1]
-    want = torch.stack(
-        [trans.log_prob(x[i : i + 1], x_next[i : i + 1], p[i : i + 1], int(k[i])) for i in range(3)]
-    ).flatten() - torch.stack(
-        [trans.log_prob(x[i : i + 1], x_next[i : i + 1], q[i : i + 1], int(k[i])) for i in range(3)]
-    ).flatten()
+    want = (
+        torch.stack(
+            [trans.log_prob(x[i : i + 1], x_next[i : i + 1], p[i : i + 1], int(k[i])) for i in range(3)]
+        ).flatten()
+        - torch.stack(
+            [trans.log_prob(x[i : i + 1], x_next[i : i + 1], q[i : i + 1], int(k[i])) for i in range(3)]
+        ).flatten()
+    )
     delta = O.per_sample_errors(p, ((x_next - trans.a[k].view(-1, 1, 1, 1) * x) / trans.b[k].view(-1, 1, 1, 1)), q)
     torch.testing.assert_close(-c * delta.delta, want, rtol=1e-9, atol=1e-9)
     assert target.dtype == torch.float32  # fp32 targets from float64 arithmetic
