@@ -30,7 +30,7 @@ def _options(name: str, option: str) -> tuple:
 # --------------------------------------------------------------------------------------------------
 
 LOSS_FLAGS = ("beta", "tau", "weighting", "form", "lam_in", "lam_out", "gamma", "num_inference_steps")
-LOSS_FLAGS += ("beta_cal", "lam_cal")
+LOSS_FLAGS += ("beta_cal", "lam_cal", "temperature", "log_ratio_clip")
 
 
 def _help(text: str, **kw) -> dict:
@@ -49,7 +49,12 @@ class TrainConfig:
     model: str = field(
         metadata=dict(help="local diffusers model folder (its family is detected: SD1.5, SDXL, SD3/SD3.5 or FLUX.1)")
     )
-    data: str = field(metadata=dict(help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs"))
+    data: str = field(
+        metadata=dict(
+            help="a cache folder (python -m rpo_fast.cache), or raw pairs for small runs; online objectives: prompts "
+            "(text, PartiPrompts TSV, HPSv2 JSON, or JSONL / CSV / parquet rows with --columns caption=NAME)"
+        )
+    )
     output: str = field(default="runs/rpo_fast", **_help("run folder: checkpoints, logs, the exported model"))
     unet: str | None = field(default=None, **_help("start policy and reference from this UNet folder (MODEL/unet)"))
     objective: str = field(
@@ -70,7 +75,9 @@ class TrainConfig:
     )
     lam_in: float | None = field(default=None, **_help("dspo: lambda inside u (default beta / 2)"))
     lam_out: float | None = field(default=None, **_help("dspo: lambda outside (default beta)"))
-    gamma: float | None = field(default=None, **_help("dense-dpo: temporal discount (default 0.9)"))
+    gamma: float | None = field(
+        default=None, **_help("dense-dpo, online: temporal discount (default 0.9; online: steps drawn ~ gamma^k)")
+    )
     num_inference_steps: int | None = field(default=None, **_help("dense-dpo: N of k(t) (default 50)"))
     beta_cal: float | None = field(default=None, **_help("cal-dpo: beta_cal (default 0.5)"))
     lam_cal: float | None = field(default=None, **_help("cal-dpo: calibration weight (default 0.5)"))
@@ -78,12 +85,39 @@ class TrainConfig:
         default="uniform",
         **_help("dense-dpo: t uniform and w(t) weights the logit, or t drawn ~ w(t) and no weight (the authors')"),
     )
+    temperature: float | None = field(default=None, **_help("dense-reward: the logits' temperature (default 10)"))
+    log_ratio_clip: float | None = field(
+        default=None, **_help("online: the per-step log-ratio's clip (default 1e-4; the authors' multi-prompt: 5e-4)")
+    )
     loss_backend: Literal[BACKENDS] = field(
         default="auto", **_help("auto: triton on CUDA, eager otherwise; native: the C++/CUDA op of csrc/")
     )
+    # online training (dense-reward, online-dpo, online-rpo): --data holds prompts
+    reward: str | None = field(
+        default=None,
+        **_help("online: the reward model, a scorer as evaluate's --scorer (NAME=ARG, or module.path:Factory[=ARG])"),
+    )
+    samples_per_prompt: int = field(default=4, **_help("online: K samples of each prompt (a group)"))
+    rollout_prompts: int | None = field(
+        default=None, **_help("online: prompts each rank samples per rollout (default: micro-batch x accumulation)")
+    )
+    rollout_every: int = field(default=1, **_help("online: optimizer steps between rollouts"))
+    rollout_steps: int = field(default=50, **_help("online: sampler steps of a rollout (the authors: 50)"))
+    guidance: float | None = field(
+        default=None, **_help("online: classifier-free guidance of rollouts and log-ratios (default: the family's)")
+    )
+    eta: float = field(default=1.0, **_help("online, UNets: DDIM's eta (the authors: 1.0)"))
+    noise_level: float = field(default=0.7, **_help("online, flow families: Flow-GRPO's SDE noise level"))
+    steps_per_sample: int = field(
+        default=3, **_help("online: sampled steps per trajectory per update (the authors: 3; multi-prompt: 1)")
+    )
+    replay_size: int = field(default=64, **_help("online: prompts (groups of K) kept in the replay buffer, the newest"))
+    replay_sampling: Literal["uniform", "newest"] = field(
+        default="uniform", **_help("online: a micro-step's groups drawn uniformly from the buffer, or the newest")
+    )
     # schedule
     max_steps: int = field(default=2000, **_help("optimizer steps (the DPO recipe: 2000)"))
-    micro_batch_size: int = field(default=1, **_help("pairs per rank per micro-step"))
+    micro_batch_size: int = field(default=1, **_help("pairs per rank per micro-step (online: groups of K samples)"))
     grad_accum: int = field(default=1, **_help("micro-steps per optimizer step"))
     lr: float = field(default=2.048e-5, **_help("learning rate (the recipe's 1e-8 x 2048 pairs)"))
     scale_lr: bool = field(default=False, **_help("multiply --lr by the pairs per optimizer step"))
@@ -221,6 +255,8 @@ def loss_options(cfg: TrainConfig, family) -> dict:
     defaults to the model family's)."""
     spec = objective(cfg.objective)
     given = {k: getattr(cfg, k) for k in LOSS_FLAGS if getattr(cfg, k) is not None}
+    if spec.online:
+        given.pop("gamma", None)  # the trainer's: it draws the sampled steps ~ gamma^k
     extra = sorted(k for k in given if k not in spec.options)
     if extra:
         raise ValueError(f"--{extra[0].replace('_', '-')} does not apply to --objective {cfg.objective}")
@@ -237,6 +273,7 @@ def loss_options(cfg: TrainConfig, family) -> dict:
         and "beta" not in given
         and family.default_beta is not None
         and "form" not in spec.options
+        and not spec.online
     ):
         given["beta"] = family.default_beta
     return spec.resolve(given)
@@ -261,6 +298,58 @@ def model_family(cfg: TrainConfig):
     return family
 
 
+ONLINE_FLAGS = dict(
+    reward=None,
+    samples_per_prompt=4,
+    rollout_prompts=None,
+    rollout_every=1,
+    rollout_steps=50,
+    guidance=None,
+    eta=1.0,
+    noise_level=0.7,
+    steps_per_sample=3,
+    replay_size=64,
+    replay_sampling="uniform",
+)  # the online flags and their defaults: given with a pair objective, an error
+
+
+def check_online(cfg: TrainConfig, family) -> None:
+    """The online trainer's checks (``rpo_fast.online``), before anything loads: the prompts read, a reward named,
+    counts and the sampler's noise in range, and what online runs do not do refused."""
+    from .online import read_prompt_file
+
+    if cfg.reward is None:
+        raise ValueError(f"--objective {cfg.objective} trains online: name the reward model with --reward (a scorer)")
+    read_prompt_file(cfg.data, cfg.columns)
+    for name in ("samples_per_prompt", "rollout_steps"):
+        if getattr(cfg, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(cfg, name)}")
+    for name in ("rollout_every", "steps_per_sample", "replay_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.rollout_prompts is not None and cfg.rollout_prompts < 1:
+        raise ValueError(f"--rollout-prompts must be at least 1, got {cfg.rollout_prompts}")
+    if not family.flow_matching and not cfg.eta > 0:
+        raise ValueError(f"--eta must be positive (eta = 0 is deterministic DDIM: no log-probability), got {cfg.eta}")
+    if family.flow_matching and not cfg.noise_level > 0:
+        raise ValueError(f"--noise-level must be positive, got {cfg.noise_level}")
+    if cfg.gamma is not None and not 0 < cfg.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {cfg.gamma}")
+    if cfg.ref_placement == "precomputed":
+        raise ValueError("--ref-placement precomputed: an online run's reference sees states no table can hold")
+    if cfg.eval_every:
+        raise ValueError(
+            "--eval-every: online runs log the rewards of every rollout (rollout/reward_*); evaluate the export "
+            "with python -m rpo_fast.evaluate"
+        )
+    if cfg.reference_graphs:
+        raise ValueError("--reference-graphs: online runs do not capture the reference's forward")
+    if cfg.objective == "online-rpo" and cfg.clip is None:
+        raise ValueError("--objective online-rpo weighs prompts by their images' similarity: pass --clip EMBEDDER")
+    if not family.decodes:
+        raise ValueError(f"online training scores decoded images: decoding {family.name} latents is not implemented")
+
+
 def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
     """Every check that needs no model: a clear error before anything is loaded. Returns the DeepSpeed config.
     ``family``: the run's ``model_family(cfg)`` where the caller has it."""
@@ -271,8 +360,17 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
         raise FileNotFoundError(f"--unet {cfg.unet} is not a UNet folder (config.json missing)")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"--data {cfg.data} does not exist")
-    if cfg.columns:
-        Columns.parse(cfg.columns)  # a bad mapping is an error here, before anything loads
+    if objective(cfg.objective).online:
+        check_online(cfg, family)
+    else:
+        given = [f for f, v in ONLINE_FLAGS.items() if getattr(cfg, f) != v]
+        if given:
+            raise ValueError(
+                f"--{given[0].replace('_', '-')} applies to the online objectives "
+                f"({', '.join(k for k, o in OBJECTIVE_TABLE.items() if o.online)}), not --objective {cfg.objective}"
+            )
+        if cfg.columns:
+            Columns.parse(cfg.columns)  # a bad mapping is an error here, before anything loads
     loss_options(cfg, family)
     check_choices(cfg)
     recompute_mode(cfg)

@@ -33,6 +33,15 @@ STEP_KEYS = {
     "memory/peak_gb": "rank 0's peak CUDA memory allocated, GiB (on a CPU its peak resident set)",
 }
 FP16_KEYS = {"train/loss_scale": "DeepSpeed's dynamic loss scale (--mixed-precision fp16 only)"}
+ONLINE_KEYS = {
+    "rollout/reward_mean": "online: the mean reward of the rollouts since the last row (all ranks)",
+    "rollout/reward_std": "online: the spread of the rewards within a prompt's K samples (mean standard deviation)",
+    "rollout/reward_max": "online: the mean over prompts of the best of K rewards",
+    "time/rollout_s": "online: seconds spent sampling, decoding and scoring since the last row (mean over ranks)",
+    "time/train_s": "online: seconds spent in the updates since the last row (mean over ranks)",
+    "time/rollout_share": "online: rollout seconds / (rollout + update seconds)",
+    "time/images_per_s": "online: rollout throughput, trajectories sampled and scored per second (all ranks)",
+}
 
 
 def row_keys(objective: str, *, fp16: bool = False) -> list[str]:
@@ -41,7 +50,8 @@ def row_keys(objective: str, *, fp16: bool = False) -> list[str]:
     from .objectives import objective as spec
 
     keys = [f"{metric_group(name)}/{name}" for name in spec(objective).metrics]
-    return keys + list(STEP_KEYS) + (list(FP16_KEYS) if fp16 else [])
+    online = list(ONLINE_KEYS) if spec(objective).online else []
+    return keys + online + list(STEP_KEYS) + (list(FP16_KEYS) if fp16 else [])
 
 
 def eval_keys(objective: str) -> list[str]:
@@ -61,8 +71,11 @@ def key_table() -> str:
         which = [o for o, spec in OBJECTIVE_TABLE.items() if name in spec.metrics]
         shown = "all" if len(which) == len(OBJECTIVE_TABLE) else ", ".join(which)
         rows.append(f"| `{metric_group(name)}/{name}` (`eval/{name}`) | {shown} | {METRIC_HELP[name]} |")
+    online = ", ".join(k for k, o in OBJECTIVE_TABLE.items() if o.online)
     for key, text in (STEP_KEYS | FP16_KEYS).items():
         rows.append(f"| `{key}` | all | {text} |")
+    for key, text in ONLINE_KEYS.items():
+        rows.append(f"| `{key}` | {online} | {text.removeprefix('online: ')} |")
     return "\n".join(rows)
 
 

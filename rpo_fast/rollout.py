@@ -107,12 +107,22 @@ def transitions(family, steps: int, *, eta: float = 1.0, noise_level: float = 0.
     return ddim_transitions(DDIMScheduler.from_config(family.config("scheduler")), steps, eta)
 
 
+def cat_conditioning(a: dict, b: dict) -> dict:
+    """Two conditionings' rows, ``a``'s then ``b``'s (nested dicts, as SDXL's added_cond_kwargs)."""
+    return {k: cat_conditioning(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
+
+
+def index_conditioning(cond: dict, rows: Tensor) -> dict:
+    """A conditioning's ``rows`` (nested dicts)."""
+    return {k: index_conditioning(v, rows) if isinstance(v, dict) else v[rows.to(v.device)] for k, v in cond.items()}
+
+
 def guided(family, denoiser, x: Tensor, t: Tensor, cond: dict, uncond: dict | None, guidance: float) -> Tensor:
-    """The classifier-free guided prediction f_u + w (f_c - f_u) (``uncond`` None or w = 1: f_c alone)."""
-    f_c = family.predict(denoiser, x, t, cond)
+    """The classifier-free guided prediction f_u + w (f_c - f_u), both in one forward of 2 n rows (as the
+    pipelines); ``uncond`` None or w = 1: f_c alone."""
     if uncond is None or guidance == 1.0:
-        return f_c
-    f_u = family.predict(denoiser, x, t, uncond)
+        return family.predict(denoiser, x, t, cond)
+    f_u, f_c = family.predict(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat_conditioning(uncond, cond)).chunk(2)
     return f_u + guidance * (f_c - f_u)
 
 

@@ -95,70 +95,13 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.out, self.dtype = Path(cfg.output), E.PRECISIONS[cfg.mixed_precision]
 
-        # data
-        self.dataset = self._open(cfg.data, "--data", cfg.resolution)
-        check_dataset(
-            self.dataset,
-            pairs_per_rank=cfg.micro_batch_size,
-            world=self.world,
-            needs_embeddings=self.spec.embeddings,
-            objective=cfg.objective,
-        )
-        self.sampler = PairSampler(
-            len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world, twins=self.dataset.has_twins
-        )
-        if cfg.eval_data:  # at the training resolution
-            self.eval_dataset = self._open(cfg.eval_data, "--eval-data", self.dataset.resolution)
-        else:
-            self.eval_dataset = self.dataset
-        n_eval = min(cfg.eval_pairs, len(self.eval_dataset)) if cfg.eval_every else 0
-        self.eval_set = list(range(n_eval))[self.rank :: self.world]
-        self.empty = {k: v.to(self.device) for k, v in self.dataset.empty_prompt.items()}
-        self.table = None
-        if cfg.ref_placement == "precomputed":  # checked against this run before any model loads
-            self.table = ReferenceTable(cfg.reference_table)
-            self.table.check(
-                table_key(cfg, self.family, self.dataset, self.eval_dataset, self.device),
-                epochs=epochs_needed(
-                    cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum, len(self.dataset), self.world
-                ),
-                evaluates=bool(cfg.eval_every),
-            )
-        extra = None
-        if self.table is not None:  # each batch's reference errors, read and pinned by the loader with the batch
-            extra = lambda picks: {"ref_errors": self.table.train_errors(picks)}  # noqa: E731
-        self.loader = PrefetchLoader(
-            self.dataset, self.sampler, cfg.micro_batch_size, self.device, depth=cfg.prefetch, extra=extra
-        )
+        self._data()  # the pairs (an online objective: prompts, a reward model, a replay buffer)
 
         # models
         policy = self._policy()
         self.n_params = sum(p.numel() for p in policy.parameters())
         self.n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        self.reference = None
-        if self.table is not None and cfg.lora_rank:
-            dropout = [n for n, m in policy.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-            if dropout:
-                raise ValueError(
-                    f"--ref-placement precomputed with --lora-rank: the reference (the policy without its adapters) "
-                    f"runs with active dropout ({dropout[0]}, p > 0), so its errors are not a function of the draws"
-                )
-        if self.spec.reference and not cfg.lora_rank and self.table is None:
-            reference = load_reference(self.family, cfg, self.device)  # the policy's kernels: step 0 still ties
-            # DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
-            # reference takes the policy's buffers, so the two still tie at step 0
-            policy_buffers = dict(policy.named_buffers())
-            for name, buf in reference.named_buffers():
-                if buf.is_floating_point() and name in policy_buffers:
-                    buf.data = policy_buffers[name].detach().clone()
-            # Its parameters keep requires_grad (it only runs under no_grad, and no optimizer holds them):
-            # torch.matmul picks its kernel by the weight's requires_grad (a non-contiguous 3-D input is folded
-            # into one mm only when it is set), so the reference runs the policy's kernels, and at step 0 the two
-            # agree to the bit (every pair a tie).
-            if cfg.ref_placement == "zero3":
-                self.reference = E.build_reference_engine(reference, self.ds_config)
-            else:
-                self.reference = reference.to(self.device)
+        self.reference = self._reference(policy)
         self.graphed_reference = None
         if cfg.reference_graphs:  # captured at the first reference forward
             self.graphed_reference = GraphedForward(lambda x, t, c: self.family.predict(self.reference, x, t, c))
@@ -200,12 +143,79 @@ class Trainer:
             (self.out / "env.json").write_text(json.dumps(run_environment(self.world), indent=1))
         self.log(self._summary())
 
+    def _data(self) -> None:
+        """The training pairs (a cache or raw pairs), the evaluation pairs, the precomputed reference table and the
+        loader that reads ahead."""
+        cfg = self.cfg
+        self.dataset = self._open(cfg.data, "--data", cfg.resolution)
+        check_dataset(
+            self.dataset,
+            pairs_per_rank=cfg.micro_batch_size,
+            world=self.world,
+            needs_embeddings=self.spec.embeddings,
+            objective=cfg.objective,
+        )
+        self.sampler = PairSampler(
+            len(self.dataset), seed=cfg.seed, rank=self.rank, world=self.world, twins=self.dataset.has_twins
+        )
+        if cfg.eval_data:  # at the training resolution
+            self.eval_dataset = self._open(cfg.eval_data, "--eval-data", self.dataset.resolution)
+        else:
+            self.eval_dataset = self.dataset
+        n_eval = min(cfg.eval_pairs, len(self.eval_dataset)) if cfg.eval_every else 0
+        self.eval_set = list(range(n_eval))[self.rank :: self.world]
+        self.empty = {k: v.to(self.device) for k, v in self.dataset.empty_prompt.items()}
+        self.table = None
+        if cfg.ref_placement == "precomputed":  # checked against this run before any model loads
+            self.table = ReferenceTable(cfg.reference_table)
+            self.table.check(
+                table_key(cfg, self.family, self.dataset, self.eval_dataset, self.device),
+                epochs=epochs_needed(
+                    cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum, len(self.dataset), self.world
+                ),
+                evaluates=bool(cfg.eval_every),
+            )
+        extra = None
+        if self.table is not None:  # each batch's reference errors, read and pinned by the loader with the batch
+            extra = lambda picks: {"ref_errors": self.table.train_errors(picks)}  # noqa: E731
+        self.loader = PrefetchLoader(
+            self.dataset, self.sampler, cfg.micro_batch_size, self.device, depth=cfg.prefetch, extra=extra
+        )
+
     def _open(self, data: str, flag: str, resolution: int | None):
         cfg = self.cfg
         read = dict(columns=cfg.columns, pairs_from_ranking=cfg.pairs_from_ranking, strict=cfg.strict)
         return open_dataset(
             data, family=self.family, resolution=resolution, embedder=cfg.clip, seed=cfg.seed, flag=flag, **read
         )
+
+    def _reference(self, policy: torch.nn.Module):
+        """The frozen reference model: a replicated bf16 copy, a ZeRO-3 inference engine, or None (LoRA: the policy
+        without its adapters; a precomputed table; an objective without a reference)."""
+        cfg = self.cfg
+        if self.table is not None and cfg.lora_rank:
+            dropout = [n for n, m in policy.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            if dropout:
+                raise ValueError(
+                    f"--ref-placement precomputed with --lora-rank: the reference (the policy without its adapters) "
+                    f"runs with active dropout ({dropout[0]}, p > 0), so its errors are not a function of the draws"
+                )
+        if self.spec.reference and not cfg.lora_rank and self.table is None:
+            reference = load_reference(self.family, cfg, self.device)  # the policy's kernels: step 0 still ties
+            # DeepSpeed casts the policy's parameters, not its buffers (SD3's positional embedding stays fp32): the
+            # reference takes the policy's buffers, so the two still tie at step 0
+            policy_buffers = dict(policy.named_buffers())
+            for name, buf in reference.named_buffers():
+                if buf.is_floating_point() and name in policy_buffers:
+                    buf.data = policy_buffers[name].detach().clone()
+            # Its parameters keep requires_grad (it only runs under no_grad, and no optimizer holds them):
+            # torch.matmul picks its kernel by the weight's requires_grad (a non-contiguous 3-D input is folded
+            # into one mm only when it is set), so the reference runs the policy's kernels, and at step 0 the two
+            # agree to the bit (every pair a tie).
+            if cfg.ref_placement == "zero3":
+                return E.build_reference_engine(reference, self.ds_config)
+            return reference.to(self.device)
+        return None
 
     def _policy(self) -> torch.nn.Module:
         """The trainable denoiser (with LoRA: frozen, with peft adapters that the optimizer trains), loaded in the
@@ -249,10 +259,8 @@ class Trainer:
         trained = f"{self.n_trainable / 1e6:.2f}M trained" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
         return (
             f"{self.family.name} {self.family.denoiser_folder} {self.n_params / 1e6:.1f}M params ({trained}) | "
-            f"{self.world} rank(s) x {cfg.micro_batch_size} pairs x {cfg.grad_accum} accumulation = "
-            f"{self.pairs_per_step} pairs/step | {len(self.dataset)} pairs "
-            f"({len(self.dataset) / self.pairs_per_step:.1f} steps/epoch; skipped rows: "
-            f"{self.dataset.skipped.summary()}) | steps {self.step}->{cfg.max_steps}, "
+            f"{self.world} rank(s) x {cfg.micro_batch_size} {self.unit} x {cfg.grad_accum} accumulation = "
+            f"{self.pairs_per_step} {self.unit}/step | {self.summary_data()} | steps {self.step}->{cfg.max_steps}, "
             f"warm-up {cfg.warmup_steps}, lr {self.lr:.3g} | {cfg.objective} {self.loss_opts} | "
             f"{cfg.mixed_precision}, ZeRO-{E.zero_stage(self.ds_config)}, {cfg.optimizer}, reference: {reference}"
             f"{f', compiled ({E.compile_mode(cfg)}{resnets})' if E.compile_mode(cfg) else ''}"
@@ -261,6 +269,14 @@ class Trainer:
             f"{' (emulated on the CPU)' if cfg.fp8 and self.device.type != 'cuda' else ''}"
             f"{', reference forward from a CUDA graph' if cfg.reference_graphs else ''}"
             f", loss backend {self.loss_fn.backend_for(self.device)}"
+        )
+
+    unit = "pairs"  # what a micro-batch counts (the online trainer: groups of K samples)
+
+    def summary_data(self) -> str:
+        n = len(self.dataset)
+        return (
+            f"{n} pairs ({n / self.pairs_per_step:.1f} steps/epoch; skipped rows: {self.dataset.skipped.summary()})"
         )
 
     # ---------------------------------------------------------------- one step
@@ -341,7 +357,11 @@ class Trainer:
             self.debug.after_backward(self.engine, self.step)
             self.engine.step()  # an optimizer step at the accumulation boundary
             self.metrics.add(out.metrics)
-        # DeepSpeed skips a step whose all-reduced global gradient norm is not finite, on every rank alike
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Count the step: DeepSpeed skips a step whose all-reduced global gradient norm is not finite, on every
+        rank alike; too many in a row stop the run."""
         skipped = self.engine.skipped_steps - self.skipped_total
         self.skipped_total = self.engine.skipped_steps
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
@@ -382,11 +402,12 @@ class Trainer:
     def save(self) -> None:
         state = dict(
             step=self.step,
-            sampler=self.loader.state_dict(),  # the position after the last batch trained on, not the ones read ahead
+            sampler=self.loader.state_dict() if self.loader is not None else None,  # after the last batch trained on
             config=dataclasses.asdict(self.cfg),
             skipped_total=self.skipped_total,
             consecutive_skips=self.consecutive_skips,
             torch_rng=torch.get_rng_state(),
+            **self.extra_state(),
         )
         checkpoint.save(
             self.engine,
@@ -400,10 +421,19 @@ class Trainer:
     def load(self, step: int) -> None:
         state = checkpoint.load(self.engine, self.out, step)
         self.step = state["step"]
-        self.loader.load_state_dict(state["sampler"])
+        if self.loader is not None:
+            self.loader.load_state_dict(state["sampler"])
+        self.load_extra_state(state)
         self.skipped_total, self.consecutive_skips = state["skipped_total"], state["consecutive_skips"]
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {self.out / 'checkpoints' / f'step-{step}'}")
+
+    def extra_state(self) -> dict:
+        """What a subclass adds to a checkpoint's state (the online trainer: its replay index)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore ``extra_state``."""
 
     def export(self) -> Path:
         zero3 = E.zero_stage(self.ds_config) == 3
@@ -449,9 +479,11 @@ class Trainer:
         if cfg.export:
             self.export()
 
-    def log_row(self, *, pairs_per_s: float) -> dict:
-        """The training row of this step (the metrics' means since the last row), written to the logger."""
+    def log_row(self, *, pairs_per_s: float, extra: dict | None = None) -> dict:
+        """The training row of this step (the metrics' means since the last row, and ``extra``), written to the
+        logger."""
         row = {f"{metric_group(k)}/{k}": v for k, v in self.metrics.mean(self.device).items()}
+        row.update(extra or {})
         row["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         row["train/grad_norm"] = E.grad_norm(self.engine)
         row["train/skipped_steps"] = self.skipped_total
@@ -467,7 +499,8 @@ class Trainer:
             print(f"[rpo_fast] {msg}", flush=True)
 
     def close(self) -> None:
-        self.loader.close()
+        if self.loader is not None:
+            self.loader.close()
         if self.logger is not None:
             self.logger.close()
 
@@ -475,7 +508,12 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     quiet_known_noise()
     cfg = parse_args(argv)
-    trainer = run_cli("rpo_fast/train.py", lambda: Trainer(cfg))  # bad input: one line and exit 2, no traceback
+    cls = Trainer
+    if objective(cfg.objective).online:  # the objective declares it: rollouts, rewards and a replay buffer
+        from rpo_fast.online import make_trainer_class
+
+        cls = make_trainer_class(Trainer)
+    trainer = run_cli("rpo_fast/train.py", lambda: cls(cfg))  # bad input: one line and exit 2, no traceback
     try:
         trainer.train()
     finally:

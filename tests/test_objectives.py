@@ -258,7 +258,7 @@ def _bad_calls():
     yield "needs embeds_w", "rpo", {}, (p, t, q), {}
     yield "embeds_w must be", "rpo", {}, (p, t, q), dict(embeds_w=ew[:1], embeds_l=el)
     yield "differ in width", "rpo", {}, (p, t, q), dict(embeds_w=ew, embeds_l=el[:, :3])
-    yield "apply to objective 'rpo' only", "dpo", {}, (p, t, q), dict(embeds_w=ew, embeds_l=el)
+    yield "apply to objective 'rpo', 'online-rpo' only", "dpo", {}, (p, t, q), dict(embeds_w=ew, embeds_l=el)
     yield "per-pair weights apply", "rpo", {}, (p, t, q), dict(embeds_w=ew, embeds_l=el, weights=torch.ones(2))
     yield "per-pair weights apply", "sft", {}, (p[:2], t[:2], None), dict(weights=torch.ones(2))
     yield "per-pair weights apply", "dspo", {}, (p, t, q), dict(weights=torch.ones(2))

@@ -193,6 +193,21 @@ class ModelFamily:
         return (sample - shift) * scale
 
     @property
+    def decodes(self) -> bool:
+        """``decode_latents`` inverts this family's latents (its ``latents`` and ``encode_latents`` are the base's)."""
+        cls = type(self)
+        return cls.latents is ModelFamily.latents and cls.encode_latents is ModelFamily.encode_latents
+
+    def decode_latents(self, vae, latents: Tensor) -> Tensor:
+        """The denoiser's latents (n, C, h, w) -> pixels (n, 3, H, W) in [-1, 1]: ``vae.decode(z / scale + shift)``
+        (online training scores its rollouts' images). A family whose ``latents`` or ``encode_latents`` differ from
+        these declares its own."""
+        if not self.decodes:
+            raise ValueError(f"online training scores decoded images: decoding {self.name} latents is not implemented")
+        shift, scale = self.latent_shift_scale
+        return vae.decode(latents / scale + shift).sample
+
+    @property
     def prediction_type(self) -> str:
         """What the denoiser predicts: "epsilon", "v_prediction" or "flow" (the velocity); from the noising piece."""
         raise NotImplementedError
