@@ -371,4 +371,3 @@ def make_trainer_class(Trainer):  # noqa: N803 (the base class, passed in: train
             self.rollouts = state["rollouts"]
 
     return OnlineTrainer
-

@@ -275,9 +275,7 @@ class Trainer:
 
     def summary_data(self) -> str:
         n = len(self.dataset)
-        return (
-            f"{n} pairs ({n / self.pairs_per_step:.1f} steps/epoch; skipped rows: {self.dataset.skipped.summary()})"
-        )
+        return f"{n} pairs ({n / self.pairs_per_step:.1f} steps/epoch; skipped rows: {self.dataset.skipped.summary()})"
 
     # ---------------------------------------------------------------- one step
     def batch(self, picks: list[Pick], dataset=None) -> dict:

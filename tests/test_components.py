@@ -280,7 +280,8 @@ def test_train_help_shows_defaults_and_choices():
     )
     text = " ".join(out.stdout.split())
     assert out.returncode == 0
-    assert "--objective {dpo,sft,rpo,dspo,dense-dpo,cal-dpo,dense-reward,online-dpo,online-rpo}" in text and "(default: rpo)" in text
+    objectives = "dpo,sft,rpo,dspo,dense-dpo,cal-dpo,dense-reward,online-dpo,online-rpo"
+    assert f"--objective {{{objectives}}}" in text and "(default: rpo)" in text
     assert "--optimizer {adamw8bit,lion8bit,adamw,adafactor}" in text and "(default: adamw8bit)" in text
     assert "example" in text and "--debug" not in text
 
