@@ -27,6 +27,9 @@
 #   reference pass over the step's cache first, its seconds in reference_pass_s): pairs/s and peak memory side by side.
 # flow (a later slot, 465 s): the SD3.5-Medium 1024px step (full fine-tune, single_gpu, --recompute full) and
 #   FLUX.1-dev's with LoRA rank 16 (its full states, 167 GB, exceed one GPU), each model built at random first.
+# online (a later slot, 450 s): online training on the random full-size SD1.5 at 512 px (benchmarks/bench_online.py:
+#   dense-reward, K = 4 samples of 2 prompts, 10 and 50 sampler steps): rollout images/s and the rollout's share of
+#   the step.
 # Older stages, for a longer slot: kernels (the kernel tests on CUDA, 5 min), micro-sdxl, micro-sd15.
 #
 # A call's gpu_check rows run in one process (`checks`, gpu_check.py's batch stage): the imports (8-15 s) are paid
@@ -47,7 +50,7 @@ DRY=${RPO_FAST_GPU_DRY:-0}
 # PLAN: each call's budget in seconds; its step limits below add up to at most the budget less SETUP (the wheels'
 # install and import check, and the 15 s each step leaves before the deadline) and CHECKS_START for each `checks`
 # (the one process's imports)
-declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [call5]=510 [flow]=465)
+declare -A PLAN=([call1]=485 [call2]=260 [call3]=570 [call4]=405 [call5]=510 [flow]=465 [online]=450)
 SETUP=45
 CHECKS_START=15
 DEFAULT_BUDGET=570
@@ -220,6 +223,16 @@ EOF
 170 sd35m-1 step --kind sd3.5-medium --pairs 1 --recompute full
 230 flux-1-lora step --kind flux.1-dev --pairs 1 --recompute full --lora-rank 16
 EOF
+        ;;
+    online)  # a later slot: online training's rollout throughput and share of a step, SD1.5 at 512 px
+        checks online-checks <<'EOF'
+80 models models --kinds sd15
+EOF
+        if [ "$DRY" = 1 ]; then
+            step 300 online-sd15 "$PY" benchmarks/bench_online.py --kind sd15 --resolution 32 --quick
+        else
+            step 300 online-sd15 "$PY" benchmarks/bench_online.py --kind sd15 --resolution 512 --steps 2
+        fi
         ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -48,6 +48,36 @@ SETTINGS = {
     "dense-dpo": dict(beta=500.0, lr=2e-5),
     "cal-dpo": dict(beta=500.0, lr=2e-5),
 }
+# The online objectives learn from the model's own samples scored by the rule itself (no pairs): each rank samples
+# 2 training captions x K = 4 pictures every step (DDIM with eta 1, 10 steps, guidance 3 as the evaluation's), and
+# each update reads 2 groups at one step drawn ~ gamma^k. Steps: the offline demo's count of denoiser rows (240 steps x
+# 16 pairs x 2 pictures x 2 models = 15360) spent on rollouts and updates (``denoiser_rows``).
+ONLINE = dict(samples=4, prompts=2, rollout_steps=10, steps_per_sample=1, groups=2)
+# lr 1e-5 and a log-ratio clip of 1e-2: the clip is a trust region around the base model, and this small model moves
+# fast (at lr 1e-4, or with the authors' 1e-4 clip, nearly every log-ratio lies past the clip within a few steps,
+# the gradient is zero and AdamW's momentum alone moves the weights: a drift, not alignment).
+SETTINGS |= {
+    name: dict(lr=1e-5, online=True, log_ratio_clip=1e-2) for name in ("dense-reward", "online-dpo", "online-rpo")
+}
+
+
+def denoiser_rows(objective: str, steps: int, ranks: int) -> int:
+    """Rows through the denoiser (policy and reference, forward) of a demo run: offline, 8 pairs x 2 pictures per
+    rank per step, each through both models (SFT: the policy alone); online, each rank's rollout (prompts x K x
+    sampler steps, guided: x 2) and its update (S x groups x K, guided, both models)."""
+    from ..objectives import objective as spec
+
+    if not SETTINGS[objective].get("online"):
+        return steps * ranks * 8 * 2 * (2 if spec(objective).reference else 1)
+    o = ONLINE
+    rollout = o["prompts"] * o["samples"] * o["rollout_steps"] * 2
+    update = o["steps_per_sample"] * o["groups"] * o["samples"] * 2 * 2
+    return steps * ranks * (rollout + update)
+
+
+def online_steps(ranks: int, offline_steps: int = 240) -> int:
+    """The online demo's steps at the offline RPO demo's count of denoiser rows."""
+    return denoiser_rows("rpo", offline_steps, ranks) // denoiser_rows("dense-reward", 1, ranks)
 
 
 def make_pairs(out: Path, rounds: int, seed: int = 0) -> Path:
@@ -177,7 +207,9 @@ class DemoConfig:
     objective: Literal[tuple(sorted(SETTINGS))] = _opt("rpo", "the objective trained")
     out: str = _opt("runs/demo", "the demo's folder (OUT/OBJECTIVE: the run)")
     rounds: int = _opt(8, "pairs per training caption (100 captions)")
-    steps: int = _opt(240, "optimizer steps (16 pairs each)")
+    steps: int | None = _opt(
+        None, "optimizer steps (default 240 of 16 pairs; online: as many as the same count of denoiser rows)"
+    )
     ranks: int = _opt(2, "deepspeed ranks (processes) on this CPU")
     seed: int = _opt(0, "seed of pairs, training and sampling")
     sample_steps: int = _opt(25, "DDIM steps when sampling")
@@ -221,14 +253,21 @@ def run_demo(a: DemoConfig) -> dict:
     if a.fresh and run_dir.exists():
         print(f"[demo] --fresh: removing the earlier run {run_dir} (the rendered pairs and caches are kept)")
         shutil.rmtree(run_dir)
-    with phases("render", f"rendering {a.rounds * 100} training and 100 held-out pairs into {out} (once)"):
-        pairs = render_pairs(out, rounds=a.rounds, seed=a.seed)
-    with phases("cache", "caching them: VAE latents, text encodings, CLIP embeddings (once)"):
-        cache, eval_cache = cache_pairs(out, a.model, pairs, seed=a.seed, embedder=a.clip)
+    opts = SETTINGS[a.objective]
+    online = bool(opts.get("online"))
+    steps = a.steps or (online_steps(a.ranks) if online else 240)
+    if online:  # no pairs: the model's own samples, scored by the rule
+        train_prompts = out / "train_prompts.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        train_prompts.write_text("\n".join(S.TRAIN_CAPTIONS) + "\n")
+    else:
+        with phases("render", f"rendering {a.rounds * 100} training and 100 held-out pairs into {out} (once)"):
+            pairs = render_pairs(out, rounds=a.rounds, seed=a.seed)
+        with phases("cache", "caching them: VAE latents, text encodings, CLIP embeddings (once)"):
+            cache, eval_cache = cache_pairs(out, a.model, pairs, seed=a.seed, embedder=a.clip)
 
     from ..distributed import free_port
 
-    opts = SETTINGS[a.objective]
     launcher = Path(sys.executable).parent / "deepspeed"  # the deepspeed command of this environment
     launcher = [launcher] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     train_cmd = [
@@ -244,43 +283,41 @@ def run_demo(a: DemoConfig) -> dict:
         ROOT / "configs" / ("zero2_8bit.json" if a.ranks > 1 else "single_gpu.json"),  # the config for the scale
         "--model",
         a.model,
-        "--data",
-        cache,
-        "--eval-data",
-        eval_cache,
         "--objective",
         a.objective,
         "--output",
         run_dir,
         "--max-steps",
-        str(a.steps),
-        "--micro-batch-size",
-        "8",
+        str(steps),
         "--lr",
         str(opts["lr"]),
-        "--eval-every",
-        str(max(1, a.steps // 6)),
-        "--eval-pairs",
-        "100",
-        "--eval-repeats",
-        "2",
         "--log-every",
         "10",
         "--checkpoint-every",
-        str(a.steps),
+        str(steps),
         "--keep-checkpoints",
         "1",
         "--seed",
         str(a.seed),
-        "--empty-caption-prob",
-        "0.1",
         "--mixed-precision",
         a.mixed_precision,
     ]
+    if online:
+        o = ONLINE
+        train_cmd += ["--data", train_prompts, "--reward", "rpo_fast.demo.shapes:WarmthScorer", "--resolution", "32"]
+        train_cmd += ["--samples-per-prompt", o["samples"], "--rollout-prompts", o["prompts"]]
+        train_cmd += ["--rollout-steps", o["rollout_steps"], "--steps-per-sample", o["steps_per_sample"]]
+        train_cmd += ["--micro-batch-size", o["groups"], "--guidance", a.guidance]
+        train_cmd += ["--log-ratio-clip", opts["log_ratio_clip"]]
+        if a.objective == "online-rpo":
+            train_cmd += ["--clip", a.clip]
+    else:
+        train_cmd += ["--data", cache, "--eval-data", eval_cache, "--micro-batch-size", "8", "--empty-caption-prob"]
+        train_cmd += ["0.1", "--eval-every", max(1, steps // 6), "--eval-pairs", "100", "--eval-repeats", "2"]
     if "beta" in opts:
         train_cmd += ["--beta", str(opts["beta"])]
     done = finished_steps(run_dir)
-    if done is not None and done >= a.steps:
+    if done is not None and done >= steps:
         print(
             f"[demo] {run_dir} holds a finished run ({done} steps): it is not trained again, and what follows "
             "samples and scores it afresh. To start over: make demo DEMO_ARGS=--fresh (or python -m rpo_fast.demo "
@@ -291,7 +328,10 @@ def run_demo(a: DemoConfig) -> dict:
         if (run_dir / "checkpoints").exists():
             train_cmd.append("--resume")
             print(f"[demo] resuming the unfinished run in {run_dir} (--fresh starts over)", flush=True)
-        what = f"training: {a.steps} steps of {8 * a.ranks} pairs on {a.ranks} DeepSpeed rank(s) ({a.objective})"
+        unit = (
+            f"{ONLINE['prompts'] * a.ranks} prompts x {ONLINE['samples']} samples" if online else f"{8 * a.ranks} pairs"
+        )
+        what = f"training: {steps} steps of {unit} on {a.ranks} DeepSpeed rank(s) ({a.objective})"
         with phases("train", what):
             run(train_cmd, env)
 
@@ -333,7 +373,8 @@ def run_demo(a: DemoConfig) -> dict:
     result = dict(
         objective=a.objective,
         seed=a.seed,
-        steps=a.steps,
+        steps=steps,
+        denoiser_rows=denoiser_rows(a.objective, steps, a.ranks),
         prompts=len(S.HELDOUT_CAPTIONS),
         win_rate=m["win_rate"],
         win_low=m["win_low"],
@@ -354,6 +395,8 @@ def run_demo(a: DemoConfig) -> dict:
     acc = (
         f"{result['heldout_implicit_acc']:.3f} at step {result['heldout_step']}"
         if evals
+        else "none (online: no held-out pairs)"
+        if online
         else "none (no reference: the objective has no implicit reward)"
     )
     print(
