@@ -346,8 +346,8 @@ def check_online(cfg: TrainConfig, family) -> None:
         raise ValueError("--reference-graphs: online runs do not capture the reference's forward")
     if cfg.objective == "online-rpo" and cfg.clip is None:
         raise ValueError("--objective online-rpo weighs prompts by their images' similarity: pass --clip EMBEDDER")
-    if not family.decodes:
-        raise ValueError(f"online training scores decoded images: decoding {family.name} latents is not implemented")
+    if family.no_rollouts:
+        raise ValueError(f"--objective {cfg.objective} trains online: {family.name} models {family.no_rollouts}")
 
 
 def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:

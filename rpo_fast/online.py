@@ -275,10 +275,11 @@ def make_trainer_class(Trainer):  # noqa: N803 (the base class, passed in: train
         def prompt_at(self, position: int) -> str:
             """The prompt at ``position`` of the run's prompt order: epoch e = position // P in a permutation
             seeded by (seed, e)."""
-            p = len(self.prompts)
-            epoch, i = divmod(position, p)
-            g = torch.Generator().manual_seed(seed_of(self.cfg.seed, PROMPT_STREAM, epoch))
-            return self.prompts[int(torch.randperm(p, generator=g)[i])]
+            epoch, i = divmod(position, len(self.prompts))
+            if getattr(self, "_order", (None,))[0] != epoch:  # one permutation per epoch, drawn when first needed
+                g = torch.Generator().manual_seed(seed_of(self.cfg.seed, PROMPT_STREAM, epoch))
+                self._order = (epoch, torch.randperm(len(self.prompts), generator=g).tolist())
+            return self.prompts[self._order[1][i]]
 
         def decode(self, latents: torch.Tensor) -> list:
             """Latents -> PIL images (the VAE in fp32, a few at a time)."""

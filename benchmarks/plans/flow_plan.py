@@ -209,7 +209,11 @@ def families_table(*measured: dict) -> str:
             family = FAMILIES[r["kind"]]
             pipeline = family.pipeline_class().__name__
             prediction = "velocity" if family.flow_matching else "epsilon (or v)"
-            objectives = [o for o, spec in OBJECTIVE_TABLE.items() if "form" not in spec.options or family.dspo_form]
+            objectives = [
+                o
+                for o, spec in OBJECTIVE_TABLE.items()
+                if ("form" not in spec.options or family.dspo_form) and not (spec.online and family.no_rollouts)
+            ]
             live, alone = first_plans(r, 8)
             rows.append(
                 f"| {name} | `{family.name}` | `{pipeline}` | {prediction} | {', '.join(objectives)} | "

@@ -49,6 +49,9 @@ class ModelFamily:
     dspo_form: ClassVar[str | None] = None  # DSPO's form for this family (None: DSPO does not apply)
     guidance: ClassVar[float] = 7.5  # classifier-free guidance of the papers' evaluation
     image_keys: ClassVar[tuple[str, ...]] = ()  # per-image conditioning stored by the cache (n, 2, ...)
+    # online training (rpo_fast.online): None where rollouts work (classifier-free guidance, decode_latents inverts
+    # the latents), else why not
+    no_rollouts: ClassVar[str | None] = None
     vae_fp16: ClassVar[bool] = True  # the VAE encodes in fp16 without overflowing
     default_beta: ClassVar[float | None] = None  # the objectives' beta where --beta is not given (None: theirs)
     sample_steps: ClassVar[int] = 50  # sampling steps of the family's evaluation recipe
@@ -192,18 +195,12 @@ class ModelFamily:
         shift, scale = self.latent_shift_scale
         return (sample - shift) * scale
 
-    @property
-    def decodes(self) -> bool:
-        """``decode_latents`` inverts this family's latents (its ``latents`` and ``encode_latents`` are the base's)."""
-        cls = type(self)
-        return cls.latents is ModelFamily.latents and cls.encode_latents is ModelFamily.encode_latents
-
     def decode_latents(self, vae, latents: Tensor) -> Tensor:
         """The denoiser's latents (n, C, h, w) -> pixels (n, 3, H, W) in [-1, 1]: ``vae.decode(z / scale + shift)``
         (online training scores its rollouts' images). A family whose ``latents`` or ``encode_latents`` differ from
-        these declares its own."""
-        if not self.decodes:
-            raise ValueError(f"online training scores decoded images: decoding {self.name} latents is not implemented")
+        these declares ``no_rollouts`` (or its own ``decode_latents``)."""
+        if self.no_rollouts:
+            raise ValueError(f"online training: {self.name} models {self.no_rollouts}")
         shift, scale = self.latent_shift_scale
         return vae.decode(latents / scale + shift).sample
 

@@ -183,6 +183,7 @@ class SD3Family(FlowFamily):
 
 class FluxFamily(FlowFamily):
     name = "flux"
+    no_rollouts = "embed their guidance (a distilled guidance), which rollouts do not set yet"
     pipeline_name = "FluxPipeline"
     denoiser_class_name = "FluxTransformer2DModel"
     encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")

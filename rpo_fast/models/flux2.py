@@ -59,6 +59,7 @@ def empirical_mu(tokens: int, steps: int) -> float:
 
 class Flux2KleinFamily(FlowFamily):
     name = "flux2-klein"
+    no_rollouts = "keep batch-normalised patchified latents, which decode_latents does not invert yet"
     pipeline_name = "Flux2KleinPipeline"
     denoiser_class_name = "Flux2Transformer2DModel"
     vae_class_name = "AutoencoderKLFlux2"

@@ -43,6 +43,7 @@ _SCHEDULER = dict(  # Qwen/Qwen-Image/scheduler
 
 class QwenImageFamily(FlowFamily):
     name = "qwenimage"
+    no_rollouts = "decode with a 3D VAE and per-channel statistics, which decode_latents does not invert yet"
     pipeline_name = "QwenImagePipeline"
     denoiser_class_name = "QwenImageTransformer2DModel"
     vae_class_name = "AutoencoderKLQwenImage"
