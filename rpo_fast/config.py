@@ -6,6 +6,7 @@ objective's options for the run's family.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,19 +299,8 @@ def model_family(cfg: TrainConfig):
     return family
 
 
-ONLINE_FLAGS = dict(
-    reward=None,
-    samples_per_prompt=4,
-    rollout_prompts=None,
-    rollout_every=1,
-    rollout_steps=50,
-    guidance=None,
-    eta=1.0,
-    noise_level=0.7,
-    steps_per_sample=3,
-    replay_size=64,
-    replay_sampling="uniform",
-)  # the online flags and their defaults: given with a pair objective, an error
+ONLINE_FLAGS = ("reward", "samples_per_prompt", "rollout_prompts", "rollout_every", "rollout_steps", "guidance", "eta")
+ONLINE_FLAGS += ("noise_level", "steps_per_sample", "replay_size", "replay_sampling")  # off their defaults: online only
 
 
 def check_online(cfg: TrainConfig, family) -> None:
@@ -363,7 +353,8 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
     if objective(cfg.objective).online:
         check_online(cfg, family)
     else:
-        given = [f for f, v in ONLINE_FLAGS.items() if getattr(cfg, f) != v]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        given = [f for f in ONLINE_FLAGS if getattr(cfg, f) != defaults[f]]
         if given:
             raise ValueError(
                 f"--{given[0].replace('_', '-')} applies to the online objectives "

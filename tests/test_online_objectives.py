@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DTYPES, GRAD_TOL, assert_close
+from test_transcriptions import list_mle_loss  # reward_loss.py lines 6-33, transcribed
 
 from rpo_fast import PreferenceLoss
 from rpo_fast.objectives import rpo_weights
@@ -74,21 +75,6 @@ def loss_inputs(d, objective):
 # ---------------------------------------------------------------------------------------------- the authors' code
 
 
-def listMLELoss(y_pred, y_true, listmle_temp=1.0):  # noqa: N802
-    """Shentao-YANG/Dense_Reward_T2I reward_loss.py lines 6-33, transcribed (DEFAULT_EPS = 1e-10)."""
-    y_pred = y_pred / listmle_temp
-    random_indices = torch.randperm(y_pred.shape[-1])
-    y_pred_shuffled = y_pred[:, random_indices]
-    y_true_shuffled = y_true[:, random_indices]
-    y_true_sorted, indices = y_true_shuffled.sort(descending=True, dim=-1)
-    preds_sorted_by_true = torch.gather(y_pred_shuffled, dim=1, index=indices)
-    max_pred_values, _ = preds_sorted_by_true.max(dim=1, keepdim=True)
-    preds_sorted_by_true_minus_max = preds_sorted_by_true - max_pred_values
-    cumsums = torch.cumsum(preds_sorted_by_true_minus_max.exp().flip(dims=[1]), dim=1).flip(dims=[1])
-    observation_loss = torch.log(cumsums + 1e-10) - preds_sorted_by_true_minus_max
-    return torch.mean(torch.sum(observation_loss, dim=1))
-
-
 def authors_loss(d, f_pol, *, temp, clip):
     """preference_based_policy_learner.py ``get_pl_loss_logit`` lines 258-316 (reg_to_pi_init on, reg_to_pi_old
     off, no warm-up: the defaults) and ``calculate_pl_loss_and_backward`` lines 334-339 with all K trajectories
@@ -113,7 +99,7 @@ def authors_loss(d, f_pol, *, temp, clip):
             log_diff += log_pi_theta_minus_log_pi_init / s
         logits.append(log_diff * temp)
     logits = torch.column_stack(logits)
-    return listMLELoss(y_pred=logits, y_true=d["rewards"])
+    return list_mle_loss(y_pred=logits, y_true=d["rewards"])
 
 
 @pytest.mark.parametrize(
