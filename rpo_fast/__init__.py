@@ -8,8 +8,8 @@ transformers; a model family is one file in ``rpo_fast/models/``).
 Light to import: diffusers, deepspeed and bitsandbytes are imported where they are used.
 """
 
-from .loss import PreferenceLoss, preference_loss
+from .loss import PreferenceLoss, preference_loss, sample_errors
 from .objectives import LossOutput, SampleErrors, per_sample_errors
 
 __version__ = "0.1.0"
-__all__ = ["PreferenceLoss", "preference_loss", "per_sample_errors", "LossOutput", "SampleErrors"]
+__all__ = ["PreferenceLoss", "preference_loss", "per_sample_errors", "sample_errors", "LossOutput", "SampleErrors"]

@@ -217,7 +217,8 @@ class PreferenceLoss(nn.Module):
     """A preference objective for diffusion UNets, as one module.
 
     Args:
-        objective: "dpo" | "sft" | "rpo" | "dspo" | "dense-dpo" | "cal-dpo".
+        objective: "dpo" | "sft" | "rpo" | "dspo" | "dense-dpo" | "cal-dpo", or online (the group layout, below):
+            "dense-reward" | "online-dpo" | "online-rpo".
         backend: "auto" (Triton for CUDA tensors, eager otherwise; compile on CUDA for an objective the table
             declares without a fused kernel) | "eager" | "compile" (torch.compile of
             the eager code, static shapes; past Dynamo's recompile_limit of shapes and objectives in one
@@ -230,7 +231,9 @@ class PreferenceLoss(nn.Module):
             sdxl), lam_in=beta/2, lam_out=beta. dense-dpo: beta=5000, gamma=0.9, num_inference_steps=50,
             num_train_timesteps=1000, timestep_sampling="uniform" (w(t) weights the logit) | "discounted" (the
             caller draws t ~ w(t), ``objectives.discounted_timestep_probs``; no weight in the loss). cal-dpo:
-            beta=5000, beta_cal=0.5, lam_cal=0.5. sft: none.
+            beta=5000, beta_cal=0.5, lam_cal=0.5. sft: none. dense-reward: temperature=10, log_ratio_clip=1e-4.
+            online-dpo: beta=10, log_ratio_clip=1e-4. online-rpo: beta=10, log_ratio_clip=1e-4, tau=0.5,
+            weighting="inside"|"outside".
 
     Shape:
         model_pred, ref_pred: (2B, C, H, W), winners first then losers (sft: (B, C, H, W), winners only, and
@@ -241,6 +244,11 @@ class PreferenceLoss(nn.Module):
             ``ref_errors`` (2B,): the reference's per-sample errors r_k = mean (q_k - t_k)^2 in place of ref_pred
             (a precomputed table, ``python -m rpo_fast.reference``); the loss then runs eagerly from m - r in
             float64, whatever the backend (every objective but dspo, which reads q itself).
+        Online objectives (``objectives.GROUPS``): model_pred, ref_pred and target (R, ...) hold the S G K rows of K
+            samples of G prompts at S sampled steps, step-major (row s G K + g K + k); target is each row's
+            e* = (x_(k+1) - a x_k) / b; ``log_ratio_scale`` (R,) its c = b^2 / (2 sigma^2) (``rollout.Transitions``);
+            ``rewards`` (G, K); online-rpo's ``embeds_w`` / ``embeds_l`` (G, D) embed each prompt's best and worst
+            image. The error pass runs on the backend (``sample_errors``), the combination eagerly.
         Returns ``LossOutput(loss, metrics)``: a scalar fp32 loss with gradient to ``model_pred`` only, and a
             dict of detached scalars: loss, implicit_acc, reward_margin, reward_w, reward_l, mse_w, mse_l,
             ref_mse_w, ref_mse_l (+ weight_diag for rpo; loss and mse_w for sft).

@@ -13,6 +13,9 @@ Data comes from the cache of ``python -m rpo_fast.cache`` (or raw pairs for smal
 are DeepSpeed's, in ``OUTPUT/checkpoints/step-N`` with a COMPLETE marker written last; ``--resume`` continues from the
 newest complete one. The trained UNet (or LoRA adapter) is exported to ``OUTPUT/unet`` (``OUTPUT/lora``).
 
+An online objective (``dense-reward``, ``online-dpo``, ``online-rpo``) runs ``rpo_fast.online``'s subclass of the
+Trainer: ``--data`` holds prompts, and each step samples, scores and replays the policy's own trajectories.
+
 This file is the wiring and the loop: ``Trainer.__init__`` builds data, models, engine and loss in that order;
 ``train`` is the loop (step, log, evaluate, checkpoint). The components: ``config`` (flags and checks),
 ``models`` (the model family), ``dataset``, ``engine``, ``checkpoint``, ``metrics``, ``distributed``, ``debug``.
