@@ -87,7 +87,8 @@ def _is_prompt_list(path: Path) -> bool:
 
 class ReplayBuffer:
     """A rank's rollouts: append-only shards ``rollout-N.pt`` (each: ``latents`` (P, K, N + 1, C, h, w) fp32,
-    ``rewards`` (P, K), the prompts' ``captions`` tensors (P rows), ``embeds`` (P, K, D) or absent) and an index of
+    ``rewards`` (P, K), the prompts' ``captions`` tensors (P rows), ``seeds`` (P, K), ``prompts`` (P,) their positions
+    in the run's prompt order, ``embeds`` (P, K, D) or absent) and an index of
     the (rollout, group) entries in the buffer: the newest ``size`` groups. ``state_dict`` is the index; the shards
     stay on disk (a checkpoint copies nothing)."""
 
@@ -226,7 +227,9 @@ def make_trainer_class(Trainer):  # noqa: N803 (the base class, passed in: train
         # ---------------------------------------------------------------- rollout
         @torch.no_grad()
         def rollout(self) -> None:
-            """Sample, decode, score and store this rank's prompts' K trajectories each (one rollout)."""
+            """Sample, decode, score and store this rank's prompts' K trajectories each (one rollout). Under no_grad,
+            not inference mode: ZeRO-3's gathered parameters must stay ordinary tensors (as the reference's), and
+            the recorded states are later the updates' inputs."""
             cfg, fam = self.cfg, self.family
             t0 = time.perf_counter()
             n, k = self.rollout_prompts, cfg.samples_per_prompt
@@ -255,6 +258,8 @@ def make_trainer_class(Trainer):  # noqa: N803 (the base class, passed in: train
                 latents=traj.latents.cpu().unflatten(0, (n, k)),
                 rewards=rewards.view(n, k),
                 captions={key: v.cpu() for key, v in captions.items()},
+                seeds=traj.seeds.view(n, k),  # each trajectory's noise: the rollout can be sampled again
+                prompts=torch.tensor([first + i for i in range(n)]),  # positions in the run's prompt order
             )
             if self.embedder is not None:
                 e = torch.nn.functional.normalize(self.embedder.encode_images(images).float(), dim=-1)

@@ -78,6 +78,7 @@ def test_online_objectives_train_every_kind(trained, kind, objective):
     assert [s.name for s in shards] == ["rollout-0.pt", "rollout-1.pt", "rollout-2.pt"]
     shard = torch.load(shards[0], weights_only=True)
     assert shard["latents"].shape[:3] == (2, 3, 5) and shard["rewards"].shape == (2, 3)
+    assert shard["seeds"].shape == (2, 3) and shard["prompts"].tolist() == [0, 1]
     assert ("embeds" in shard) == (objective == "online-rpo")
 
 
