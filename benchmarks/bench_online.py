@@ -85,6 +85,24 @@ def measure(model: Path, rollout_steps: int, steps_per_sample: int, *, steps: in
     )
 
 
+def measure_in_process_of_its_own(model: Path, rollout_steps: int, steps_per_sample: int, **kw) -> dict:
+    """``measure`` in a fresh Python process (as the host-overhead benchmark): the trainer's process group and its
+    environment (RANK, MASTER_PORT) stay there, not in the caller's (pytest's later launches would inherit them)."""
+    import json
+    import os
+    import subprocess
+
+    job = dict(model=str(model), rollout_steps=rollout_steps, steps_per_sample=steps_per_sample, **kw)
+    job["out"] = str(job["out"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run(
+        [sys.executable, __file__, "--measure", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"bench_online --measure failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def run(configs, *, steps: int, kind: str | None, resolution: int, command: str, quick: bool) -> ResultTable:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     table = ResultTable(
@@ -119,7 +137,7 @@ def run(configs, *, steps: int, kind: str | None, resolution: int, command: str,
 
             model, name = random_model(kind, quick or QUICK), kind
         for n, s in configs:
-            row = measure(model, n, s, steps=steps, resolution=resolution, out=Path(tmp))
+            row = measure_in_process_of_its_own(model, n, s, steps=steps, resolution=resolution, out=Path(tmp))
             table.add(model=name, resolution=resolution, rollout_steps=n, steps_per_sample=s, device=device,
                       command=command, **row)  # fmt: skip
             print(table.rows[-1], flush=True)
@@ -133,7 +151,16 @@ def main() -> None:
     ap.add_argument("--kind", default=None, help="a random full-size model of gpu_check's (default: the demo's base)")
     ap.add_argument("--resolution", type=int, default=32, help="pixels (the demo's base: 32)")
     ap.add_argument("--quick", action="store_true", help="one tiny configuration (CI)")
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one configuration, JSON in and out
     a = ap.parse_args()
+    if a.measure:
+        import json
+
+        job = json.loads(a.measure)
+        row = measure(Path(job.pop("model")), job.pop("rollout_steps"), job.pop("steps_per_sample"),
+                      out=Path(job.pop("out")), **job)  # fmt: skip
+        print(json.dumps(row))
+        return
     run(
         QUICK_CONFIGS if a.quick else CONFIGS,
         steps=1 if a.quick else a.steps,
