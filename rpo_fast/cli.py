@@ -30,15 +30,23 @@ from typing import Literal
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and shows each option's default (unless it is None or hidden)."""
+    """Keeps the description's layout and shows each option's default once: not when it is None or hidden, nor when
+    the help text already says what the default is; a ``--flag/--no-flag`` pair's as the flag that is on by default.
+    The docstrings' reStructuredText ````code```` shows as `code`."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        text = (action.help or "").removesuffix(" (default: %(default)s)")  # BooleanOptionalAction's own suffix
+        if action.default in (None, argparse.SUPPRESS) or not action.option_strings or "default" in text.lower():
             return text
         if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
             return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = action.option_strings[:2]
+            return f"{text} (default: {on if action.default else off})".strip()
         return f"{text} (default: %(default)s)".strip()
+
+    def format_help(self) -> str:
+        return super().format_help().replace("``", "`")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -157,7 +165,7 @@ def check_choices(cfg) -> None:
 
 
 def flag_table(cls) -> str:
-    """The markdown table of a config's flags (flag, default, choices, help), as the README shows it."""
+    """The markdown table of a config's flags (flag, default, choices, help), as each command's page shows it."""
     hints = typing.get_type_hints(cls, include_extras=True)
     rows = ["| flag | default | choices | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):

@@ -44,7 +44,7 @@ class TrainConfig:
         metadata=dict(
             help="DeepSpeed JSON config: configs/single_gpu.json (one GPU), zero2_8bit.json (one node), "
             "zero3_8bit.json (the policy's states do not fit), zero1_8bit.json or zero3pp_8bit.json (many nodes)",
-            flags=("--ds_config",),
+            flags=("--ds_config", "--ds-config"),
         )
     )
     model: str = field(
@@ -212,7 +212,15 @@ class TrainConfig:
         ),
     )
     # checkpoints, logging, evaluation
-    resume: bool = field(default=False, **_help("continue from the newest complete checkpoint"))
+    resume: bool = field(default=False, **_help("continue from the newest complete checkpoint (refused where none is)"))
+    resume_or_start: bool = field(
+        default=False,
+        metadata=dict(
+            help="continue from the newest complete checkpoint if there is one, else start a new run (for job "
+            "scripts that are requeued)",
+            switch=True,
+        ),
+    )
     checkpoint_every: int = field(default=500, **_help("steps between checkpoints (and at the end)"))
     keep_checkpoints: int = field(default=3, **_help("complete checkpoints kept (the newest)"))
     log_every: int = field(default=10, **_help("steps between log lines"))
@@ -344,6 +352,7 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
     """Every check that needs no model: a clear error before anything is loaded. Returns the DeepSpeed config.
     ``family``: the run's ``model_family(cfg)`` where the caller has it."""
     from .checkpoint import latest_checkpoint
+    from .data.dataset import is_cache
 
     family = family or model_family(cfg)
     if cfg.unet is not None and not (Path(cfg.unet) / "config.json").exists():
@@ -420,6 +429,8 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
         raise ValueError(f"--empty-caption-prob must be in [0, 1], got {cfg.empty_caption_prob}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not objective(cfg.objective).online and cfg.resolution is None and not is_cache(cfg.data):
+        raise ValueError(f"raw --data {cfg.data} needs --resolution (a cache records its own)")
     if cfg.resolution is not None and cfg.resolution % 8:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of 8")
     ds_config = read_ds_config(cfg, world)
@@ -430,9 +441,14 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
             "or ZeRO-2 (configs/zero2_8bit.json) with selective"
         )
     out = Path(cfg.output)
-    if not cfg.resume and latest_checkpoint(out) is not None:
+    if not (cfg.resume or cfg.resume_or_start) and latest_checkpoint(out) is not None:
         raise ValueError(
             f"--output {out} already holds checkpoints: pass --resume to continue, or use another --output"
+        )
+    if cfg.resume and not cfg.export_only and latest_checkpoint(out) is None:
+        raise ValueError(
+            f"--resume: no complete checkpoint in {out / 'checkpoints'} to continue from (drop --resume to start a new "
+            "run there, or pass --resume-or-start to do either)"
         )
     if cfg.export_only and latest_checkpoint(out) is None:
         raise ValueError(f"--export-only: no complete checkpoint in {out / 'checkpoints'}")

@@ -149,12 +149,52 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
-    if not torch.cuda.is_available() and os.environ["RANK"] == "0":
-        announce_shm_op_build()
+    if not torch.cuda.is_available():
+        if os.environ["RANK"] == "0":
+            announce_shm_op_build()
+        quiet_shm_op_load()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     r = int(os.environ["RANK"])
     unlink_cpu_allreduce_buffer(r)
     return r, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory all-reduce op (``deepspeed_shm_comm``) is built on this machine."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so").exists()
+
+
+def build_shm_op() -> None:
+    """Build (or load) DeepSpeed's CPU all-reduce op in this process: what ``init_distributed`` would do in the first
+    rank, done ahead so that a caller can time it (the demo's build phase)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
+def quiet_shm_op_load() -> None:
+    """DeepSpeed prints "DeepSpeed deepspeed_shm_comm built successfully" (a print, no logger) in every rank of a
+    CPU run at every start, built or only loaded: that line is dropped unless ``RPO_FAST_VERBOSE=1``."""
+    import contextlib
+    import importlib
+    import io
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # not ``import ... as``: deepspeed.comm.torch is torch
+
+    if os.environ.get("RPO_FAST_VERBOSE") == "1" or getattr(ds_torch.build_shm_op, "quiet", False):
+        return
+    load = ds_torch.build_shm_op
+
+    def quiet():
+        with contextlib.redirect_stdout(io.StringIO()):
+            return load()
+
+    quiet.quiet = True
+    ds_torch.build_shm_op = quiet
 
 
 def announce_shm_op_build() -> None:
@@ -163,7 +203,7 @@ def announce_shm_op_build() -> None:
     from torch.utils.cpp_extension import _get_build_directory
 
     folder = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
-    if not (folder / "deepspeed_shm_comm.so").exists():
+    if not shm_op_built():
         print(
             f"[rpo_fast] DeepSpeed is building its CPU all-reduce op (deepspeed_shm_comm) in {folder}: once per "
             "machine, a few minutes on a small CPU",

@@ -127,7 +127,7 @@ def zero_stage(ds: dict) -> int:
     return ds["zero_optimization"].get("stage", 0)
 
 
-# Which config for which scale (the README's table says the same):
+# Which config for which scale (docs/guides/deepspeed.md says the same):
 CONFIG_FOR_SCALE = {
     "one GPU": "configs/single_gpu.json",  # ZeRO-2 on one rank: fp32 accumulation, flat partitions, no hooks
     "one node": "configs/zero2_8bit.json",  # gradients and optimizer states sharded, parameters replicated

@@ -12,7 +12,11 @@ everything). It drops exactly these messages and nothing else of their loggers:
   for other processors): torchvision is kept out of CPU environments on purpose, and the PIL processor is the one
   the models were trained with;
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": a 4-bit inference kernel that
-  rpo_fast never calls;
+  rpo_fast never calls, and the kernels hub's "Skipping publisher trust check" for it with ``HF_HUB_OFFLINE=1``;
+- DeepSpeed's "DeepSpeed deepspeed_shm_comm built successfully", printed by every CPU rank at every start
+  (``distributed.quiet_shm_op_load``);
+- transformers' and diffusers' loading bars ("Loading weights", "Loading pipeline components"): a bar for a load
+  that a command announces itself (``quiet_loading_bars``);
 - with torchao installed (``--fp8``): torchao's "Failed to load .../torchao/_C_...so" for its CUDA-only libraries
   on a machine without CUDA, diffusers' "Unable to import `torchao` Tensor objects" (loading torchao-quantized
   checkpoints, which rpo_fast does not do) and torch's "... is an Enum subclass and is now natively supported" at
@@ -29,6 +33,7 @@ NOISE = {
     "DeepSpeed": "You are using ZeRO with an untested optimizer",
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": "Skipping publisher trust check",
     "torchao": "/torchao/_C",
     "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
     "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
@@ -59,3 +64,13 @@ def quiet_known_noise() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     for name, part in NOISE.items():
         logging.getLogger(name).addFilter(_DropKnown(part))
+    quiet_loading_bars()
+
+
+def quiet_loading_bars() -> None:
+    """Drop transformers' and diffusers' progress bars ("Loading weights", "Loading pipeline components")."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

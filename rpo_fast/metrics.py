@@ -24,7 +24,7 @@ def metric_group(name: str) -> str:
     return "loss" if name == "loss" or name.startswith(("mse", "ref_mse")) else "reward"
 
 
-# The keys of every training row beside the loss's metrics, with what they mean (README's table).
+# The keys of every training row beside the loss's metrics, with what they mean (docs/cli/train.md).
 STEP_KEYS = {
     "train/lr": "the learning rate of the step",
     "train/grad_norm": "DeepSpeed's global gradient norm of the step (all ranks; NaN where it reports none)",
@@ -62,7 +62,7 @@ def eval_keys(objective: str) -> list[str]:
 
 
 def key_table() -> str:
-    """The README's table of ``metrics.jsonl`` keys: which objectives log each and what it is."""
+    """The table of ``metrics.jsonl`` keys (docs/cli/train.md): which objectives log each and what it is."""
     from .objectives import METRIC_HELP, OBJECTIVE_TABLE
 
     rows = ["| key | objectives | meaning |", "|---|---|---|"]

@@ -43,7 +43,7 @@ PAIR_METRICS = (
     "ref_mse_w",
     "ref_mse_l",
 )
-# What each metric is (README's table of metrics.jsonl keys is built from this). m, r: the policy's and the
+# What each metric is (the documentation's table of metrics.jsonl keys is built from this). m, r: the policy's and the
 # reference's per-sample errors; h the implicit reward (DPO: -(beta / 2)(m - r); each objective's in
 # docs/objectives.md); u = h_w - h_l.
 METRIC_HELP = {
@@ -75,7 +75,7 @@ class SampleErrors(NamedTuple):
 
 @dataclass
 class LossOutput:
-    """``loss``: the scalar to backpropagate. ``metrics``: detached scalar tensors (names in the README)."""
+    """``loss``: the scalar to backpropagate. ``metrics``: detached scalar tensors (names in docs/loss.md)."""
 
     loss: Tensor
     metrics: dict[str, Tensor]

@@ -10,8 +10,8 @@ and the trainer. The instruction and the editing settings of the style are recor
 every shard's parquet metadata. Shards of ``--shard-size`` rows are written under a temporary name and renamed
 when complete; a rerun resumes after the last complete shard (progress bar, summary at the end).
 
-Our choices (documented in the README): the instructions below, 20 DDIM steps, text guidance 7.5, image guidance
-1.5, seed = row index; the original caption is kept as the caption.
+Our choices (documented in docs/guides/evaluation.md): the instructions below, 20 DDIM steps, text guidance 7.5, image
+guidance 1.5, seed = row index; the original caption is kept as the caption.
 """
 
 from __future__ import annotations

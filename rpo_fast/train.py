@@ -136,7 +136,7 @@ class Trainer:
             dump_grads=cfg.debug_dump_grads,
         )
         self.debug.poison_loss(self.loss_fn, lambda: self.step + 1)
-        if cfg.resume and checkpoint.latest_checkpoint(self.out) is not None:
+        if (cfg.resume or cfg.resume_or_start) and checkpoint.latest_checkpoint(self.out) is not None:
             self.load(checkpoint.latest_checkpoint(self.out))
         self.logger = RunLogger(self.out, self.rank, cfg.tensorboard, self.step) if not cfg.export_only else None
         if self.rank == 0 and not cfg.export_only:

@@ -325,5 +325,13 @@ def test_every_flag_of_every_cli_has_help_and_shows_its_default():
             and a.default not in (None, False, argparse.SUPPRESS)
             and not isinstance(a, switches)
         ]
-        for action in shown:
-            assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)
+        flat = " ".join(text.split())
+        for action in shown:  # once: the help's own words where they say it, else "(default: ...)"
+            if "default" in action.help.lower():
+                assert flat.count(" ".join(action.help.split())) == 1, (name, action.option_strings)
+                continue
+            if isinstance(action, argparse.BooleanOptionalAction):
+                on, off = action.option_strings[:2]
+                assert f"(default: {on if action.default else off})" in flat, (name, action.option_strings)
+                continue
+            assert f"(default: {action.default})" in flat, (name, action.option_strings)

@@ -5,14 +5,12 @@ import csv
 import json
 import math
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from browser import CHROMIUM, layout, screenshot
 from PIL import Image
 
 from rpo_fast import evaluate as E
@@ -405,29 +403,18 @@ def test_hps_mapping_equals_an_open_clip_forward_written_out(tmp_path):
     assert torch.allclose(hf.logit_scale, s["logit_scale"])
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _screenshot(page: Path, png: Path, width: int, profile: Path) -> np.ndarray:
-    """Headless Chromium's picture of ``page`` at ``width`` x 2400 CSS pixels (flags as a closed network needs)."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-    cmd += ["--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
-    cmd += [f"--user-data-dir={profile}", f"--window-size={width},2400", f"--screenshot={png}", page.as_uri()]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert png.exists(), res.stderr[-2000:]
-    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_of_a_run_in_headless_chromium(tiny_sd15, tmp_path):
     """The report of an rpo_fast run (its settings and training curves beside the tuned UNet), at 1200 px and at a
-    phone's 390 px: a page that shows something, and its pictures are the samples (the same page with the image
-    files moved away looks different)."""
+    phone's 390 px: a page that shows something, its pictures are the samples (the same page with the image files
+    moved away looks different), nothing overflows the width (a long path in the settings wraps) and the training
+    curves are at least 340 px wide on the phone (their stacked picture there)."""
     from diffusers import UNet2DConditionModel
 
     run = tmp_path / "run"
     UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").save_pretrained(run / "unet")
     train = dict(objective="dpo", model=str(tiny_sd15), max_steps=4, lr=1e-5, seed=3, micro_batch_size=2)
+    train["data"] = "/data/" + "/".join(["averylongfoldernameofaclusterfilesystem"] * 4) + "/cache"
     (run / "config.json").write_text(json.dumps(dict(train=train, loss=dict(beta=500.0))))
     rows = [{"step": k, "loss/loss": 0.7 - 0.05 * k, "reward/implicit_acc": 0.5 + 0.1 * k} for k in range(1, 5)]
     rows += [{"step": 4, "eval/implicit_acc": 0.8}]
@@ -440,13 +427,31 @@ def test_report_of_a_run_in_headless_chromium(tiny_sd15, tmp_path):
     report = (out / "report.html").read_text()
     assert "The training run" in report and "<td>objective</td><td>dpo</td>" in report and "<td>beta</td>" in report
     assert 'src="training.png"' in report and (out / "training.png").exists()
+    assert 'srcset="training-narrow.png"' in report and (out / "training-narrow.png").exists()
     assert report.count('class="card"') == len(prompts)
     for width in (1200, 390):
-        shot = _screenshot(out / "report.html", tmp_path / f"report-{width}.png", width, tmp_path / "profile")
+        shot = screenshot(out / "report.html", tmp_path / f"report-{width}.png", width, tmp_path / "profile")
         assert shot.shape[1] == width
         ink = (shot < 235).any(axis=2).mean()  # not blank: text, tables, charts and pictures
         assert ink > 0.05, f"{width} px: {ink:.1%} of the page is not white"
         (out / "images").rename(tmp_path / "images-away")
-        broken = _screenshot(out / "report.html", tmp_path / f"broken-{width}.png", width, tmp_path / "profile")
+        broken = screenshot(out / "report.html", tmp_path / f"broken-{width}.png", width, tmp_path / "profile")
         (tmp_path / "images-away").rename(out / "images")
         assert np.abs(shot - broken).mean() > 1.0, f"{width} px: the samples do not show"
+        (got,) = layout([out / "report.html"], width, tmp_path)
+        assert got["client"] == width and got["scroll"] <= width, (width, got)
+        curves = [w for alt, w in got["images"] if alt == "training curves"]
+        assert curves and curves[0] >= 340, (width, got["images"])
+
+
+def test_evaluate_without_a_scorer_says_what_it_reports(tiny_sd15, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    unet = tmp_path / "unet"
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").save_pretrained(unet)
+    summary = E.evaluate(tiny_sd15, tmp_path / "prompts.txt", tmp_path / "eval", unet=unet, steps=2, progress=False)
+    said = capsys.readouterr().out
+    assert "no --scorer given" in said and "no scores, means or win rates" in said
+    assert summary["metrics"] == [] and (tmp_path / "eval" / "report.html").exists()
+    assert len(list((tmp_path / "eval" / "images" / "tuned").glob("*.png"))) == 2

@@ -175,6 +175,11 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+def is_cache(data: str | Path) -> bool:
+    """Whether ``data`` is a cache folder (``python -m rpo_fast.cache``) rather than raw pairs."""
+    return (Path(data) / "index.json").exists() or (Path(data) / "cache.json").exists()
+
+
 def open_dataset(
     data: str | Path,
     *,
@@ -193,7 +198,7 @@ def open_dataset(
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
-    if (path / "index.json").exists() or (path / "cache.json").exists():
+    if is_cache(path):
         if columns:
             raise ValueError(f"--columns reads raw data; {flag} {path} is a cache (its columns were mapped when built)")
         ds = CachedPairs(path)

@@ -35,7 +35,7 @@ from . import shapes as S
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/, rpo_fast/train.py)
-WARM_PICTURE = 0.3  # a picture counts as warm above this warmth (the README table's "warm pictures")
+WARM_PICTURE = 0.3  # a picture counts as warm above this warmth (the demo table's "warm pictures")
 
 # Per-objective settings of the demo (16 pairs per step: 2 ranks x micro-batch 8, 240 steps). One learning rate
 # for all: 2e-5 (1e-4 and 1e-3 degraded the pictures of this small model). RPO's "inside" weighting divides the
@@ -276,8 +276,8 @@ def run_demo(a: DemoConfig) -> dict:
         str(a.ranks),
         "--master_port",
         str(free_port()),
-        "--log_level",  # the launcher's INFO lines (world info, CUDA_VISIBLE_DEVICES on a CPU) say nothing here
-        "warning",
+        "--log_level",  # the launcher's lines (world info, CUDA_VISIBLE_DEVICES and "no hostfile" on a CPU) say nothing
+        "error",
         ROOT / "rpo_fast" / "train.py",
         "--ds_config",
         ROOT / "configs" / ("zero2_8bit.json" if a.ranks > 1 else "single_gpu.json"),  # the config for the scale
@@ -317,16 +317,25 @@ def run_demo(a: DemoConfig) -> dict:
     if "beta" in opts:
         train_cmd += ["--beta", str(opts["beta"])]
     done = finished_steps(run_dir)
+    earlier = None  # the figures of the run that trained, when this one reuses it
     if done is not None and done >= steps:
         print(
-            f"[demo] {run_dir} holds a finished run ({done} steps): it is not trained again, and what follows "
-            "samples and scores it afresh. To start over: make demo DEMO_ARGS=--fresh (or python -m rpo_fast.demo "
-            "--fresh)",
+            f"[demo] {run_dir} holds a finished run ({done} steps): it is not trained again; its pictures already "
+            "sampled are reused and scored again (a missing one is sampled). To start over: make demo "
+            "DEMO_ARGS=--fresh (or python -m rpo_fast.demo --fresh)",
             flush=True,
         )
+        if (run_dir / "demo.json").exists():
+            earlier = json.loads((run_dir / "demo.json").read_text())
     else:
+        if not torch.cuda.is_available():
+            from ..distributed import build_shm_op, shm_op_built
+
+            if not shm_op_built():
+                with phases("build", "DeepSpeed's one-time build of its CPU all-reduce op (once per machine)"):
+                    build_shm_op()
         if (run_dir / "checkpoints").exists():
-            train_cmd.append("--resume")
+            train_cmd.append("--resume-or-start")
             print(f"[demo] resuming the unfinished run in {run_dir} (--fresh starts over)", flush=True)
         unit = (
             f"{ONLINE['prompts'] * a.ranks} prompts x {ONLINE['samples']} samples" if online else f"{8 * a.ranks} pairs"
@@ -387,6 +396,15 @@ def run_demo(a: DemoConfig) -> dict:
         heldout_step=evals[-1]["step"] if evals else None,
         minutes=(time.time() - t0) / 60,
         phase_seconds=phases.seconds,
+    )
+    if earlier is not None:  # the run's own time is kept; this rerun's is recorded beside it
+        result |= dict(
+            minutes=earlier["minutes"],
+            phase_seconds=earlier["phase_seconds"],
+            rerun_minutes=result["minutes"],
+            rerun_phase_seconds=result["phase_seconds"],
+        )
+    result |= dict(
         grid=str(grid),
         plot=str(plot),
         report=summary["report"],
@@ -407,8 +425,9 @@ def run_demo(a: DemoConfig) -> dict:
         f"[demo]   warm pictures (warmth > {WARM_PICTURE}) base -> tuned: {warm['base']} -> {warm['tuned']}\n"
         f"[demo]   held-out implicit accuracy: {acc}\n"
         f"[demo]   minutes (whole run): {result['minutes']:.1f} ("
-        + ", ".join(f"{k} {_duration(v)}" for k, v in phases.seconds.items())
+        + ", ".join(f"{k} {_duration(v)}" for k, v in result["phase_seconds"].items())
         + ")"
+        + (f"; this rerun, which trained nothing: {result['rerun_minutes']:.1f}" if earlier is not None else "")
     )
     print(f"[demo] grid (base | tuned): {grid}\n[demo] training curves: {plot}\n[demo] report: {summary['report']}")
     return result

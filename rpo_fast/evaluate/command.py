@@ -71,6 +71,8 @@ def evaluate(
             raise FileNotFoundError(f"{name} {p} does not exist")
     if style is not None and (style_refs is None or style_clip is None):
         raise ValueError("--style needs --style-refs (the styled images) and --style-clip (a CLIP folder)")
+    if not scorers and style is None:
+        print(f"[evaluate] {NO_SCORER}", flush=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ..models import load_family
 
@@ -155,9 +157,12 @@ def evaluate(
         for c in comparisons:
             w.writerow(c.__dict__)
     tuned_dir = Path(unet or lora)
-    curves = None
-    if (tuned_dir.parent / "metrics.jsonl").exists():  # an rpo_fast run: its training curves
+    curves = curves_narrow = None
+    if (tuned_dir.parent / "metrics.jsonl").exists():  # an rpo_fast run: its training curves (and for a phone)
         curves = training_curves(tuned_dir.parent / "metrics.jsonl", out / "training.png").name
+        curves_narrow = training_curves(
+            tuned_dir.parent / "metrics.jsonl", out / "training-narrow.png", stacked=True
+        ).name
     summary["report"] = str(
         write_report(
             out,
@@ -171,12 +176,18 @@ def evaluate(
             title=title,
             settings=run_settings(tuned_dir),
             curves=curves,
+            curves_narrow=curves_narrow,
             style=summary.get("style"),
             scores=scores,
         )
     )
     return summary
 
+
+NO_SCORER = (
+    "no --scorer given: the base and tuned pictures are sampled and shown side by side in report.html; no scores, "
+    "means or win rates are computed (add --scorer NAME=ARG, e.g. --scorer pickscore=PickScore_v1)"
+)
 
 EXAMPLE = """example (the tuned UNet of a run against its base model, PickScore and HPS v2):
   python -m rpo_fast.evaluate --model MODELS/stable-diffusion-xl-base-1.0 --unet runs/rpo/unet \\
@@ -250,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_summary(s: dict) -> None:
+    if not s["metrics"] and not s["not_computed"] and "style" not in s:
+        print("[evaluate] no metrics: no --scorer was given")
     for m in s["metrics"]:
         print(
             f"[evaluate] {m['metric']}: base {m['base_mean']:.4g}, tuned {m['tuned_mean']:.4g}, win rate "

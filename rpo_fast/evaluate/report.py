@@ -33,9 +33,10 @@ def bar_chart(comparisons: list[Comparison], path: Path) -> Path:
     return path
 
 
-def training_curves(metrics: Path, path: Path) -> Path:
+def training_curves(metrics: Path, path: Path, *, stacked: bool = False) -> Path:
     """Loss over steps, and implicit accuracy (training batches and held-out pairs) where the objective has one;
-    SFT has no reference, so its right panel is the held-out loss instead. ``metrics``: a run's metrics.jsonl."""
+    SFT has no reference, so its right panel is the held-out loss instead. ``metrics``: a run's metrics.jsonl.
+    ``stacked``: the two panels one above the other (the report's picture for a phone's width)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def training_curves(metrics: Path, path: Path) -> Path:
     pairwise = any("reward/implicit_acc" in r for r in train)
     key = "implicit_acc" if pairwise else "loss"
     evals = [r for r in rows if f"eval/{key}" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(4.6, 6.4)) if stacked else plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot([r["step"] for r in train], [r["loss/loss"] for r in train], color="#e4572e")
     ax1.set(title="training loss", xlabel="step")
     if pairwise:
@@ -110,6 +111,7 @@ def write_report(
     title: str = "Evaluation",
     settings: dict | None = None,
     curves: str | None = None,
+    curves_narrow: str | None = None,
     extra_images: list[tuple[str, str]] = (),
     style: dict | None = None,
     scores: dict | None = None,
@@ -149,8 +151,12 @@ def write_report(
     settings_html = ""
     if settings:
         rows_html = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in settings.items())
-        settings_html = f"<h2>The training run</h2><table>{rows_html}</table>"
-    curves_html = f'<h2>Training curves</h2><p><img src="{esc(curves)}" alt="training curves"></p>' if curves else ""
+        settings_html = f'<h2>The training run</h2><div class="wide"><table class="settings">{rows_html}</table></div>'
+    curves_html = ""
+    if curves:  # a phone's width gets the panels stacked (curves_narrow), readable at 340 px
+        narrow = f'<source media="(max-width: 640px)" srcset="{esc(curves_narrow)}">' if curves_narrow else ""
+        curves_html = f'<h2>Training curves</h2><p><picture>{narrow}<img src="{esc(curves)}" alt="training curves">'
+        curves_html += "</picture></p>"
     style_html = ""
     if style:
         rows_html = ""
@@ -163,8 +169,8 @@ def write_report(
         incep = style.get("inception_fid")
         style_html = (
             f"<h2>Style alignment: {esc(style['style'])} ({style['references']} styled references)</h2>"
-            f"<table><tr><th>model</th><th>CLIP-FID to the styled references (lower is closer)</th>"
-            f"<th>style score: 100 cos(image, '{esc(style['description'])}')</th></tr>{rows_html}</table>"
+            '<div class="wide"><table><tr><th>model</th><th>CLIP-FID to the styled references (lower is closer)</th>'
+            f"<th>style score: 100 cos(image, '{esc(style['description'])}')</th></tr>{rows_html}</table></div>"
             + (f"<p>Inception FID: {esc(json.dumps(incep))}</p>" if incep is not None else "")
         )
     which = "every prompt" if shown == len(prompts) else f"the first {shown} of the {len(prompts)} prompts"
@@ -172,6 +178,8 @@ def write_report(
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin-bottom:1em}}
+@media (max-width:640px){{body{{margin:.6em}}}} .wide{{max-width:100%;overflow-x:auto}}
+.settings td{{overflow-wrap:anywhere;text-align:left}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}
 img{{max-width:100%}} .cards{{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:12px}}
 .card{{border:1px solid #ddd;border-radius:6px;padding:6px}} .card p{{margin:0 0 4px;font-size:13px}}
@@ -183,7 +191,8 @@ img{{max-width:100%}} .cards{{display:grid;grid-template-columns:repeat(auto-fil
 t-interval; win rate of tuned over base, ties counted half: Wilson).</p>
 {settings_html}
 <h2>Metrics</h2>
-<table><tr><th>metric</th><th>n</th><th>base mean</th><th>tuned mean</th><th>win rate (tuned)</th></tr>{table}</table>
+<div class="wide"><table><tr><th>metric</th><th>n</th><th>base mean</th><th>tuned mean</th>
+<th>win rate (tuned)</th></tr>{table}</table></div>
 {f"<ul>{missing}</ul>" if missing else ""}
 {style_html}
 {"".join(f'<p><img src="{esc(c)}" alt="metrics"></p>' for c in charts)}
