@@ -1,4 +1,4 @@
-"""The README's worked example: the few lines that replace the loss block of diffusers'
+"""The worked example of docs/loss.md: the few lines that replace the loss block of diffusers'
 examples/research_projects/diffusion_dpo/train_diffusion_dpo.py give the same value, gradient and implicit
 accuracy. Its beta_dpo is our beta / 2 (its default 2500 is our 5000)."""
 
@@ -39,7 +39,7 @@ def test_readme_replacement_matches_the_diffusers_script():
     loss_a, acc_a = script_loss_block(theta_a * latents_in, noise, ref_preds, beta_dpo)
     loss_a.backward()
 
-    # --- the replacement shown in the README ---
+    # --- the replacement shown in docs/loss.md ---
     theta_b = torch.nn.Parameter(theta0.clone())
     model_pred, target = theta_b * latents_in, noise
     loss_fn = PreferenceLoss("dpo", beta=2 * beta_dpo)

@@ -231,7 +231,7 @@ def test_full_size_configs():
 
 @pytest.mark.parametrize("kind", FLOW)
 def test_cache_bytes_formula_is_the_shards(flow, kind):
-    """benchmarks/plans/flow_plan.py's bytes per pair (the README's cache column), held to a tiny cache's shard."""
+    """benchmarks/plans/flow_plan.py's bytes per pair (docs/guides/families.md's cache column), held to a tiny shard."""
     from safetensors.torch import load_file
 
     shard = load_file(flow[f"cache_{kind}"] / "shard-r0-00000.safetensors")
@@ -243,9 +243,9 @@ def test_cache_bytes_formula_is_the_shards(flow, kind):
 
 @pytest.mark.slow
 def test_readme_tables_are_the_flow_plan():
-    """The README's model-family, size and memory tables are what benchmarks/plans/flow_plan.py prints."""
+    """docs/guides/families.md's model-family, size and memory tables: what benchmarks/plans/flow_plan.py prints."""
     m, unets = flow_plan.measure(), flow_plan.measure(flow_plan.UNETS, ("full",))
-    readme = (T_ROOT / "README.md").read_text()
+    readme = (T_ROOT / "docs" / "guides" / "families.md").read_text()
     assert flow_plan.families_table(unets, m) in readme
     assert flow_plan.family_table(m) in readme
     assert flow_plan.memory_table(m) in readme

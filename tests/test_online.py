@@ -14,7 +14,7 @@ from rpo_fast.metrics import row_keys
 from rpo_fast.online import ReplayBuffer, read_prompt_file
 
 KINDS = ("sd15", "sdxl", "sd3")
-MORE = ("zimage", "sana")  # the other flow families whose rollouts work (README's family table): dense-reward
+MORE = ("zimage", "sana")  # the other flow families whose rollouts work (docs/guides/families.md): dense-reward
 ONLINE = ("dense-reward", "online-dpo", "online-rpo")
 WARMTH = "rpo_fast.demo.shapes:WarmthScorer"
 PROMPTS = ["a red square on the left", "a blue circle in the middle", "a green triangle", "a large star", "a ring"]
@@ -72,7 +72,7 @@ def test_online_objectives_train_every_kind(trained, kind, objective):
     assert any(rows[s]["reward/log_ratio"] != 0.0 for s in (2, 3))
     for r in rows.values():
         assert all(v == v and abs(v) != float("inf") for v in r.values() if isinstance(v, float)), r
-        assert set(r) - {"step"} == set(row_keys(objective)), set(r) ^ set(row_keys(objective))  # README's keys
+        assert set(r) - {"step"} == set(row_keys(objective)), set(r) ^ set(row_keys(objective))  # the documented keys
         assert 0 < r["time/rollout_share"] < 1
     shards = sorted((trained[kind, objective] / "replay" / "rank-0").glob("rollout-*.pt"))
     assert [s.name for s in shards] == ["rollout-0.pt", "rollout-1.pt", "rollout-2.pt"]

@@ -1,5 +1,5 @@
 """--recompute none|selective|full: the same losses and gradients, less memory kept, the FLOPs counted; the
-README's cost table is what benchmarks/plans/recompute_cost.py computes."""
+cost table of docs/guides/performance.md is what benchmarks/plans/recompute_cost.py computes."""
 
 from pathlib import Path
 
@@ -76,7 +76,7 @@ def test_gradient_checkpointing_is_the_alias_of_full():
 def test_readme_cost_table_is_the_counted_one():
     import recompute_cost
 
-    assert recompute_cost.table() in (ROOT / "README.md").read_text()
+    assert recompute_cost.table() in (ROOT / "docs" / "guides" / "performance.md").read_text()
 
 
 @pytest.mark.parametrize("groups", [1, 8])

@@ -65,7 +65,7 @@ def test_two_ranks_train_export_and_log(runs, tmp_path, kind, objective):
     rows = train_rows(out)
     assert sorted(rows) == [1, 2, 3]
     for step, row in rows.items():
-        assert set(row) - {"step"} == set(row_keys(objective)), set(row) ^ set(row_keys(objective))  # README's keys
+        assert set(row) - {"step"} == set(row_keys(objective)), set(row) ^ set(row_keys(objective))  # documented
         assert all(math.isfinite(v) for v in row.values()), (step, row)
     assert rows[1]["reward/implicit_acc"] == 0.5  # step 1 runs the policy at its initial weights: all ties
     if objective == "rpo":
@@ -207,7 +207,7 @@ def test_implicit_accuracy_rises_on_a_learnable_preference(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [r for r in metrics(out) if "eval/implicit_acc" in r]
-    assert all(set(r) - {"step"} == set(eval_keys("dpo")) for r in rows), rows[0]  # the README's keys
+    assert all(set(r) - {"step"} == set(eval_keys("dpo")) for r in rows), rows[0]  # documented
     evals = {r["step"]: r["eval/implicit_acc"] for r in rows}
     assert evals[0] == 0.5
     assert evals[40] >= 0.7, evals

@@ -3,8 +3,8 @@ SDXL models (counted from their configs on the meta device, not measured), the t
 a stated fraction of an H100's peak, and, measured on this machine, the CPU work of decoding and preprocessing a
 Pick-a-Pic-sized JPEG and the throughput of the whole cache build on the tiny models.
 
-    python benchmarks/plans/cache_cost.py            # the README's tables (tests/test_cache_cost.py holds them equal)
-    python benchmarks/plans/cache_cost.py --measure  # also the CPU figures of this machine (not in the README's test)
+    python benchmarks/plans/cache_cost.py            # the tables of docs/guides/cache.md (tests/test_cache_cost.py)
+    python benchmarks/plans/cache_cost.py --measure  # also the CPU figures of this machine (not in the test)
 
 Bytes per pair (``bytes_per_pair``), with ``--storage fp16``: the latent mean and std of both images
 (2 x 2 x C x h x w x 2 B; ``--flip-twin`` doubles them and the time ids), SDXL's time ids (2 x 6 fp32), the

@@ -2,7 +2,7 @@
 256 GPUs: a model of DeepSpeed's collectives computed from the parameter counts (counted on the meta device) and
 the configs, not a measurement.
 
-    python benchmarks/plans/comm_plan.py      # prints the README's table (tests/test_comm_plan.py holds them equal)
+    python benchmarks/plans/comm_plan.py      # the tables of docs/guides/deepspeed.md (tests/test_comm_plan.py)
 
 Per GPU, with N GPUs, k GPUs a node, W = 2 P bytes of bf16 parameters and G = 2 P bytes of bf16 gradients (P the
 trainable parameters of the policy), a ring collective sends (N - 1) / N of its size for an all-gather or a

@@ -3,7 +3,7 @@ fine-tune under each ZeRO stage, for SD3.5-Medium, SD3.5-Large, FLUX.1-dev, Z-Im
 FLUX.2-Klein 4B and 9B and SANA 1.6B and 0.6B at 1024 px. Everything is counted on the meta device from the public
 configs (no weights, no GPU).
 
-    python benchmarks/plans/flow_plan.py          # prints the README's tables (tests/test_flow.py holds them equal)
+    python benchmarks/plans/flow_plan.py          # the tables of docs/guides/families.md (tests/test_flow.py)
 
 Model states per trained parameter, in DeepSpeed's own breakdown (``estimate_zero2_model_states_mem_needs``:
 2 bytes of bf16 weights + 2 of bf16 gradients + 4 of fp32 gradients + 4 of fp32 master weights + 8 of Adam states)

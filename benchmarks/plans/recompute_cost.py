@@ -2,9 +2,9 @@
 weights, no GPU): activation memory kept for backward after the policy's forward, and the hardware FLOPs of its
 forward + backward (recompute included), per pair (winner and loser: 2 images), bf16, flash attention.
 
-    python benchmarks/plans/recompute_cost.py            # prints the README's table
+    python benchmarks/plans/recompute_cost.py            # the table of docs/guides/performance.md
 
-The README's table is this script's output (tests/test_recompute.py holds them equal).
+The table of docs/guides/performance.md is this script's output (tests/test_recompute.py holds them equal).
 """
 
 from __future__ import annotations
