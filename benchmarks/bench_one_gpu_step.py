@@ -141,4 +141,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rpo_fast.logs import quiet_known_noise
+
+    quiet_known_noise()  # the dependencies' known log noise (RPO_FAST_VERBOSE=1 shows it)
     main()

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import triton
 
+from rpo_fast.logs import quiet_known_noise
+
+quiet_known_noise()  # every benchmark imports this module: the known log noise is dropped (RPO_FAST_VERBOSE=1)
 ROOT = Path(__file__).resolve().parent
 QUICK = not torch.cuda.is_available()  # the CPU quick mode
 
