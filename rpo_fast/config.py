@@ -445,7 +445,7 @@ def validate(cfg: TrainConfig, world: int = 1, family=None) -> dict:
         raise ValueError(
             f"--output {out} already holds checkpoints: pass --resume to continue, or use another --output"
         )
-    if cfg.resume and not cfg.export_only and latest_checkpoint(out) is None:
+    if cfg.resume and not (cfg.resume_or_start or cfg.export_only) and latest_checkpoint(out) is None:
         raise ValueError(
             f"--resume: no complete checkpoint in {out / 'checkpoints'} to continue from (drop --resume to start a new "
             "run there, or pass --resume-or-start to do either)"

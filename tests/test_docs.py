@@ -179,4 +179,11 @@ def test_resume_with_nothing_to_resume_and_raw_data_without_resolution_are_refus
     with pytest.raises(ValueError, match="--resume: no complete checkpoint .* --resume-or-start"):
         validate(parse_args([*args, "--resolution", "32", "--resume"]))
     validate(parse_args([*args, "--resolution", "32", "--resume-or-start"]))  # starts a new run
+    validate(parse_args([*args, "--resolution", "32", "--resume", "--resume-or-start"]))
     validate(parse_args([*args, "--resolution", "32"]))
+    (tmp_path / "run" / "checkpoints" / "step-2").mkdir(parents=True)  # a complete checkpoint: it is resumed
+    (tmp_path / "run" / "checkpoints" / "step-2" / "COMPLETE").write_text("")
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
+        validate(parse_args([*args, "--resolution", "32"]))
+    for flag in ("--resume", "--resume-or-start"):
+        validate(parse_args([*args, "--resolution", "32", flag]))
