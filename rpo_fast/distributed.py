@@ -159,11 +159,16 @@ def init_distributed() -> tuple[int, int, int]:
     return r, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def shm_op_built() -> bool:
-    """Whether DeepSpeed's CPU shared-memory all-reduce op (``deepspeed_shm_comm``) is built on this machine."""
+def shm_op_folder() -> Path:
+    """Where torch builds DeepSpeed's CPU shared-memory all-reduce op (``deepspeed_shm_comm``) on this machine."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return (Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so").exists()
+    return Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU all-reduce op is built on this machine."""
+    return (shm_op_folder() / "deepspeed_shm_comm.so").exists()
 
 
 def build_shm_op() -> None:
@@ -200,13 +205,10 @@ def quiet_shm_op_load() -> None:
 def announce_shm_op_build() -> None:
     """Say so before DeepSpeed builds its CPU shared-memory all-reduce op (``deepspeed_shm_comm``, once per machine
     and torch build: about 2.5 minutes on 2 cores, silent otherwise), which it does on a CPU in init_distributed."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    folder = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
     if not shm_op_built():
         print(
-            f"[rpo_fast] DeepSpeed is building its CPU all-reduce op (deepspeed_shm_comm) in {folder}: once per "
-            "machine, a few minutes on a small CPU",
+            f"[rpo_fast] DeepSpeed is building its CPU all-reduce op (deepspeed_shm_comm) in {shm_op_folder()}: once "
+            "per machine, a few minutes on a small CPU",
             flush=True,
         )
 
